@@ -1,0 +1,256 @@
+"""Train, select, export and evaluate the Fashion-MNIST models.
+
+    python training/train.py --model cnn                # full run: writes models/cnn.onnx + cnn.json + plots
+    python training/train.py --model dense --folds 5    # k-fold cross-validation estimate, test set untouched
+    python training/train.py --model cnn --smoke --out-dir /tmp/x   # one short epoch on a subset
+
+The test set is read once, after training, and only through the exported ONNX file (see export.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import DEFAULT_DATA_DIR, load_split  # noqa: E402
+from models import ARCHITECTURES  # noqa: E402
+
+# Defaults per architecture, chosen to fit `make train` (both models) in well under 90 minutes on 2 cores.
+DEFAULTS = {
+    "dense": dict(epochs=20, batch_size=256, lr=2e-3, weight_decay=1e-4, patience=8, augment=False),
+    "cnn": dict(epochs=24, batch_size=128, lr=3e-3, weight_decay=5e-4, patience=6, augment=True),
+}
+
+
+@dataclass
+class Config:
+    model: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    augment: bool
+    val_size: int
+    seed: int
+    threads: int
+    smoke: bool
+    folds: int
+    data_dir: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N,28,28] -> float32 [N,1,28,28] in [0,1]: exactly the input the exported model expects."""
+    return torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a random shift of up to 2 pixels (zero padding = dataset background)."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (2, 2, 2, 2))
+    dx = torch.randint(0, 5, (n,), generator=gen)
+    dy = torch.randint(0, 5, (n,), generator=gen)
+    out = torch.empty_like(x)
+    for i in range(n):
+        out[i] = padded[i, :, dy[i] : dy[i] + 28, dx[i] : dx[i] + 28]
+    return out
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            logits, _ = model(x[i : i + batch_size])
+            loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum").item()
+            correct += (logits.argmax(1) == y[i : i + batch_size]).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[torch.nn.Module, list[dict], dict]:
+    """Trains with AdamW + one-cycle LR, keeps the weights with the lowest validation loss (the reference's
+    checkpoint callback) and stops early after `patience` epochs without improvement."""
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = ARCHITECTURES[cfg.model]()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+    history: list[dict] = []
+    best = {"val_loss": float("inf"), "epoch": 0}
+    best_state = None
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.time()
+        perm = torch.randperm(len(x_train), generator=gen)
+        seen, loss_sum, correct = 0, 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{label}epoch {epoch}/{cfg.epochs}", leave=False,
+                   mininterval=2.0, file=sys.stderr)
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            if cfg.augment:
+                xb = augment(xb, gen)
+            logits, _ = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(1) == yb).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+        bar.close()
+        val_loss, val_acc = evaluate(model, x_val, y_val)
+        row = dict(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen,
+                   val_loss=val_loss, val_acc=val_acc, seconds=time.time() - t0)
+        history.append(row)
+        improved = val_loss < best["val_loss"]
+        if improved:
+            best = {"val_loss": val_loss, "val_acc": val_acc, "epoch": epoch}
+            best_state = copy.deepcopy(model.state_dict())
+        print(f"{label}epoch {epoch:2d}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
+              f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} {row['seconds']:.0f}s{' *best' if improved else ''}",
+              flush=True)
+        if epoch - best["epoch"] >= cfg.patience:
+            print(f"{label}early stop: no validation-loss improvement for {cfg.patience} epochs", flush=True)
+            break
+    assert best_state is not None, "at least one epoch ran"
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history, best
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.plot(epochs, [h["train_acc"] for h in history], label="train")
+    ax2.plot(epochs, [h["val_acc"] for h in history], label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def split_train_val(images, labels, val_size: int, seed: int):
+    """A fixed, stratification-free random split; the same seed always carves the same validation set,
+    which the OOD threshold calibration reuses (it must only ever see held-in data)."""
+    perm = np.random.default_rng(seed).permutation(len(images))
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    return train_idx, val_idx
+
+
+def cross_validate(cfg: Config, images, labels, out_dir: Path) -> dict:
+    rng = np.random.default_rng(cfg.seed)
+    folds = np.array_split(rng.permutation(len(images)), cfg.folds)
+    accs, losses = [], []
+    for k in range(cfg.folds):
+        val_idx = folds[k]
+        train_idx = np.concatenate([folds[j] for j in range(cfg.folds) if j != k])
+        _, _, best = fit(cfg, to_tensor(images[train_idx]), torch.from_numpy(labels[train_idx]),
+                         to_tensor(images[val_idx]), torch.from_numpy(labels[val_idx]), label=f"fold {k + 1}/{cfg.folds} ")
+        accs.append(best["val_acc"])
+        losses.append(best["val_loss"])
+        print(f"fold {k + 1}/{cfg.folds}: val_acc {best['val_acc']:.4f} val_loss {best['val_loss']:.4f}", flush=True)
+    result = {
+        "model": cfg.model, "folds": cfg.folds, "epochs_per_fold": cfg.epochs,
+        "val_acc_mean": float(np.mean(accs)), "val_acc_std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+        "val_loss_mean": float(np.mean(losses)), "val_acc_per_fold": accs, "config": asdict(cfg),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{cfg.model}.cv.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{cfg.model} {cfg.folds}-fold CV: val_acc {result['val_acc_mean'] * 100:.2f}% ± "
+          f"{result['val_acc_std'] * 100:.2f} (mean ± sd)", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(ARCHITECTURES), required=True)
+    p.add_argument("--epochs", type=int, help="maximum epochs (default per model)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--val-size", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation instead of a training run")
+    p.add_argument("--smoke", action="store_true", help="one short epoch on a 3,000-image subset")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent.parent / "models"))
+    a = p.parse_args(argv)
+
+    d = DEFAULTS[a.model]
+    cfg = Config(
+        model=a.model, epochs=a.epochs or d["epochs"], batch_size=a.batch_size or d["batch_size"],
+        lr=a.lr or d["lr"], weight_decay=a.weight_decay if a.weight_decay is not None else d["weight_decay"],
+        patience=a.patience or d["patience"], augment=d["augment"] and not a.no_augment,
+        val_size=a.val_size, seed=a.seed, threads=a.threads, smoke=a.smoke, folds=a.folds, data_dir=a.data_dir,
+    )
+    if cfg.smoke:
+        cfg.epochs, cfg.val_size = 1, 500
+    torch.set_num_threads(cfg.threads)
+    out_dir = Path(a.out_dir)
+
+    images, labels = load_split("train", Path(cfg.data_dir))
+    if cfg.smoke:
+        images, labels = images[:3000], labels[:3000]
+    if cfg.folds:
+        cross_validate(cfg, images, labels, out_dir)
+        return 0
+
+    train_idx, val_idx = split_train_val(images, labels, cfg.val_size, cfg.seed)
+    x_train, y_train = to_tensor(images[train_idx]), torch.from_numpy(labels[train_idx])
+    x_val, y_val = to_tensor(images[val_idx]), torch.from_numpy(labels[val_idx])
+    print(f"{cfg.model}: {len(x_train)} train / {len(x_val)} validation images, {cfg.threads} threads, "
+          f"config {asdict(cfg)}", flush=True)
+    t0 = time.time()
+    model, history, best = fit(cfg, x_train, y_train, x_val, y_val)
+    train_seconds = time.time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_curves(history, out_dir / f"{cfg.model}.curves.png", f"{cfg.model}: best epoch {best['epoch']}")
+
+    from export import export_and_evaluate  # imported late: onnx/onnxruntime are only needed here
+
+    export_and_evaluate(model, cfg=asdict(cfg), history=history, best=best, train_seconds=train_seconds,
+                        x_val=x_val, out_dir=out_dir, data_dir=Path(cfg.data_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
