@@ -1,1 +1,85 @@
-fn main() {}
+//! `fmnist`: the Fashion-MNIST classification server (default) and its command-line client. Wiring only.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fmnist_serve::{client, config::Config, server, telemetry};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "fmnist",
+    version,
+    about = "Fashion-MNIST classification over gRPC (ONNX Runtime, dynamic batching)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve(Box<Config>),
+    /// Classify image files with a running server.
+    Classify(client::ClassifyArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Classify(args)) => match client::classify(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Serve(config)) => serve(*config).await,
+        None => serve(Config::defaults()).await,
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    telemetry::init_tracing(config.log_format);
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let listeners = async { Ok::<_, String>((bind(config.listen).await?, bind(config.metrics_listen).await?)) }.await;
+    let (grpc, metrics) = match listeners {
+        Ok(l) => l,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match server::serve(config, grpc, metrics, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import DEFAULT_DATA_DIR, load_split  # noqa: E402
+from data import DEFAULT_DATA_DIR, DatasetError, load_split  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
 
 # Defaults per architecture, chosen to fit `make train` (both models) in well under 90 minutes on 2 cores.
@@ -227,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     out_dir = Path(a.out_dir)
 
-    images, labels = load_split("train", Path(cfg.data_dir))
+    try:
+        images, labels = load_split("train", Path(cfg.data_dir))
+        load_split("test", Path(cfg.data_dir))  # checked now so a broken test file fails before training, not after
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if cfg.smoke:
         images, labels = images[:3000], labels[:3000]
     if cfg.folds:

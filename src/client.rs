@@ -1,0 +1,116 @@
+//! `fmnist classify`: a command-line client of the Classify RPC, printing a table or JSON.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Args;
+
+use crate::pb::{self, classifier_client::ClassifierClient};
+
+#[derive(Debug, Clone, Args)]
+pub struct ClassifyArgs {
+    /// Image files to classify (PNG, JPEG, GIF, BMP, WebP, ...; with --raw, 784-byte raw pixel files).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Server address.
+    #[arg(long, env = "FMNIST_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Model name; default: the server's default model.
+    #[arg(long, default_value = "")]
+    pub model: String,
+    /// Minimum confidence override for this call.
+    #[arg(long)]
+    pub min_confidence: Option<f32>,
+    /// Send the files as raw 28x28 pixels instead of encoded images.
+    #[arg(long)]
+    pub raw: bool,
+    /// Print JSON (one object per file) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_s: u64,
+}
+
+/// Runs the client; the error is the one line to print before exiting non-zero.
+pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
+    let mut images = Vec::with_capacity(args.files.len());
+    for file in &args.files {
+        let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        let data = if args.raw {
+            pb::image::Data::Raw(bytes)
+        } else {
+            pb::image::Data::Encoded(bytes)
+        };
+        images.push(pb::Image { data: Some(data) });
+    }
+    let timeout = Duration::from_secs(args.timeout_s);
+    let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())
+        .map_err(|e| format!("invalid address {:?}: {e}", args.addr))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach the server at {}: {e}", args.addr))?;
+    let mut client = ClassifierClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let request = pb::ClassifyRequest {
+        images,
+        model: args.model.clone(),
+        min_confidence: args.min_confidence,
+        ..Default::default()
+    };
+    let response = client
+        .classify(request)
+        .await
+        .map_err(|s| format!("classify failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+
+    if args.json {
+        for (file, r) in args.files.iter().zip(&response.results) {
+            let p = r.prediction.as_ref();
+            let line = serde_json::json!({
+                "file": file.display().to_string(),
+                "class_id": p.map(|p| p.class_id),
+                "class": p.map(|p| p.class_name.clone()),
+                "probability": p.map(|p| p.probability),
+                "accepted": r.accepted,
+                "reason": reason_name(r.reason),
+                "detail": r.detail,
+                "model": response.model,
+                "model_version": response.model_version,
+            });
+            println!("{line}");
+        }
+    } else {
+        let width = args
+            .files
+            .iter()
+            .map(|f| f.display().to_string().len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        println!(
+            "{:<width$}  {:<12}  {:>11}  {:<8}  REASON",
+            "FILE", "CLASS", "PROBABILITY", "ACCEPTED"
+        );
+        for (file, r) in args.files.iter().zip(&response.results) {
+            let (class, prob) = r.prediction.as_ref().map_or(("-".to_string(), "-".to_string()), |p| {
+                (p.class_name.clone(), format!("{:.4}", p.probability))
+            });
+            println!(
+                "{:<width$}  {:<12}  {:>11}  {:<8}  {}",
+                file.display(),
+                class,
+                prob,
+                if r.accepted { "yes" } else { "no" },
+                reason_name(r.reason)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn reason_name(reason: i32) -> String {
+    pb::Reason::try_from(reason).map_or_else(|_| format!("UNKNOWN({reason})"), |r| r.as_str_name().to_string())
+}

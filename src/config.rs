@@ -1,0 +1,155 @@
+//! Every setting of the service, in one clap struct: `fmnist serve --help` is its documentation, and each flag
+//! has an environment variable for containers.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+use crate::preprocess::{DecodeLimits, InputCheck};
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address the gRPC (and gRPC-Web + browser page) server listens on.
+    #[arg(long, env = "FMNIST_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, env = "FMNIST_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Directory holding <model>.onnx and <model>.json.
+    #[arg(long, env = "FMNIST_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+
+    /// Models to load, by name (comma-separated).
+    #[arg(long, env = "FMNIST_MODELS", value_delimiter = ',', default_value = "cnn,dense")]
+    pub models: Vec<String>,
+
+    /// Model used when a request names none.
+    #[arg(long, env = "FMNIST_DEFAULT_MODEL", default_value = "cnn")]
+    pub default_model: String,
+
+    /// Path of the ONNX Runtime shared library (`make ort` puts it in .ort/).
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".ort/libonnxruntime.so.1.31.1")]
+    pub ort_dylib: PathBuf,
+
+    /// ONNX Runtime intra-op threads per model; 0 = one per available core.
+    #[arg(long, env = "FMNIST_ORT_THREADS", default_value_t = 0)]
+    pub ort_threads: usize,
+
+    /// Minimum top-class probability for an image to be accepted (requests may override).
+    #[arg(long, env = "FMNIST_MIN_CONFIDENCE", default_value_t = 0.60)]
+    pub min_confidence: f32,
+
+    /// Maximum out-of-distribution score for an image to be accepted; default: the threshold calibrated in the
+    /// model's metadata (requests may override).
+    #[arg(long, env = "FMNIST_MAX_OOD_SCORE")]
+    pub max_ood_score: Option<f32>,
+
+    /// Pixels at or below this level (0-255) count as near black.
+    #[arg(long, env = "FMNIST_DARK_LEVEL", default_value_t = 10)]
+    pub dark_level: u8,
+
+    /// Pixels at or above this level (0-255) count as near white.
+    #[arg(long, env = "FMNIST_BRIGHT_LEVEL", default_value_t = 245)]
+    pub bright_level: u8,
+
+    /// Reject images with more than this fraction of near-black pixels (test set max: 0.903).
+    #[arg(long, env = "FMNIST_MAX_DARK_FRACTION", default_value_t = 0.95)]
+    pub max_dark_fraction: f32,
+
+    /// Reject images with more than this fraction of near-white pixels (test set max: 0.386).
+    #[arg(long, env = "FMNIST_MAX_BRIGHT_FRACTION", default_value_t = 0.80)]
+    pub max_bright_fraction: f32,
+
+    /// Reject images whose pixel standard deviation is below this (test set min: 18.1).
+    #[arg(long, env = "FMNIST_MIN_CONTRAST", default_value_t = 10.0)]
+    pub min_contrast: f32,
+
+    /// Most images one Classify call may carry.
+    #[arg(long, env = "FMNIST_MAX_IMAGES_PER_REQUEST", default_value_t = 64)]
+    pub max_images_per_request: usize,
+
+    /// Most images in one ONNX Runtime run.
+    #[arg(long, env = "FMNIST_MAX_BATCH_SIZE", default_value_t = 64)]
+    pub max_batch_size: usize,
+
+    /// Longest time (microseconds) a batch that is not full waits for more images. 0: a batch runs as soon as
+    /// the model is free, taking whatever has queued meanwhile (see README "Batching policy").
+    #[arg(long, env = "FMNIST_MAX_BATCH_DELAY_US", default_value_t = 0)]
+    pub max_batch_delay_us: u64,
+
+    /// Most images waiting per model; beyond it calls fail fast with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FMNIST_MAX_QUEUED_IMAGES", default_value_t = 1024)]
+    pub max_queued_images: usize,
+
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "FMNIST_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Largest width or height of an encoded image, in pixels.
+    #[arg(long, env = "FMNIST_MAX_DECODE_DIMENSION", default_value_t = 8192)]
+    pub max_decode_dimension: u32,
+
+    /// Largest allocation the image decoder may make for one image, in bytes.
+    #[arg(long, env = "FMNIST_MAX_DECODE_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub max_decode_bytes: u64,
+
+    /// On SIGTERM/SIGINT, how long (seconds) queued and in-flight calls get to finish before exit.
+    #[arg(long, env = "FMNIST_DRAIN_TIMEOUT_S", default_value_t = 20)]
+    pub drain_timeout_s: u64,
+
+    /// Log format: human-readable text or JSON lines. Level from RUST_LOG (default info).
+    #[arg(long, env = "FMNIST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_dimension: self.max_decode_dimension,
+            max_alloc_bytes: self.max_decode_bytes,
+        }
+    }
+
+    pub fn input_check(&self) -> InputCheck {
+        InputCheck {
+            dark_level: self.dark_level,
+            bright_level: self.bright_level,
+            max_dark_fraction: self.max_dark_fraction,
+            max_bright_fraction: self.max_bright_fraction,
+            min_contrast: self.min_contrast,
+        }
+    }
+
+    pub fn max_batch_delay(&self) -> Duration {
+        Duration::from_micros(self.max_batch_delay_us)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_s)
+    }
+
+    /// The configuration `fmnist serve` has with no flags (environment variables still apply). Tests and
+    /// benches start from it and change what they need.
+    pub fn defaults() -> Config {
+        use clap::{FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        let matches = <Only as clap::CommandFactory>::command()
+            .no_binary_name(true)
+            .get_matches_from(Vec::<String>::new());
+        Only::from_arg_matches(&matches)
+            .expect("defaults parse: every field has a default")
+            .config
+    }
+}

@@ -1,0 +1,23 @@
+//! Fashion-MNIST classification service: gRPC in, ONNX Runtime with dynamic batching inside.
+//!
+//! One request flows one way: `api` (validate) → `preprocess` (bytes → 28x28) → `batching` (queue → inference
+//! thread owning a `model` session) → back to `api` (accept/reject) → the caller.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod batching;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod preprocess;
+pub mod server;
+pub mod telemetry;
+
+/// Code generated from proto/fashion_mnist/v1/classifier.proto.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("fashion_mnist.v1");
+    /// Encoded descriptors of the proto, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fashion_mnist_descriptor");
+}

@@ -1,0 +1,173 @@
+//! Wires the pieces into a running server: models and their inference threads, the gRPC services (classifier,
+//! health, reflection, gRPC-Web), the metrics endpoint, and graceful shutdown.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc, sync::OnceLock};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+
+use crate::{
+    api::{ClassifierService, LoadedModel, Models, Policy},
+    batching::{BatchConfig, Batcher},
+    config::Config,
+    error::ModelError,
+    model::{Model, RuntimeOptions},
+    pb::{self, classifier_server::ClassifierServer},
+    telemetry::{self, metric},
+};
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("default model {default:?} is not among the loaded models {loaded:?}: set --default-model or --models")]
+    DefaultModel { default: String, loaded: Vec<String> },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+fn batch_config(config: &Config) -> BatchConfig {
+    BatchConfig {
+        max_batch_size: config.max_batch_size.max(1),
+        max_batch_delay: config.max_batch_delay(),
+        max_queued_images: config.max_queued_images.max(config.max_images_per_request),
+    }
+}
+
+/// Loads and warms up every configured model and starts its inference thread. Blocking: call it off the
+/// async runtime.
+pub fn load_models(config: &Config) -> Result<Models, ServeError> {
+    if !config.models.contains(&config.default_model) {
+        return Err(ServeError::DefaultModel {
+            default: config.default_model.clone(),
+            loaded: config.models.clone(),
+        });
+    }
+    let runtime = RuntimeOptions {
+        dylib: config.ort_dylib.clone(),
+        intra_threads: config.ort_threads,
+    };
+    let mut by_name = BTreeMap::new();
+    for name in &config.models {
+        let model = Model::load(&config.models_dir, name, &runtime, config.max_batch_size)?;
+        let meta = model.meta.clone();
+        tracing::info!(model = %meta.name, version = %meta.version, test_accuracy = meta.metrics.test_accuracy, "model loaded and warmed up");
+        metrics::gauge!(metric::MODEL_INFO, "model" => meta.name.clone(), "version" => meta.version.clone()).set(1.0);
+        let (batcher, _thread) = Batcher::spawn(model, batch_config(config))?;
+        by_name.insert(name.clone(), LoadedModel { meta, batcher });
+    }
+    Ok(Models {
+        by_name,
+        default: config.default_model.clone(),
+    })
+}
+
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status("fashion_mnist.v1.Classifier", status).await;
+}
+
+/// Serves gRPC on `listener` and metrics on `metrics_listener` until `shutdown` resolves, then drains: health
+/// turns NOT_SERVING, new connections are refused, and calls already accepted finish (bounded by the drain
+/// timeout). Health is NOT_SERVING until every model is loaded and warmed up.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    set_health(&reporter, false).await;
+
+    // grpcurl 1.8 speaks reflection v1alpha only, newer tools v1: serve both, with every descriptor they need.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let models = Arc::new(OnceLock::new());
+    let policy = Policy {
+        limits: config.decode_limits(),
+        check: config.input_check(),
+        min_confidence: config.min_confidence,
+        max_ood_score: config.max_ood_score,
+        max_images_per_request: config.max_images_per_request,
+        batch: batch_config(&config),
+    };
+    let classifier = ClassifierServer::new(ClassifierService::new(models.clone(), policy))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown_reporter = reporter.clone();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: health NOT_SERVING, draining calls in flight");
+        set_health(&shutdown_reporter, false).await;
+        let _ = drain_tx.send(());
+    };
+    let addr = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(tonic_web::GrpcWebLayer::new())
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(classifier)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+    let mut server = tokio::spawn(server);
+    let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
+    tracing::info!(grpc = %addr, metrics = %metrics_addr, "listening; loading models");
+
+    let load_config = config.clone();
+    let loaded = tokio::task::spawn_blocking(move || load_models(&load_config))
+        .await
+        .expect("model loading does not panic");
+    match loaded {
+        Ok(loaded) => {
+            let _ = models.set(loaded);
+            set_health(&reporter, true).await;
+            tracing::info!("serving");
+        }
+        Err(e) => {
+            server.abort();
+            metrics_task.abort();
+            return Err(e);
+        }
+    }
+
+    let drain_timeout = config.drain_timeout();
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = async {
+            let _ = drain_rx.await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(timeout_s = drain_timeout.as_secs(), "drain timeout reached; exiting with calls still open");
+            server.abort();
+            Ok(Ok(()))
+        }
+    };
+    metrics_task.abort();
+    match result {
+        Ok(r) => r.map_err(ServeError::from),
+        Err(join) if join.is_cancelled() => Ok(()),
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}

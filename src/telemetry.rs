@@ -1,0 +1,121 @@
+//! Logs (tracing) and metrics (Prometheus) setup, and the names of every metric the service records.
+
+use std::{io::IsTerminal, sync::OnceLock};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+
+use crate::config::LogFormat;
+
+/// Metric names, in Prometheus conventions: base units, `_total` for counters.
+pub mod metric {
+    /// Calls by `rpc` and gRPC `code`.
+    pub const REQUESTS: &str = "fmnist_requests_total";
+    /// Images by `model`, `outcome` (accepted/rejected) and `reason`.
+    pub const IMAGES: &str = "fmnist_images_total";
+    /// Images dropped before inference, by `model` and `cause` (cancelled/deadline).
+    pub const DROPPED_IMAGES: &str = "fmnist_dropped_images_total";
+    /// End-to-end handling time of a call, by `rpc`.
+    pub const REQUEST_DURATION: &str = "fmnist_request_duration_seconds";
+    /// Time a call's images waited in the queue before their batch started, by `model`.
+    pub const QUEUE_WAIT: &str = "fmnist_queue_wait_seconds";
+    /// ONNX Runtime time per batch (including input fill and output split), by `model`.
+    pub const INFERENCE_TIME: &str = "fmnist_inference_duration_seconds";
+    /// Images per ONNX Runtime run, by `model`.
+    pub const BATCH_SIZE: &str = "fmnist_batch_size_images";
+    /// Images queued or running, by `model`.
+    pub const QUEUE_DEPTH: &str = "fmnist_queue_depth_images";
+    /// 1 for each loaded model, labelled with `model` and `version`.
+    pub const MODEL_INFO: &str = "fmnist_model_info";
+}
+
+/// Text logs for people, JSON lines for log pipelines; level from RUST_LOG (default info).
+pub fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    // A second init (tests start several servers per process) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .with_ansi(std::io::stdout().is_terminal()),
+            )
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .try_init(),
+    };
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            // Latency buckets from 100 µs (a single raw image on a fast core) to 10 s (a full queue of PNGs).
+            let seconds = [
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
+            let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(metric::BATCH_SIZE.into()), &batch))
+                .expect("bucket lists are non-empty")
+                .install_recorder()
+                .expect("the Prometheus recorder is installed once per process")
+        })
+        .clone()
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped. A deliberately small HTTP/1.x responder:
+/// Prometheus scrapes need nothing more, and it keeps a second web framework out of the binary.
+pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read until the end of the request head (or the buffer is full: then answer anyway).
+            while len < buf.len() {
+                match stream.read(&mut buf[len..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => len += n,
+                }
+                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, content_type, body) =
+                if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain; charset=utf-8",
+                        "metrics are at /metrics\n".to_string(),
+                    )
+                };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

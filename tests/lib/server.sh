@@ -1,0 +1,17 @@
+# Sourced by the shell tests: starts the release server on ephemeral ports and exports GRPC_ADDR and
+# METRICS_ADDR (read back from its log, so no port is ever guessed). Stops it on exit.
+start_server() {
+  SERVER_LOG=$(mktemp)
+  RUST_LOG=info ./target/release/fmnist serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 "$@" >"$SERVER_LOG" 2>&1 &
+  SERVER_PID=$!
+  trap 'kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null; rm -f "$SERVER_LOG"' EXIT
+  for _ in $(seq 1 600); do
+    if grep -q 'serving' "$SERVER_LOG"; then break; fi
+    if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server exited:"; cat "$SERVER_LOG"; return 1; fi
+    sleep 0.1
+  done
+  GRPC_ADDR=$(grep -o 'grpc=[0-9.:]*' "$SERVER_LOG" | head -1 | cut -d= -f2)
+  METRICS_ADDR=$(grep -o 'metrics=[0-9.:]*' "$SERVER_LOG" | head -1 | cut -d= -f2)
+  [ -n "$GRPC_ADDR" ] || { echo "no address in server log:"; cat "$SERVER_LOG"; return 1; }
+  export GRPC_ADDR METRICS_ADDR
+}
