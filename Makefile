@@ -11,12 +11,15 @@ PY_VENV := .venv-tools
 run: build
 	$(BIN) serve
 
-## test: every test (format, lints, unit, integration against real servers, grpcurl, Python client, manifests)
+## test: every test (format, lints, unit, integration against real servers, grpcurl, Python client, browser page in headless Chromium, manifests)
 test: setup ort tools
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) test --release
 	bash tests/grpcurl.sh
+	bash tests/python_client.sh
+	bash scripts/setup-system.sh chromium
+	bash tests/web.sh
 
 setup:
 	bash scripts/setup-system.sh

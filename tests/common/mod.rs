@@ -107,7 +107,7 @@ impl Drop for TestServer {
     }
 }
 
-/// The committed fixture: 300 Fashion-MNIST test images (30 per class) with labels.
+/// The committed fixture: 1,000 Fashion-MNIST test images (100 per class, seeded random draw) with labels.
 pub fn fixture() -> Vec<([u8; PIXELS], u32)> {
     let images = std::fs::read(repo().join("tests/fixtures/test-images.u8")).expect("fixture images");
     let labels = std::fs::read(repo().join("tests/fixtures/test-labels.u8")).expect("fixture labels");
