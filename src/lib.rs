@@ -13,6 +13,7 @@ pub mod model;
 pub mod preprocess;
 pub mod server;
 pub mod telemetry;
+pub mod web;
 
 /// Code generated from proto/fashion_mnist/v1/classifier.proto.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

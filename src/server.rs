@@ -15,6 +15,7 @@ use crate::{
     model::{Model, RuntimeOptions},
     pb::{self, classifier_server::ClassifierServer},
     telemetry::{self, metric},
+    web,
 };
 
 /// Why the server could not start or stopped abnormally.
@@ -123,13 +124,13 @@ pub async fn serve(
     let metrics_addr = metrics_listener
         .local_addr()
         .map_or_else(|_| "?".into(), |a| a.to_string());
-    let server = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .layer(tonic_web::GrpcWebLayer::new())
-        .add_service(health)
+    let grpc = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(classifier)
+        .add_service(classifier);
+    let server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .add_routes(web::with_grpc_web_and_page(grpc))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
     let mut server = tokio::spawn(server);
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));

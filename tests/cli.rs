@@ -1,0 +1,101 @@
+//! `fmnist classify`, the command-line client, run as the built binary against a real server: the table and
+//! the JSON output name the right class for test-set images, and an unreachable server is one line and a
+//! non-zero exit.
+
+mod common;
+
+use std::process::Output;
+
+use common::{TestServer, config, repo};
+use tokio::process::Command;
+
+/// Runs `fmnist classify ARGS` without blocking the runtime the test server runs on.
+async fn fmnist_classify(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fmnist"))
+        .arg("classify")
+        .args(args)
+        .output()
+        .await
+        .expect("the fmnist binary runs")
+}
+
+fn png(name: &str) -> String {
+    repo().join("tests/fixtures/png").join(name).display().to_string()
+}
+
+fn text(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).expect("the CLI prints UTF-8")
+}
+
+#[tokio::test]
+async fn the_table_names_the_class_of_each_test_set_image_and_accepts_it() {
+    let server = TestServer::start(config()).await;
+    let addr = format!("http://{}", server.addr);
+    let (boot, trouser) = (png("ankle-boot-0.png"), png("trouser-2.png"));
+    let out = fmnist_classify(&[&boot, &trouser, "--addr", &addr]).await;
+    assert!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
+
+    let stdout = text(&out.stdout);
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|line| line.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "a header and one row per file:\n{stdout}");
+    assert_eq!(
+        rows[0],
+        ["FILE", "CLASS", "PROBABILITY", "ACCEPTED", "REASON"],
+        "{stdout}"
+    );
+    for (row, file, class) in [(&rows[1], &boot, "Ankle boot"), (&rows[2], &trouser, "Trouser")] {
+        assert_eq!(row[0], file.as_str(), "{stdout}");
+        assert_eq!(row[1], class, "{stdout}");
+        let probability: f32 = row[2].parse().expect("a probability");
+        assert!((0.6..=1.0).contains(&probability), "{stdout}");
+        assert_eq!(&row[3..], ["yes", "REASON_ACCEPTED"], "{stdout}");
+    }
+}
+
+#[tokio::test]
+async fn json_output_names_the_class_of_each_test_set_image() {
+    let server = TestServer::start(config()).await;
+    let addr = format!("http://{}", server.addr);
+    let (boot, trouser) = (png("ankle-boot-0.png"), png("trouser-2.png"));
+    let out = fmnist_classify(&["--json", &boot, &trouser, "--addr", &addr]).await;
+    assert!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
+
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", text(&out.stdout));
+    for (line, file, class, id) in [(&lines[0], &boot, "Ankle boot", 9), (&lines[1], &trouser, "Trouser", 1)] {
+        assert_eq!(line["file"], file.as_str());
+        assert_eq!(line["class"], class, "{line}");
+        assert_eq!(line["class_id"], id, "{line}");
+        assert_eq!(line["accepted"], true, "{line}");
+        assert_eq!(line["reason"], "REASON_ACCEPTED", "{line}");
+        assert!(
+            line["probability"].as_f64().is_some_and(|p| (0.6..=1.0).contains(&p)),
+            "{line}"
+        );
+        assert!(!line["model"].as_str().unwrap_or_default().is_empty(), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_server_exits_non_zero_with_a_one_line_message() {
+    // A port the kernel handed out and nobody listens on any more.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    let addr = format!("http://{}", listener.local_addr().expect("bound address"));
+    drop(listener);
+
+    let out = fmnist_classify(&[&png("trouser-2.png"), "--addr", &addr, "--timeout-s", "5"]).await;
+    assert!(!out.status.success(), "exit {:?}", out.status);
+    assert_eq!(text(&out.stdout), "", "nothing on stdout");
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.starts_with(&format!("error: cannot reach the server at {addr}")),
+        "{stderr:?}"
+    );
+}

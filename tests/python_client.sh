@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The Python client example (clients/python/) end to end: stubs generated from proto/ by grpcio-tools, then
+# classify.py against a real server (test-set PNGs, a blank image, JSON output, a bad request), an unreachable
+# address, and a server whose queue is full.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv-tools/bin/python}
+fail() { echo "FAIL: $*"; exit 1; }
+pass() { echo "ok - $*"; }
+classify() { "$PYTHON" clients/python/classify.py "$@"; }
+
+PYTHON="$PYTHON" bash clients/python/generate.sh >/dev/null
+[ -f clients/python/generated/fashion_mnist/v1/classifier_pb2_grpc.py ] || fail "generate.sh wrote no stubs"
+pass "generate.sh generates the stubs from proto/"
+
+# A port nobody listens on: bound by the kernel, then released.
+free_port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+rc=0; err=$(classify --addr "127.0.0.1:$free_port" --timeout 5 tests/fixtures/png/trouser-2.png 2>&1 >/dev/null) || rc=$?
+[ "$rc" -eq 3 ] || fail "unreachable server: exit $rc, want 3: $err"
+[ "$(wc -l <<<"$err")" -eq 1 ] && grep -q "^error: cannot reach the server at 127.0.0.1:$free_port" <<<"$err" \
+  || fail "unreachable server message: $err"
+pass "an unreachable server exits 3 with one line: ${err:0:80}..."
+
+# The busy stand-in lives only inside this subshell, so its EXIT trap cannot clash with start_server's.
+(
+  busy_out=$(mktemp)
+  "$PYTHON" tests/lib/busy_server.py >"$busy_out" 2>&1 &
+  busy_pid=$!
+  trap 'kill $busy_pid 2>/dev/null; rm -f "$busy_out"' EXIT
+  for _ in $(seq 1 100); do [ -s "$busy_out" ] && break; sleep 0.1; done
+  port=$(head -1 "$busy_out")
+  [[ "$port" =~ ^[0-9]+$ ]] || fail "busy server did not start: $(cat "$busy_out")"
+  rc=0; err=$(classify --addr "127.0.0.1:$port" --retries 2 tests/fixtures/png/trouser-2.png 2>&1 >/dev/null) || rc=$?
+  [ "$rc" -eq 5 ] || fail "busy server: exit $rc, want 5: $err"
+  [ "$(grep -c '^server busy, retrying' <<<"$err")" -eq 2 ] || fail "busy server: want 2 retries: $err"
+  grep -q '^error: the server is busy (RESOURCE_EXHAUSTED) after 3 attempts.*(call 3)' <<<"$err" \
+    || fail "busy server message: $err"
+)
+pass "RESOURCE_EXHAUSTED is retried with backoff, then exits 5 saying the server is busy"
+
+source tests/lib/server.sh
+start_server
+
+out=$(classify --addr "$GRPC_ADDR" tests/fixtures/png/ankle-boot-0.png tests/fixtures/png/trouser-2.png)
+grep -Eq '^tests/fixtures/png/ankle-boot-0.png +Ankle boot +[01]\.[0-9]{4} +yes +REASON_ACCEPTED ' <<<"$out" \
+  || fail "ankle boot row: $out"
+grep -Eq '^tests/fixtures/png/trouser-2.png +Trouser +[01]\.[0-9]{4} +yes +REASON_ACCEPTED ' <<<"$out" \
+  || fail "trouser row: $out"
+pass "classifies ankle-boot-0.png and trouser-2.png correctly (table)"
+
+blank=$(mktemp --suffix=.png)
+"$PYTHON" - "$blank" <<'PY'
+import struct, sys, zlib
+def chunk(kind, data): return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+rows = b"".join(b"\x00" + bytes(28) for _ in range(28))
+open(sys.argv[1], "wb").write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0))
+                              + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+PY
+out=$(classify --addr "$GRPC_ADDR" --json tests/fixtures/png/ankle-boot-0.png "$blank")
+rm -f "$blank"
+"$PYTHON" - "$out" <<'PY' || fail "JSON output: $out"
+import json, sys
+boot, blank = (json.loads(line) for line in sys.argv[1].splitlines())
+assert (boot["class"], boot["class_id"], boot["accepted"], boot["reason"]) == ("Ankle boot", 9, True, "REASON_ACCEPTED"), boot
+assert 0.6 <= boot["probability"] <= 1 and boot["model"], boot
+assert (blank["class"], blank["accepted"], blank["reason"]) == (None, False, "REASON_LOW_CONTRAST"), blank
+assert "contrast" in blank["detail"], blank
+PY
+pass "--json: the ankle boot is accepted, a blank image is rejected as REASON_LOW_CONTRAST"
+
+rc=0; err=$(classify --addr "$GRPC_ADDR" --model no-such-model tests/fixtures/png/trouser-2.png 2>&1 >/dev/null) || rc=$?
+[ "$rc" -eq 4 ] || fail "unknown model: exit $rc, want 4: $err"
+grep -q '^error: the server rejected the request (INVALID_ARGUMENT): .*no-such-model' <<<"$err" || fail "unknown model: $err"
+pass "an unknown model exits 4 with the server's INVALID_ARGUMENT message"
+
+rc=0; err=$(classify --addr "$GRPC_ADDR" tests/fixtures/png/no-such-file.png 2>&1 >/dev/null) || rc=$?
+[ "$rc" -eq 1 ] && grep -q '^error: cannot read tests/fixtures/png/no-such-file.png' <<<"$err" || fail "missing file: $rc $err"
+pass "a missing file exits 1 naming it"
+echo "python client: all checks passed"
