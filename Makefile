@@ -17,6 +17,7 @@ test: setup ort tools
 	$(CARGO) clippy --release --all-targets -- -D warnings
 	$(CARGO) test --release
 	bash tests/grpcurl.sh
+	bash deploy/validate.sh
 	bash tests/python_client.sh
 	bash scripts/setup-system.sh chromium
 	bash tests/web.sh
@@ -30,6 +31,14 @@ ort:
 
 build: setup ort
 	$(CARGO) build --release
+
+## image: build the container image with podman, run it hardened and check health, Classify and /metrics through its ports (cold: about 11 min, warm: 12 s)
+image: tools
+	bash scripts/container-check.sh
+
+## lint-deploy: render the kustomize base and overlays, validate them against the Kubernetes schemas, lint the Dockerfile
+lint-deploy: tools
+	bash deploy/validate.sh
 
 # Python tools for the tests: grpcurl binary, grpcio-tools for the Python client, manifest and Dockerfile linters.
 tools: $(PY_VENV)/.installed

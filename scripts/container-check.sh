@@ -86,7 +86,7 @@ deb http://deb.debian.org/debian-security bookworm-security main
 EOF
     if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
       cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/"
-      chroot "$rootfs" update-ca-certificates >/dev/null
+      chroot "$rootfs" update-ca-certificates >/dev/null 2>&1
     fi
     chroot "$rootfs" apt-get clean
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
@@ -112,7 +112,8 @@ RUN dest=/usr/local/rustup/toolchains/$version-x86_64-unknown-linux-gnu \\
     && for t in cargo rustc rustdoc; do ln -s \$dest/bin/\$t /usr/local/cargo/bin/\$t; done \\
     && cargo --version && rustc --version
 EOF
-  "${PODMAN[@]}" build --quiet --pull=never -v "$sysroot:/mnt/toolchain:ro" -t "$RUST_IMAGE" "$STANDIN_DIR/rust" >/dev/null
+  "${PODMAN[@]}" build --quiet --pull=never -v "$sysroot:/mnt/toolchain:ro" -t "$RUST_IMAGE" "$STANDIN_DIR/rust" \
+    >"$STANDIN_DIR/rust.log" 2>&1 || { tail -20 "$STANDIN_DIR/rust.log"; fail "stand-in $RUST_IMAGE"; }
 }
 
 standin_python() {
@@ -122,7 +123,8 @@ FROM $BOOKWORM
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip && rm -rf /var/lib/apt/lists/*
 RUN python3 -m pip --version
 EOF
-  "${PODMAN[@]}" build --quiet --pull=never -t "$PYTHON_IMAGE" "$STANDIN_DIR/python" >/dev/null
+  "${PODMAN[@]}" build --quiet --pull=never -t "$PYTHON_IMAGE" "$STANDIN_DIR/python" \
+    >"$STANDIN_DIR/python.log" 2>&1 || { tail -20 "$STANDIN_DIR/python.log"; fail "stand-in $PYTHON_IMAGE"; }
 }
 
 standin_distroless() {
@@ -151,7 +153,8 @@ ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin SSL_CERT_F
 USER 65532
 WORKDIR /home/nonroot
 EOF
-  "${PODMAN[@]}" build --quiet --pull=never -t "$RUNTIME_IMAGE" "$STANDIN_DIR/distroless" >/dev/null
+  "${PODMAN[@]}" build --quiet --pull=never -t "$RUNTIME_IMAGE" "$STANDIN_DIR/distroless" \
+    >"$STANDIN_DIR/distroless.log" 2>&1 || { tail -20 "$STANDIN_DIR/distroless.log"; fail "stand-in $RUNTIME_IMAGE"; }
 }
 
 step "base images: $RUST_IMAGE, $PYTHON_IMAGE, $RUNTIME_IMAGE"
@@ -236,8 +239,9 @@ uid=$(ps -o uid= -p "$pid" | tr -d ' ')
 caps=$(sed -n 's/^CapEff:[[:space:]]*//p' "/proc/$pid/status")
 readonly_root=$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$NAME")
 echo "   process $pid: uid $uid, effective capabilities $caps, read-only root $readonly_root"
-[ "$uid" = 65532 ] && [ "$caps" = 0000000000000000 ] && [ "$readonly_root" = true ] \
-  || fail "expected uid 65532, no capabilities, read-only root"
+if [ "$uid" != 65532 ] || [ "$caps" != 0000000000000000 ] || [ "$readonly_root" != true ]; then
+  fail "expected uid 65532, no capabilities, read-only root"
+fi
 pass "the server runs as uid 65532 on a read-only root filesystem with no capabilities"
 echo "   resident memory after 1 + 20x64 images: $(( $(ps -o rss= -p "$pid") / 1024 )) MiB (ps -o rss)"
 done_step
