@@ -17,7 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let config = Config::defaults();
     let (limits, check) = (config.decode_limits(), config.input_check());
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     files.sort();
     let (mut pixels, mut table) = (Vec::new(), String::from("file\treason\tdetail\n"));
     for file in files {

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::{
     batching::{BatchConfig, Batcher, ImageOutput},
-    error::RequestError,
+    error::{QueueError, RequestError},
     model::{CLASSES, ModelMetadata},
     pb,
     preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, PIXELS, Reason, Rejection},
@@ -67,9 +67,24 @@ impl ClassifierService {
             .ok_or_else(|| Status::unavailable("models are still loading; retry shortly"))
     }
 
+    /// Answers DEADLINE_EXCEEDED when the caller's deadline passes first; dropping the work then releases its
+    /// queue room, and the batcher skips its images.
     async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<pb::ClassifyResponse, Status> {
         let deadline = grpc_deadline(&request);
-        let req = request.into_inner();
+        let work = self.classify_until(request.into_inner(), deadline);
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
+                .await
+                .unwrap_or_else(|_| Err(QueueError::DeadlineExceeded.into())),
+            None => work.await,
+        }
+    }
+
+    async fn classify_until(
+        &self,
+        req: pb::ClassifyRequest,
+        deadline: Option<Instant>,
+    ) -> Result<pb::ClassifyResponse, Status> {
         let models = self.models()?;
         let max = self.policy.max_images_per_request;
         if req.images.is_empty() {
@@ -124,23 +139,35 @@ impl ClassifierService {
             .record("model", name)
             .record("images", req.images.len());
 
+        let reservation = model.batcher.reserve(req.images.len())?;
         let prepared = self.preprocess_all(req.images).await?;
-        let inputs: Vec<ModelInput> = prepared.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
+        let mut inputs = Vec::with_capacity(prepared.len());
+        let slots: Vec<Result<Option<Box<[u8; PIXELS]>>, Rejection>> = prepared
+            .into_iter()
+            .map(|p| {
+                p.map(|input| {
+                    let shown = req.return_model_input.then(|| input.pixels.clone());
+                    inputs.push(input);
+                    shown
+                })
+            })
+            .collect();
         let outputs = if inputs.is_empty() {
             Vec::new()
         } else {
-            model.batcher.infer(inputs, deadline).await?
+            model.batcher.infer(reservation, inputs, deadline).await?
         };
 
         let mut outputs = outputs.into_iter();
-        let results = prepared
+        let results = slots
             .into_iter()
-            .map(|p| {
-                let (reason, result) = match p {
+            .map(|slot| {
+                let (reason, result) = match slot {
                     Err(rejection) => (rejection.reason, rejected(rejection)),
-                    Ok(input) => {
+                    Ok(shown) => {
                         let output = outputs.next().expect("the batcher returns one output per input");
-                        judge(&model.meta, &output, min_confidence, max_ood, &input, req.return_model_input)
+                        judge(&model.meta, &output, min_confidence, max_ood, shown)
                     }
                 };
                 let outcome = if result.accepted { "accepted" } else { "rejected" };
@@ -201,8 +228,7 @@ fn judge(
     output: &ImageOutput,
     min_confidence: f32,
     max_ood: Option<f32>,
-    input: &ModelInput,
-    return_input: bool,
+    shown: Option<Box<[u8; PIXELS]>>,
 ) -> (Reason, pb::Classification) {
     let (class_id, probability) =
         output
@@ -245,11 +271,7 @@ fn judge(
         accepted: reason == Reason::Accepted,
         reason: to_proto(reason) as i32,
         detail,
-        model_input: if return_input {
-            input.pixels.to_vec()
-        } else {
-            Vec::new()
-        },
+        model_input: shown.map(|p| p.to_vec()).unwrap_or_default(),
     };
     (reason, classification)
 }
@@ -292,16 +314,18 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
         "n" => Duration::from_nanos(amount),
         _ => return None,
     };
-    Instant::now().checked_add(timeout)
+    // A millisecond early: tonic's own timer for the same header would otherwise answer first, with CANCELLED.
+    Instant::now().checked_add(timeout.saturating_sub(Duration::from_millis(1)))
 }
 
 /// The caller's `x-request-id`, or a fresh one, so a log line can be matched with the client's.
 fn request_id<T>(request: &Request<T>) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    if let Some(id) = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()) {
-        if !id.is_empty() && id.len() <= 128 {
-            return id.to_string();
-        }
+    if let Some(id) = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok())
+        && !id.is_empty()
+        && id.len() <= 128
+    {
+        return id.to_string();
     }
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -327,8 +351,9 @@ where
         Ok(_) => tonic::Code::Ok,
         Err(status) => status.code(),
     };
-    metrics::counter!(metric::REQUESTS, "rpc" => rpc, "code" => format!("{code:?}")).increment(1);
-    metrics::histogram!(metric::REQUEST_DURATION, "rpc" => rpc).record(elapsed.as_secs_f64());
+    let code_label = format!("{code:?}");
+    metrics::counter!(metric::REQUESTS, "rpc" => rpc, "code" => code_label.clone()).increment(1);
+    metrics::histogram!(metric::REQUEST_DURATION, "rpc" => rpc, "code" => code_label).record(elapsed.as_secs_f64());
     span.in_scope(|| match &result {
         Ok(_) => tracing::info!(outcome = "ok", duration_ms = elapsed.as_secs_f64() * 1e3, "call finished"),
         Err(status) => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, message = status.message(), "call failed"),

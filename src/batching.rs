@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::{
     error::{ModelError, QueueError},
-    model::{CLASSES, Model},
+    model::{BatchOutput, CLASSES, Model},
     preprocess::{ModelInput, PIXELS},
     telemetry::metric,
 };
@@ -53,6 +53,12 @@ struct Job {
     _permit: OwnedSemaphorePermit,
 }
 
+/// Room in a model's queue, held from before decoding until the images are answered.
+#[derive(Debug)]
+pub struct Reservation {
+    permit: OwnedSemaphorePermit,
+}
+
 /// Handle to a model's queue; cheap to clone, shared by every request task.
 #[derive(Clone)]
 pub struct Batcher {
@@ -60,6 +66,8 @@ pub struct Batcher {
     sender: mpsc::Sender<Job>,
     permits: Arc<Semaphore>,
     limit: usize,
+    /// Looked up once: a per-call `gauge!` with a label would allocate and hash on every request.
+    queue_depth: metrics::Gauge,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -85,6 +93,7 @@ impl Batcher {
             })
             .map_err(|e| ModelError::Environment(format!("cannot start inference thread: {e}")))?;
         let batcher = Batcher {
+            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => name.to_string()),
             model: name,
             sender,
             permits: Arc::new(Semaphore::new(config.max_queued_images)),
@@ -93,13 +102,10 @@ impl Batcher {
         Ok((batcher, thread))
     }
 
-    /// Queues `inputs` and waits for their outputs, in order. Fails fast when the queue is full.
-    pub async fn infer(
-        &self,
-        inputs: Vec<ModelInput>,
-        deadline: Option<Instant>,
-    ) -> Result<Vec<ImageOutput>, QueueError> {
-        let n = inputs.len();
+    /// Reserves queue room for `n` images, or fails at once when the queue is full. Callers reserve before
+    /// decoding, so an overloaded server refuses in microseconds and images being decoded count towards the
+    /// bound too.
+    pub fn reserve(&self, n: usize) -> Result<Reservation, QueueError> {
         let full = || QueueError::Full {
             model: self.model.to_string(),
             queued: self.limit - self.permits.available_permits(),
@@ -111,6 +117,18 @@ impl Batcher {
             .clone()
             .try_acquire_many_owned(permits)
             .map_err(|_| full())?;
+        Ok(Reservation { permit })
+    }
+
+    /// Queues `inputs` (at most as many as reserved) and waits for their outputs, in order.
+    pub async fn infer(
+        &self,
+        reservation: Reservation,
+        inputs: Vec<ModelInput>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<ImageOutput>, QueueError> {
+        let n = inputs.len();
+        let permit = reservation.permit;
         let (reply, answer) = oneshot::channel();
         let job = Job {
             inputs,
@@ -119,9 +137,9 @@ impl Batcher {
             deadline,
             _permit: permit,
         };
-        metrics::gauge!(metric::QUEUE_DEPTH, "model" => self.model.to_string()).increment(n as f64);
+        self.queue_depth.increment(n as f64);
         if self.sender.send(job).is_err() {
-            metrics::gauge!(metric::QUEUE_DEPTH, "model" => self.model.to_string()).decrement(n as f64);
+            self.queue_depth.decrement(n as f64);
             return Err(QueueError::ShuttingDown);
         }
         answer.await.unwrap_or_else(|_| {
@@ -134,21 +152,40 @@ struct InferenceLoop {
     model: Model,
     config: BatchConfig,
     name: Arc<str>,
-    /// Reused input buffer: no allocation per batch on the hot path.
+    /// Reused input and output buffers: no allocation per batch on the hot path.
     input: Vec<f32>,
+    output: BatchOutput,
     /// A job received while filling a batch that did not fit; it opens the next batch.
     carry: Option<Job>,
+    metrics: LoopMetrics,
+}
+
+/// The inference thread's metric handles, labelled with the model once.
+struct LoopMetrics {
+    queue_depth: metrics::Gauge,
+    batch_size: metrics::Histogram,
+    queue_wait: metrics::Histogram,
+    inference_time: metrics::Histogram,
 }
 
 impl InferenceLoop {
     fn new(model: Model, config: BatchConfig, name: Arc<str>) -> Self {
         let input = Vec::with_capacity(config.max_batch_size * PIXELS);
+        let label = || name.to_string();
+        let metrics = LoopMetrics {
+            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => label()),
+            batch_size: metrics::histogram!(metric::BATCH_SIZE, "model" => label()),
+            queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => label()),
+            inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => label()),
+        };
         InferenceLoop {
             model,
             config,
             name,
             input,
+            output: BatchOutput::default(),
             carry: None,
+            metrics,
         }
     }
 
@@ -210,7 +247,7 @@ impl InferenceLoop {
             return Some(job);
         };
         let n = job.inputs.len() as f64;
-        metrics::gauge!(metric::QUEUE_DEPTH, "model" => self.name.to_string()).decrement(n);
+        self.metrics.queue_depth.decrement(n);
         metrics::counter!(metric::DROPPED_IMAGES, "model" => self.name.to_string(), "cause" => cause)
             .increment(n as u64);
         if cause == "deadline" {
@@ -221,12 +258,12 @@ impl InferenceLoop {
 
     fn execute(&mut self, batch: Vec<Job>) {
         let started = Instant::now();
-        let model = self.name.to_string();
         let n: usize = batch.iter().map(|j| j.inputs.len()).sum();
-        metrics::gauge!(metric::QUEUE_DEPTH, "model" => model.clone()).decrement(n as f64);
-        metrics::histogram!(metric::BATCH_SIZE, "model" => model.clone()).record(n as f64);
+        self.metrics.queue_depth.decrement(n as f64);
+        self.metrics.batch_size.record(n as f64);
         for job in &batch {
-            metrics::histogram!(metric::QUEUE_WAIT, "model" => model.clone())
+            self.metrics
+                .queue_wait
                 .record(started.duration_since(job.enqueued).as_secs_f64());
         }
 
@@ -239,11 +276,12 @@ impl InferenceLoop {
         {
             input.write_scaled(chunk);
         }
-        let result = self.model.run(&self.input, n);
-        metrics::histogram!(metric::INFERENCE_TIME, "model" => model).record(started.elapsed().as_secs_f64());
+        let result = self.model.run_into(&self.input, n, &mut self.output);
+        self.metrics.inference_time.record(started.elapsed().as_secs_f64());
 
         match result {
-            Ok(out) => {
+            Ok(()) => {
+                let out = &self.output;
                 let mut offset = 0;
                 for job in batch {
                     let k = job.inputs.len();

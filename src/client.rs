@@ -50,7 +50,7 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| format!("cannot reach the server at {}: {e}", args.addr))?;
+        .map_err(|e| format!("cannot reach the server at {}: {}", args.addr, error_chain(&e)))?;
     let mut client = ClassifierClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -109,6 +109,18 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// "transport error: connection refused": the top error alone rarely says what went wrong.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn reason_name(reason: i32) -> String {

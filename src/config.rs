@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 
-use crate::preprocess::{DecodeLimits, InputCheck};
+use crate::{
+    model::RuntimeOptions,
+    preprocess::{DecodeLimits, InputCheck},
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -36,6 +39,15 @@ pub struct Config {
     /// ONNX Runtime intra-op threads per model; 0 = one per available core.
     #[arg(long, env = "FMNIST_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
+
+    /// Let idle ONNX Runtime intra-op threads spin-wait for work (ONNX Runtime's default). Off by default: on a
+    /// small machine the spinning thread takes CPU from the gRPC workers (see bench/README.md).
+    #[arg(long, env = "FMNIST_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ort_spinning: bool,
+
+    /// ONNX Runtime graph optimization level.
+    #[arg(long, env = "FMNIST_ORT_OPTIMIZATION", value_enum, default_value_t = OrtOptimization::All)]
+    pub ort_optimization: OrtOptimization,
 
     /// Minimum top-class probability for an image to be accepted (requests may override).
     #[arg(long, env = "FMNIST_MIN_CONFIDENCE", default_value_t = 0.60)]
@@ -99,9 +111,34 @@ pub struct Config {
     #[arg(long, env = "FMNIST_DRAIN_TIMEOUT_S", default_value_t = 20)]
     pub drain_timeout_s: u64,
 
+    /// PEM certificate chain of the server. With --tls-key the gRPC port speaks TLS only.
+    #[arg(long, env = "FMNIST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the server certificate.
+    #[arg(long, env = "FMNIST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: when set, clients must present a certificate signed by one of them (mutual TLS).
+    #[arg(long, env = "FMNIST_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Log format: human-readable text or JSON lines. Level from RUST_LOG (default info).
     #[arg(long, env = "FMNIST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// ONNX Runtime graph optimization levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OrtOptimization {
+    /// No graph rewrites.
+    Disable,
+    /// Constant folding, redundant node removal, simple fusions.
+    Basic,
+    /// Basic plus complex fusions.
+    Extended,
+    /// Everything, including the CPU layout (NCHWc) transformations.
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,6 +162,22 @@ impl Config {
             max_dark_fraction: self.max_dark_fraction,
             max_bright_fraction: self.max_bright_fraction,
             min_contrast: self.min_contrast,
+        }
+    }
+
+    /// The ONNX Runtime settings every model session is built with (the server and the bench ceiling alike).
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        use ort::session::builder::GraphOptimizationLevel as Level;
+        RuntimeOptions {
+            dylib: self.ort_dylib.clone(),
+            intra_threads: self.ort_threads,
+            intra_spinning: self.ort_spinning,
+            optimization: match self.ort_optimization {
+                OrtOptimization::Disable => Level::Disable,
+                OrtOptimization::Basic => Level::Level1,
+                OrtOptimization::Extended => Level::Level2,
+                OrtOptimization::All => Level::All,
+            },
         }
     }
 

@@ -7,7 +7,7 @@ use std::{
 
 use ort::{
     environment::Environment,
-    session::{Session, builder::GraphOptimizationLevel},
+    session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, builder::GraphOptimizationLevel},
     value::{TensorRef, ValueType},
 };
 use serde::Deserialize;
@@ -63,8 +63,9 @@ pub struct OodMetadata {
     pub threshold: f32,
 }
 
-/// What a batch run gives back, image after image.
-#[derive(Debug, Clone)]
+/// What a batch run gives back, image after image. Reused from run to run by the inference thread
+/// ([`Model::run_into`]), so its buffers are allocated once.
+#[derive(Debug, Clone, Default)]
 pub struct BatchOutput {
     /// `n * CLASSES` softmax probabilities.
     pub probabilities: Vec<f32>,
@@ -72,18 +73,25 @@ pub struct BatchOutput {
     pub logits: Vec<f32>,
 }
 
-/// ONNX Runtime settings shared by every session.
+/// ONNX Runtime settings shared by every session (built from the config by `Config::runtime_options`).
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
     pub dylib: PathBuf,
     /// Intra-op threads per session; 0 = one per available core.
     pub intra_threads: usize,
+    /// Whether idle intra-op threads spin before sleeping (ONNX Runtime's default). Spinning shortens the hand-off
+    /// between batches but burns a core the async runtime could use (see bench/README.md).
+    pub intra_spinning: bool,
+    /// Graph optimization level applied when the session is built.
+    pub optimization: GraphOptimizationLevel,
 }
 
 /// A loaded model: metadata plus a session. Owned by exactly one inference thread (see `batching`).
 pub struct Model {
     pub meta: ModelMetadata,
     session: Session,
+    /// Fetches only the two outputs the server reads (not `features`), so no copy of them is made.
+    run_options: RunOptions<HasSelectedOutputs>,
 }
 
 impl std::fmt::Debug for Model {
@@ -98,14 +106,14 @@ impl std::fmt::Debug for Model {
 /// ONNX Runtime allows one environment per process; servers started by tests in the same process share it.
 fn environment(options: &RuntimeOptions) -> Result<Environment, ModelError> {
     static ENV: Mutex<Option<Environment>> = Mutex::new(None);
-    let mut env = ENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(env) = env.as_ref() {
-        return Ok(env.clone());
-    }
     if !options.dylib.exists() {
         return Err(ModelError::RuntimeMissing {
             path: options.dylib.clone(),
         });
+    }
+    let mut env = ENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(env) = env.as_ref() {
+        return Ok(env.clone());
     }
     let built = ort::init_from(&options.dylib)
         .map_err(|source| ModelError::RuntimeLoad {
@@ -169,9 +177,11 @@ impl Model {
         };
         let session = Session::builder(&env)
             .map_err(|e| ModelError::Environment(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::All)
+            .with_optimization_level(options.optimization)
             .map_err(file_err)?
             .with_intra_threads(threads)
+            .map_err(file_err)?
+            .with_intra_op_spinning(options.intra_spinning)
             .map_err(file_err)?
             // One session per inference thread: the inter-op pool would only add idle threads.
             .with_inter_threads(1)
@@ -183,7 +193,14 @@ impl Model {
             })?;
         check_signature(&session, &meta, &onnx_path)?;
 
-        let mut model = Model { meta, session };
+        let run_options = RunOptions::new()
+            .map_err(|e| ModelError::Environment(e.to_string()))?
+            .with_outputs(OutputSelector::no_default().with("probabilities").with("logits"));
+        let mut model = Model {
+            meta,
+            session,
+            run_options,
+        };
         for n in [1, warmup_batch.max(1)] {
             model.run(&vec![0.0; n * PIXELS], n)?;
         }
@@ -192,14 +209,21 @@ impl Model {
 
     /// Runs `n` images (`n * 784` values already scaled, see `preprocess::ModelInput::write_scaled`).
     pub fn run(&mut self, input: &[f32], n: usize) -> Result<BatchOutput, ModelError> {
+        let mut out = BatchOutput::default();
+        self.run_into(input, n, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`Model::run`], writing into `out`'s buffers (resized to `n * CLASSES`, allocated only when they grow).
+    pub fn run_into(&mut self, input: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), ModelError> {
         debug_assert_eq!(input.len(), n * PIXELS, "input holds n images");
         let tensor =
             TensorRef::from_array_view(([n, 1, 28, 28], input)).map_err(|e| ModelError::Inference(e.to_string()))?;
         let outputs = self
             .session
-            .run(ort::inputs![self.meta.input.name.as_str() => tensor])
+            .run_with_options(ort::inputs![self.meta.input.name.as_str() => tensor], &self.run_options)
             .map_err(|e| ModelError::Inference(e.to_string()))?;
-        let extract = |name: &str| -> Result<Vec<f32>, ModelError> {
+        let extract = |name: &str, into: &mut Vec<f32>| -> Result<(), ModelError> {
             let value = outputs
                 .get(name)
                 .ok_or_else(|| ModelError::Inference(format!("output {name:?} missing")))?;
@@ -212,12 +236,12 @@ impl Model {
                     data.len()
                 )));
             }
-            Ok(data.to_vec())
+            into.clear();
+            into.extend_from_slice(data);
+            Ok(())
         };
-        Ok(BatchOutput {
-            probabilities: extract("probabilities")?,
-            logits: extract("logits")?,
-        })
+        extract("probabilities", &mut out.probabilities)?;
+        extract("logits", &mut out.logits)
     }
 }
 

@@ -290,3 +290,272 @@ impl InputCheck {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use image::{ImageFormat, Luma, Rgba};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LIMITS: DecodeLimits = DecodeLimits {
+        max_dimension: 8192,
+        max_alloc_bytes: 128 << 20,
+    };
+    const CHECK: InputCheck = InputCheck {
+        dark_level: 10,
+        bright_level: 245,
+        max_dark_fraction: 0.95,
+        max_bright_fraction: 0.80,
+        min_contrast: 10.0,
+    };
+
+    /// A garment-like test pattern: a light ellipse on a dark background.
+    fn garment() -> [u8; PIXELS] {
+        let mut p = [0u8; PIXELS];
+        for y in 0..SIDE {
+            for x in 0..SIDE {
+                let (dx, dy) = (x as f32 - 13.5, y as f32 - 13.5);
+                if dx * dx / 100.0 + dy * dy / 160.0 < 1.0 {
+                    p[y * SIDE + x] = 120 + (x * 4) as u8;
+                }
+            }
+        }
+        p
+    }
+
+    fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Vec::new();
+        image.write_to(&mut Cursor::new(&mut out), format).unwrap();
+        out
+    }
+
+    fn gray(pixels: &[u8], w: u32, h: u32) -> DynamicImage {
+        DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, pixels.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn raw_pixels_are_used_as_they_are() {
+        let p = garment();
+        let input = preprocess(ImageData::Raw(&p), &LIMITS, &CHECK).unwrap();
+        assert_eq!(*input.pixels, p);
+    }
+
+    #[test]
+    fn a_28x28_png_gives_exactly_the_raw_pixels() {
+        let p = garment();
+        let png = encode(&gray(&p, 28, 28), ImageFormat::Png);
+        assert_eq!(
+            *preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels,
+            p
+        );
+    }
+
+    #[test]
+    fn scaling_is_pixel_over_255() {
+        let mut p = garment();
+        p[0] = 255;
+        let input = ModelInput { pixels: Box::new(p) };
+        let mut out = vec![0.0; PIXELS];
+        input.write_scaled(&mut out);
+        assert_eq!(out[0], 1.0);
+        assert_eq!(out[PIXELS - 1], 0.0);
+        assert!((out[14 * 28 + 14] - f32::from(p[14 * 28 + 14]) / 255.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn a_light_background_is_inverted_to_the_dataset_polarity() {
+        let p = garment();
+        let inverted: Vec<u8> = p.iter().map(|v| 255 - v).collect();
+        let png = encode(&gray(&inverted, 28, 28), ImageFormat::Png);
+        assert_eq!(
+            *preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels,
+            p
+        );
+    }
+
+    #[test]
+    fn a_wide_image_is_fitted_keeping_its_aspect_ratio_and_centred() {
+        // 112x56 light rectangle filling the frame, on a dark 2-pixel border: becomes 28x14, centred vertically.
+        let img = GrayImage::from_fn(112, 56, |x, y| {
+            Luma([if (2..110).contains(&x) && (2..54).contains(&y) {
+                200
+            } else {
+                0
+            }])
+        });
+        let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let out = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels;
+        let rows_with_ink: Vec<usize> = (0..SIDE)
+            .filter(|y| out[y * SIDE..(y + 1) * SIDE].iter().any(|&v| v > 100))
+            .collect();
+        assert_eq!(rows_with_ink.first(), Some(&7));
+        assert_eq!(rows_with_ink.last(), Some(&20));
+        assert!(out[..7 * SIDE].iter().all(|&v| v == 0), "padding is background");
+    }
+
+    #[test]
+    fn transparency_is_composited_over_white_then_inverted() {
+        // A dark garment on a fully transparent background (as cut-out product shots are).
+        let img = image::RgbaImage::from_fn(28, 28, |x, y| {
+            let inside = garment()[(y * 28 + x) as usize] > 0;
+            if inside {
+                Rgba([40, 40, 40, 255])
+            } else {
+                Rgba([0, 0, 0, 0])
+            }
+        });
+        let png = encode(&DynamicImage::ImageRgba8(img), ImageFormat::Png);
+        let out = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels;
+        assert_eq!(out[0], 0, "transparent background becomes the dataset's black");
+        assert_eq!(out[14 * 28 + 14], 255 - 40, "the garment becomes light");
+    }
+
+    #[test]
+    fn sixteen_bit_and_rgb_images_are_converted_to_8_bit_gray() {
+        let p = garment();
+        let img16 = image::ImageBuffer::<Luma<u16>, _>::from_fn(28, 28, |x, y| {
+            Luma([u16::from(p[(y * 28 + x) as usize]) * 257])
+        });
+        let png16 = encode(&DynamicImage::ImageLuma16(img16), ImageFormat::Png);
+        assert_eq!(
+            *preprocess(ImageData::Encoded(&png16), &LIMITS, &CHECK).unwrap().pixels,
+            p
+        );
+        let rgb = DynamicImage::ImageLuma8(GrayImage::from_raw(28, 28, p.to_vec()).unwrap()).to_rgb8();
+        let bmp = encode(&DynamicImage::ImageRgb8(rgb), ImageFormat::Bmp);
+        assert_eq!(
+            *preprocess(ImageData::Encoded(&bmp), &LIMITS, &CHECK).unwrap().pixels,
+            p
+        );
+    }
+
+    #[test]
+    fn each_blank_kind_of_image_has_its_own_reason() {
+        let reason = |p: &[u8]| preprocess(ImageData::Raw(p), &LIMITS, &CHECK).unwrap_err().reason;
+        assert_eq!(reason(&[0u8; PIXELS]), Reason::LowContrast);
+        assert_eq!(reason(&[255u8; PIXELS]), Reason::LowContrast);
+        let mut dark = [0u8; PIXELS];
+        dark[..30].fill(255);
+        assert_eq!(reason(&dark), Reason::MostlyDark);
+        let mut bright = [255u8; PIXELS];
+        bright[..30].fill(0);
+        assert_eq!(reason(&bright), Reason::MostlyBright);
+        assert_eq!(reason(&[1u8; 100]), Reason::WrongSize);
+    }
+
+    #[test]
+    fn an_almost_white_photo_is_reported_as_mostly_bright_not_dark() {
+        // As sent: white page with a small dark mark. Polarity flips it; the reason describes what was sent.
+        let img = GrayImage::from_fn(100, 100, |x, y| {
+            Luma([if (40..55).contains(&x) && (40..55).contains(&y) {
+                0
+            } else {
+                255
+            }])
+        });
+        let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let err = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap_err();
+        assert_eq!(err.reason, Reason::MostlyBright, "{}", err.detail);
+        assert!(err.detail.contains("near white"), "{}", err.detail);
+    }
+
+    #[test]
+    fn a_small_file_declaring_a_huge_image_is_too_large_not_an_allocation() {
+        let mut png = encode(&gray(&[0u8; 16], 4, 4), ImageFormat::Png);
+        png[16..24].copy_from_slice(&[0, 0, 0xC3, 0x50, 0, 0, 0xC3, 0x50]); // IHDR: 50,000 x 50,000
+        let mut crc = flate2::Crc::new();
+        crc.update(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+        let started = Instant::now();
+        let err = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap_err();
+        assert_eq!(err.reason, Reason::TooLarge, "{}", err.detail);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_image_over_the_allocation_limit_is_too_large() {
+        let img = gray(&vec![7u8; 600 * 600], 600, 600);
+        let png = encode(&img, ImageFormat::Png);
+        let small = DecodeLimits {
+            max_dimension: 8192,
+            max_alloc_bytes: 100_000,
+        };
+        assert_eq!(
+            preprocess(ImageData::Encoded(&png), &small, &CHECK).unwrap_err().reason,
+            Reason::TooLarge
+        );
+    }
+
+    #[test]
+    fn the_first_frame_of_an_animated_gif_is_used() {
+        use image::{Delay, Frame, codecs::gif::GifEncoder};
+        let p = garment();
+        let frame = |v: &[u8]| {
+            let rgba = gray(v, 28, 28).to_rgba8();
+            Frame::from_parts(rgba, 0, 0, Delay::from_numer_denom_ms(100, 1))
+        };
+        let mut gif = Vec::new();
+        {
+            let mut enc = GifEncoder::new(&mut gif);
+            enc.encode_frames(vec![frame(&p), frame(&[0u8; PIXELS])]).unwrap();
+        }
+        let out = preprocess(ImageData::Encoded(&gif), &LIMITS, &CHECK).unwrap().pixels;
+        let diff = out
+            .iter()
+            .zip(p.iter())
+            .map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs())
+            .max()
+            .unwrap();
+        assert!(
+            diff <= 8,
+            "first frame, up to GIF palette quantisation (max diff {diff})"
+        );
+    }
+
+    #[test]
+    fn corrupt_and_truncated_files_are_undecodable() {
+        let png = encode(&gray(&garment(), 28, 28), ImageFormat::Png);
+        let jpeg = encode(&gray(&garment(), 28, 28), ImageFormat::Jpeg);
+        for bytes in [
+            &png[..50],
+            &jpeg[..jpeg.len() / 2],
+            b"GIF89a",
+            &[],
+            b"\x89PNG\r\n\x1a\n garbage",
+        ] {
+            let err = preprocess(ImageData::Encoded(bytes), &LIMITS, &CHECK).unwrap_err();
+            assert_eq!(err.reason, Reason::Undecodable, "{} bytes: {}", bytes.len(), err.detail);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic and are answered quickly, as encoded or as raw data.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let started = Instant::now();
+            let _ = preprocess(ImageData::Encoded(&bytes), &LIMITS, &CHECK);
+            let _ = preprocess(ImageData::Raw(&bytes), &LIMITS, &CHECK);
+            prop_assert!(started.elapsed() < Duration::from_secs(1));
+        }
+
+        /// Valid PNGs with random bytes flipped (the fuzz-style case: deep inside the decoder) never panic.
+        #[test]
+        fn mutated_pngs_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut png = encode(&gray(&garment(), 28, 28), ImageFormat::Png);
+            for (at, value) in flips {
+                let i = at % png.len();
+                png[i] = value;
+            }
+            let started = Instant::now();
+            if let Ok(input) = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK) {
+                prop_assert_eq!(input.pixels.len(), PIXELS);
+            }
+            prop_assert!(started.elapsed() < Duration::from_secs(1));
+        }
+    }
+}

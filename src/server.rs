@@ -12,7 +12,7 @@ use crate::{
     batching::{BatchConfig, Batcher},
     config::Config,
     error::ModelError,
-    model::{Model, RuntimeOptions},
+    model::Model,
     pb::{self, classifier_server::ClassifierServer},
     telemetry::{self, metric},
     web,
@@ -27,6 +27,8 @@ pub enum ServeError {
     DefaultModel { default: String, loaded: Vec<String> },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("TLS file {path}: {reason}")]
+    Tls { path: std::path::PathBuf, reason: String },
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -39,6 +41,18 @@ fn batch_config(config: &Config) -> BatchConfig {
     }
 }
 
+/// The per-call settings of the classifier service, from the config.
+pub fn policy(config: &Config) -> Policy {
+    Policy {
+        limits: config.decode_limits(),
+        check: config.input_check(),
+        min_confidence: config.min_confidence,
+        max_ood_score: config.max_ood_score,
+        max_images_per_request: config.max_images_per_request,
+        batch: batch_config(config),
+    }
+}
+
 /// Loads and warms up every configured model and starts its inference thread. Blocking: call it off the
 /// async runtime.
 pub fn load_models(config: &Config) -> Result<Models, ServeError> {
@@ -48,10 +62,7 @@ pub fn load_models(config: &Config) -> Result<Models, ServeError> {
             loaded: config.models.clone(),
         });
     }
-    let runtime = RuntimeOptions {
-        dylib: config.ort_dylib.clone(),
-        intra_threads: config.ort_threads,
-    };
+    let runtime = config.runtime_options();
     let mut by_name = BTreeMap::new();
     for name in &config.models {
         let model = Model::load(&config.models_dir, name, &runtime, config.max_batch_size)?;
@@ -65,6 +76,25 @@ pub fn load_models(config: &Config) -> Result<Models, ServeError> {
         by_name,
         default: config.default_model.clone(),
     })
+}
+
+/// TLS (and mutual TLS when a client CA is given) from the configured PEM files; `None` for plaintext.
+fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| ServeError::Tls {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &config.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 async fn set_health(reporter: &HealthReporter, serving: bool) {
@@ -100,14 +130,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let models = Arc::new(OnceLock::new());
-    let policy = Policy {
-        limits: config.decode_limits(),
-        check: config.input_check(),
-        min_confidence: config.min_confidence,
-        max_ood_score: config.max_ood_score,
-        max_images_per_request: config.max_images_per_request,
-        batch: batch_config(&config),
-    };
+    let policy = policy(&config);
     let classifier = ClassifierServer::new(ClassifierService::new(models.clone(), policy))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -128,7 +151,11 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier);
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .accept_http1(true)
         .add_routes(web::with_grpc_web_and_page(grpc))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);

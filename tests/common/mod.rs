@@ -10,7 +10,7 @@ use fmnist_serve::{
     server::{self, ServeError},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 pub fn repo() -> PathBuf {
@@ -38,6 +38,19 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server and returns once health reports SERVING.
     pub async fn start(config: Config) -> TestServer {
+        Self::start_with(config, None).await
+    }
+
+    /// Starts a TLS server; the returned client trusts `ca` and presents `identity` (for mutual TLS).
+    pub async fn start_tls(config: Config, ca: Certificate, identity: Identity) -> TestServer {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .identity(identity)
+            .domain_name("localhost");
+        Self::start_with(config, Some(tls)).await
+    }
+
+    async fn start_with(config: Config, tls: Option<ClientTlsConfig>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
         let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
@@ -45,17 +58,24 @@ impl TestServer {
         let task = tokio::spawn(server::serve(config, listener, metrics, async move {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let channel = match tls {
+            None => Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy(),
+            Some(tls) => Channel::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_lazy(),
+        };
         let mut health = HealthClient::new(channel.clone());
         let started = std::time::Instant::now();
         loop {
             let request = HealthCheckRequest {
                 service: "fashion_mnist.v1.Classifier".into(),
             };
-            if let Ok(r) = health.check(request).await {
-                if r.into_inner().status == ServingStatus::Serving as i32 {
-                    break;
-                }
+            if let Ok(r) = health.check(request).await
+                && r.into_inner().status == ServingStatus::Serving as i32
+            {
+                break;
             }
             assert!(!task.is_finished(), "server stopped during start-up: {:?}", task.await);
             assert!(
@@ -160,6 +180,17 @@ pub fn png(pixels: &[u8], width: u32, height: u32) -> Vec<u8> {
         .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
         .expect("PNG encodes");
     out
+}
+
+/// A valid 4x4 PNG whose header declares `width` x `height` (a decompression bomb's calling card).
+pub fn png_declaring(width: u32, height: u32) -> Vec<u8> {
+    let mut png = png(&[0u8; 16], 4, 4);
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]); // IHDR type + data
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    png
 }
 
 pub fn request(images: Vec<pb::Image>) -> pb::ClassifyRequest {

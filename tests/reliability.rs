@@ -1,0 +1,363 @@
+//! Reliability: start-up faults, run-time inference faults, deadlines, overload, message limits and TLS.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestServer, config, encoded, fixture, png, raw, repo, request};
+use fmnist_serve::{pb, server};
+use tonic::Code;
+
+fn fault_config(models: &[&str]) -> fmnist_serve::config::Config {
+    let mut config = config();
+    config.models_dir = repo().join("tests/fixtures/models");
+    config.models = models.iter().map(|m| m.to_string()).collect();
+    config.default_model = models[0].to_string();
+    config
+}
+
+fn startup_error(config: &fmnist_serve::config::Config) -> String {
+    server::load_models(config).expect_err("start-up fails").to_string()
+}
+
+#[test]
+fn a_missing_model_fails_start_up_naming_the_file() {
+    let message = startup_error(&fault_config(&["absent"]));
+    assert!(
+        message.contains("absent.json") && message.contains("No such file"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_corrupt_model_file_fails_start_up_naming_the_file_and_why() {
+    let dir = tempdir();
+    for ext in ["onnx", "json"] {
+        std::fs::copy(
+            repo().join(format!("tests/fixtures/models/faulty.{ext}")),
+            dir.join(format!("faulty.{ext}")),
+        )
+        .unwrap();
+    }
+    let mut config = fault_config(&["faulty"]);
+    config.models_dir = dir.clone();
+    let onnx = dir.join("faulty.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&onnx, &bytes).unwrap();
+    let message = startup_error(&config);
+    assert!(
+        message.contains("faulty.onnx") && message.contains("sha256"),
+        "{message}"
+    );
+
+    // Same corruption with a metadata checksum that matches: ONNX Runtime itself refuses the file.
+    let meta_path = dir.join("faulty.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    use sha2::Digest;
+    meta["sha256"] = format!("{:x}", sha2::Sha256::digest(&bytes)).into();
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    let message = startup_error(&config);
+    assert!(
+        message.contains("faulty.onnx") && message.contains("not a loadable ONNX model"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_model_with_the_wrong_input_shape_fails_start_up() {
+    let message = startup_error(&fault_config(&["wrong-shape"]));
+    assert!(
+        message.contains("wrong-shape.onnx") && message.contains("expected float32 [batch, 1, 28, 28]"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_says_what_to_run() {
+    let mut config = config();
+    config.ort_dylib = "/nonexistent/libonnxruntime.so".into();
+    let message = startup_error(&config);
+    assert!(
+        message.contains("/nonexistent/libonnxruntime.so") && message.contains("make ort"),
+        "{message}"
+    );
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fmnist-test-{}-{:?}", std::process::id(), Instant::now()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn an_inference_failure_is_internal_for_that_call_and_the_server_keeps_serving() {
+    let mut server = TestServer::start(fault_config(&["faulty"])).await;
+    let (good, _) = fixture()[0];
+    let mut poison = good;
+    poison[0] = 255; // makes the faulty model's Gather index go out of bounds inside ONNX Runtime
+
+    assert!(server.client.classify(request(vec![raw(&good)])).await.is_ok());
+    let status = server
+        .client
+        .classify(request(vec![raw(&poison)]))
+        .await
+        .expect_err("inference fails");
+    assert_eq!(status.code(), Code::Internal);
+    assert!(status.message().contains("inference failed"), "{}", status.message());
+    let after = server.client.classify(request(vec![raw(&good)])).await;
+    assert!(after.is_ok(), "the next call is served: {after:?}");
+}
+
+#[tokio::test]
+async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_its_images_never_run() {
+    let mut config = config();
+    config.max_batch_size = 8; // a long queue of small batches
+    let server = TestServer::start(config.clone()).await;
+    let images: Vec<pb::Image> = fixture().iter().take(64).map(|(p, _)| raw(p)).collect();
+    let dropped = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("fmnist_dropped_images_total{model=\"cnn\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = dropped(&server.metrics().await);
+    // Queue 8 x 64 images ahead, then a call that may wait at most 30 ms: it is queued, then expires.
+    let backlog: Vec<_> = (0..8)
+        .map(|_| {
+            let (mut c, imgs) = (server.client.clone(), images.clone());
+            tokio::spawn(async move { c.classify(request(imgs)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut late = tonic::Request::new(request(images[..4].to_vec()));
+    late.set_timeout(Duration::from_millis(30));
+    let status = server
+        .client
+        .clone()
+        .classify(late)
+        .await
+        .expect_err("deadline passes in the queue");
+    // tonic clients enforce the deadline themselves too and report it as CANCELLED "Timeout expired".
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    for call in backlog {
+        assert!(call.await.unwrap().is_ok());
+    }
+    let after = dropped(&server.metrics().await);
+    assert!(
+        after - before >= 4.0,
+        "the late call's 4 images were dropped before inference ({before} -> {after})"
+    );
+
+    // What the server itself answers, without a client-side timer: the handler called directly.
+    use fmnist_serve::{api::ClassifierService, pb::classifier_server::Classifier};
+    let models = std::sync::Arc::new(std::sync::OnceLock::new());
+    models.set(server::load_models(&config).unwrap()).unwrap();
+    let service = ClassifierService::new(models, server::policy(&config));
+    let backlog: Vec<_> = (0..8)
+        .map(|_| {
+            let (service, imgs) = (service.clone(), images.clone());
+            tokio::spawn(async move { service.classify(tonic::Request::new(request(imgs))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut late = tonic::Request::new(request(images[..4].to_vec()));
+    late.metadata_mut().insert("grpc-timeout", "30m".parse().unwrap());
+    let status = service.classify(late).await.expect_err("deadline passes in the queue");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    for call in backlog {
+        assert!(call.await.unwrap().is_ok());
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
+    let mut config = config();
+    config.max_queued_images = 256;
+    let mut server = TestServer::start(config).await;
+    let images: Vec<pb::Image> = fixture()
+        .iter()
+        .take(64)
+        .map(|(p, _)| encoded(png(p, 28, 28)))
+        .collect();
+    let rss_before = rss_bytes();
+    // 128 callers sending 64-image PNG calls back to back for 3 s: many times what two cores can serve.
+    let until = Instant::now() + Duration::from_secs(3);
+    let callers: Vec<_> = (0..128)
+        .map(|_| {
+            let (mut client, images) = (server.client.clone(), images.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut refused, mut refusal_latency) = (0u32, 0u32, Vec::new());
+                while Instant::now() < until {
+                    let started = Instant::now();
+                    match client.classify(request(images.clone())).await {
+                        Ok(r) => {
+                            assert_eq!(r.into_inner().results.len(), 64);
+                            ok += 1;
+                        }
+                        Err(s) => {
+                            assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                            refused += 1;
+                            refusal_latency.push(started.elapsed());
+                        }
+                    }
+                }
+                (ok, refused, refusal_latency)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused, mut latencies) = (0, 0, Vec::new());
+    for c in callers {
+        let (o, r, l) = c.await.unwrap();
+        ok += o;
+        refused += r;
+        latencies.extend(l);
+    }
+    latencies.sort();
+    let client_p50 = latencies.get(latencies.len() / 2).copied().unwrap_or_default();
+    let grown = rss_bytes().saturating_sub(rss_before);
+    // How long the server took to refuse, from its own histogram (the client-side figure also counts the wait
+    // for a CPU shared by 128 callers, the server and the decoding).
+    let metrics = server.metrics().await;
+    let bucket = |le: &str| {
+        let line = format!(
+            "fmnist_request_duration_seconds_bucket{{rpc=\"Classify\",code=\"ResourceExhausted\",le=\"{le}\"}}"
+        );
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (fast, all) = (bucket("0.001"), bucket("+Inf"));
+    eprintln!(
+        "overload: {ok} calls served, {refused} refused ({:.1}% of refusals answered within 1 ms by the server, client-side p50 {client_p50:?}), RSS grew {} MiB",
+        100.0 * fast / all,
+        grown >> 20
+    );
+    assert!(ok > 0 && refused > 0, "{ok} served, {refused} refused");
+    // Room is reserved before decoding, so a refusal costs no decoding and no queueing.
+    assert!(fast >= 0.9 * all, "{fast} of {all} refusals took under 1 ms");
+    assert!(grown < 300 << 20, "RSS grew by {} MiB", grown >> 20);
+    let (good, label) = fixture()[0];
+    let after = server
+        .client
+        .classify(request(vec![raw(&good)]))
+        .await
+        .expect("serves normally after the load");
+    assert_eq!(
+        after.into_inner().results[0].prediction.as_ref().unwrap().class_id,
+        label
+    );
+}
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_is_refused_with_a_clear_status() {
+    let mut config = config();
+    config.max_message_bytes = 64 * 1024;
+    let mut server = TestServer::start(config).await;
+    let status = server
+        .client
+        .classify(request(vec![encoded(vec![0u8; 100 * 1024])]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{}", status.message());
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls_refuse_clients_without_a_valid_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let issue = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue("localhost");
+    let (client_cert, client_key) = issue("client");
+    let dir = tempdir();
+    for (name, pem) in [
+        ("server.pem", &server_cert),
+        ("server.key", &server_key),
+        ("ca.pem", &ca.pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let mut config = config();
+    config.tls_cert = Some(dir.join("server.pem"));
+    config.tls_key = Some(dir.join("server.key"));
+    config.tls_client_ca = Some(dir.join("ca.pem"));
+    let server = TestServer::start_tls(
+        config,
+        Certificate::from_pem(ca.pem()),
+        Identity::from_pem(&client_cert, &client_key),
+    )
+    .await;
+
+    let (good, label) = fixture()[0];
+    let mut client = server.client.clone();
+    let ok = client
+        .classify(request(vec![raw(&good)]))
+        .await
+        .expect("a client with a certificate is served");
+    assert_eq!(ok.into_inner().results[0].prediction.as_ref().unwrap().class_id, label);
+
+    let endpoint = format!("https://{}", server.addr);
+    let no_cert = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    let anonymous = Channel::from_shared(endpoint.clone())
+        .unwrap()
+        .tls_config(no_cert)
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match anonymous {
+        Err(_) => true,
+        Ok(channel) => pb::classifier_client::ClassifierClient::new(channel)
+            .classify(request(vec![raw(&good)]))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate is refused");
+
+    let plaintext = Channel::from_shared(format!("http://127.0.0.1:{}", server.addr.port()))
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match plaintext {
+        Err(_) => true,
+        Ok(channel) => pb::classifier_client::ClassifierClient::new(channel)
+            .classify(request(vec![raw(&good)]))
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext is refused on a TLS port");
+}
