@@ -62,6 +62,10 @@ train-cv: setup $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python training/train.py --model dense --folds 5 --out-dir training/results
 	$(TRAIN_VENV)/bin/python training/train.py --model cnn --folds 5 --epochs 8 --out-dir training/results
 
+## bench: in-process ceiling, the service end to end over gRPC and two Python peers on this machine -> bench/results/<cpu>.{json,md} (about 12 min; BENCH_ARGS=--quick: 3 min)
+bench: setup ort
+	bash bench/run.sh $(BENCH_ARGS)
+
 ## test-training: smoke-train both models (one short epoch) and check export, parity and metadata (needs torch)
 test-training: setup $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python -m unittest discover -s training -p 'test_*.py' -v

@@ -1,0 +1,437 @@
+"""make bench: the in-process ceiling, the service end to end over gRPC, and two Python peers on the same load,
+in one run on this machine, written to bench/results/<cpu-slug>.json and .md.
+
+  1. ceiling   examples/ceiling.rs: fmnist_serve::model::Model alone (the server's session and options),
+               2 intra-op threads, batch 1..128.
+  2. service   the release server (`fmnist serve`, shipped defaults), driven by examples/loadgen.rs: C closed-loop
+               callers (1, 8, 64, 256) over 4 HTTP/2 connections, single raw images, single PNGs, 16 raw images
+               per call. The average formed batch comes from the server's /metrics, CPU and peak RSS from /proc.
+  3. peers     (a) bench/peers/python_server.py: grpcio + ThreadPoolExecutor, onnxruntime once per request;
+               (b) MLServer 1.7.1 with adaptive batching and a custom onnxruntime runtime (bench/peers/mlserver).
+               Same load generator, same images, same model file.
+
+Everything shares the machine's cores with the load generator, so compare ratios from one run. Each
+measurement also records how busy the whole machine was: a window where other processes took more than
+--max-foreign-cores is measured again (up to --retries times) and flagged if it stays disturbed.
+
+    bench/.venv/bin/python bench/run.py [--seconds 5] [--quick] [--servers fmnist,python,mlserver]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+TMP = BENCH / "results/tmp"
+RELEASE = REPO / "target/release"
+VENV_BIN = Path(sys.executable).parent
+FMNIST_PATH = "/fashion_mnist.v1.Classifier/Classify"
+OIP_PATH = "/inference.GRPCInferenceService/ModelInfer"
+MODES = {"raw": 1, "png": 1, "multi16": 16}
+
+
+def lscpu() -> dict:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"}).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return {k: fields.get(k) for k in ["Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
+                                       "CPU max MHz", "L2 cache", "L3 cache", "Hypervisor vendor", "Flags"]}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown-cpu"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Server:
+    """A server under test: how to start it, where to send what, where its batch-size histogram is."""
+
+    def __init__(self, key: str, label: str, model: str, protocol: str):
+        self.key, self.label, self.model, self.protocol = key, label, model, protocol
+        self.proc: subprocess.Popen | None = None
+        self.addr = ""
+        self.metrics: str | None = None
+        self.batch_metric = "fmnist_batch_size_images"
+
+    @property
+    def path(self) -> str:
+        return FMNIST_PATH if self.protocol == "fmnist" else OIP_PATH
+
+    def bodies(self, mode: str) -> Path:
+        return TMP / "bodies" / f"{self.protocol}-{self.model}-{mode}.bin"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc:
+            stop(self.proc)
+            self.proc = None
+
+
+class Fmnist(Server):
+    def __init__(self, key: str, label: str, model: str, extra: list[str]):
+        super().__init__(key, label, model, "fmnist")
+        self.extra = extra
+
+    def start(self) -> None:
+        log = TMP / f"{self.key}.log"
+        # The shipped defaults (RUST_LOG unset = info, as `make run` has it); only the ports are ephemeral.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FMNIST_") and k != "RUST_LOG"}
+        self.proc = subprocess.Popen(
+            [str(RELEASE / "fmnist"), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+             *self.extra],
+            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+        def ready():
+            text = log.read_text()
+            if "serving" not in text:
+                return None
+            return re.search(r"grpc=([0-9.:]+)", text), re.search(r"metrics=([0-9.:]+)", text)
+
+        grpc, metrics = wait_for(ready, "fmnist serve", self.proc, log)
+        self.addr, self.metrics = grpc.group(1), metrics.group(1)
+
+
+class PythonPeer(Server):
+    def __init__(self, workers: int):
+        super().__init__("python", f"Python grpcio peer ({workers} threads, no batching)", "cnn", "fmnist")
+        self.workers = workers
+
+    def start(self) -> None:
+        log = TMP / "python.log"
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "peers/python_server.py"), "--port", str(port), "--model",
+             str(REPO / "models/cnn.onnx"), "--workers", str(self.workers)],
+            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        wait_for(lambda: "serving" in log.read_text(), "python peer", self.proc, log)
+        self.addr = f"127.0.0.1:{port}"
+
+
+class MLServerPeer(Server):
+    def __init__(self, max_batch_size: int, max_batch_time: float):
+        super().__init__("mlserver", f"MLServer 1.7.1 (adaptive batching {max_batch_size} / "
+                         f"{max_batch_time * 1e3:g} ms)", "cnn", "oip")
+        self.max_batch_size, self.max_batch_time = max_batch_size, max_batch_time
+        self.batch_metric = "fmnist_batch_images"
+
+    def start(self) -> None:
+        root = TMP / "mlserver"
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "cnn").mkdir(parents=True)
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        (root / "settings.json").write_text(json.dumps({
+            "debug": False, "host": "127.0.0.1", "http_port": http, "grpc_port": grpc, "metrics_port": metrics,
+            # In-process: with parallel_workers >= 1, MLServer 1.7.1 fails to load a custom runtime
+            # ("no current event loop").
+            "parallel_workers": 0, "logging_level": "WARNING",
+        }))
+        (root / "cnn/model-settings.json").write_text(json.dumps({
+            "name": "cnn", "implementation": "runtime.OnnxClassifier",
+            "max_batch_size": self.max_batch_size, "max_batch_time": self.max_batch_time,
+            "parameters": {"uri": str(REPO / "models/cnn.onnx")},
+        }))
+        log = TMP / "mlserver.log"
+        env = {**os.environ, "PYTHONPATH": f"{BENCH / 'peers/mlserver'}:{BENCH / 'peers'}"}
+        self.proc = subprocess.Popen([str(VENV_BIN / "mlserver"), "start", str(root)], cwd=root,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cnn/ready", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, "mlserver", self.proc, log, timeout=180)
+        self.addr, self.metrics = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}"
+
+
+def loadgen(server: Server, mode: str, concurrency: int, a) -> dict:
+    cmd = [str(RELEASE / "examples/loadgen"), "--addr", server.addr, "--path", server.path,
+           "--bodies", str(server.bodies(mode)), "--images-per-request", str(MODES[mode]),
+           "--concurrency", str(concurrency), "--connections", str(a.connections),
+           "--warmup", str(a.warmup), "--seconds", str(a.seconds), "--server-pid", str(server.proc.pid),
+           "--batch-metric", server.batch_metric]
+    if server.metrics:
+        cmd += ["--metrics", server.metrics]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {out.stderr}")
+    r = json.loads(out.stdout)
+    r["foreign_cores"] = (r["machine_busy_cores"] or 0) - (r["server_cpu_cores"] or 0) - (r["loadgen_cpu_cores"] or 0)
+    return r
+
+
+def measure(server: Server, modes: list[str], concurrencies: list[int], a) -> list[dict]:
+    rows = []
+    for mode in modes:
+        server.start()  # a fresh process per mode: its peak RSS belongs to this load
+        try:
+            for c in concurrencies:
+                for attempt in range(a.retries + 1):
+                    r = loadgen(server, mode, c, a)
+                    r["disturbed"] = r["foreign_cores"] > a.max_foreign_cores
+                    if not r["disturbed"]:
+                        break
+                    print(f"    (other processes took {r['foreign_cores']:.2f} cores: measuring again)", flush=True)
+                r.update(server=server.key, label=server.label, model=server.model, mode=mode, attempts=attempt + 1)
+                rows.append(r)
+                batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else "-"
+                print(f"  {server.key:12} {mode:8} C={c:<4} {r['images_per_s']:8.0f} img/s  p50 "
+                      f"{r['latency_p50_ms']:7.2f} ms  p99 {r['latency_p99_ms']:7.2f} ms  batch {batch:>5}  "
+                      f"cpu {r['server_cpu_cores']:.2f}+{r['loadgen_cpu_cores']:.2f}  rss "
+                      f"{(r['server_peak_rss_kb'] or 0) / 1024:.0f} MB  shed {r['shed']}  errors {r['errors']}"
+                      + ("  DISTURBED" if r["disturbed"] else ""), flush=True)
+                if r["errors"]:
+                    print(f"    first error: {r['first_error']}", flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def ceiling(model: str, batches: list[int], seconds: float, threads: int, extra: list[str] = ()) -> list[dict]:
+    out = subprocess.run([str(RELEASE / "examples/ceiling"), "--model", model, "--threads", str(threads),
+                          "--batches", ",".join(map(str, batches)), "--seconds", str(seconds), *extra],
+                         cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ceiling failed: {out.stderr}")
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    for r in rows:
+        print(f"  ceiling {model:9} batch {r['batch']:4}  {r['images_per_s']:8.0f} img/s  "
+              f"p50 {r['latency_p50_ms']:.3f} ms", flush=True)
+    return rows
+
+
+def criterion(a) -> list[dict]:
+    """The preprocessing micro-benchmarks (benches/preprocess.rs), with short timings; medians from criterion's
+    estimates.json files."""
+    out = subprocess.run(["cargo", "bench", "--bench", "preprocess", "--", "--warm-up-time", "1",
+                          "--measurement-time", str(a.criterion_seconds)], cwd=REPO, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"  criterion failed: {out.stderr[-2000:]}", flush=True)
+        return []
+    rows = []
+    root = REPO / "target/criterion"
+    for est in sorted(root.glob("*/*/new/estimates.json")):
+        group, name = est.parent.parent.parent.name, est.parent.parent.name
+        if group not in ("preprocess", "validate"):
+            continue
+        e = json.loads(est.read_text())
+        rows.append({"group": group, "name": name, "median_us": e["median"]["point_estimate"] / 1e3,
+                     "mean_us": e["mean"]["point_estimate"] / 1e3})
+        print(f"  {group}/{name}: {rows[-1]['median_us']:.2f} µs", flush=True)
+    return rows
+
+
+def interpolate(ceil: list[dict], batch: float) -> float:
+    """Ceiling images/s at a fractional batch size: linear in log2(batch) between measured sizes."""
+    import math
+
+    pts = sorted((r["batch"], r["images_per_s"]) for r in ceil)
+    if batch <= pts[0][0]:
+        return pts[0][1]
+    for (b0, v0), (b1, v1) in zip(pts, pts[1:]):
+        if b0 <= batch <= b1:
+            t = (math.log2(batch) - math.log2(b0)) / (math.log2(b1) - math.log2(b0))
+            return v0 + t * (v1 - v0)
+    return pts[-1][1]
+
+
+def find(rows, server, mode, c):
+    return next((r for r in rows if r["server"] == server and r["mode"] == mode and r["concurrency"] == c), None)
+
+
+def targets(result: dict) -> list[dict]:
+    rows, ceil = result["service"], result["ceiling"]
+    checks = []
+    ours = find(rows, "fmnist", "raw", 64)
+    cnn_ceiling = [r for r in ceil if r["model"] == "cnn"]
+    if ours and cnn_ceiling and ours["batch_avg"]:
+        at = interpolate(cnn_ceiling, ours["batch_avg"])
+        checks.append({"target": "service img/s at C=64 (raw) >= 75% of the ceiling at the formed batch",
+                       "measured": f"{ours['images_per_s']:.0f} / {at:.0f} at batch {ours['batch_avg']:.1f} = "
+                                   f"{ours['images_per_s'] / at * 100:.0f}%",
+                       "met": ours["images_per_s"] >= 0.75 * at})
+    for peer, factor in [("python", 2.5), ("mlserver", 3.5)]:
+        p = find(rows, peer, "raw", 64)
+        if ours and p:
+            ratio = ours["images_per_s"] / p["images_per_s"]
+            checks.append({"target": f"C=64 (raw) throughput >= {factor}x {peer}",
+                           "measured": f"{ours['images_per_s']:.0f} / {p['images_per_s']:.0f} = {ratio:.2f}x",
+                           "met": ratio >= factor})
+    one = find(rows, "fmnist", "raw", 1)
+    b1 = next((r for r in cnn_ceiling if r["batch"] == 1), None)
+    if one and b1:
+        checks.append({"target": "C=1 p50 <= in-process batch-1 p50 + 0.5 ms",
+                       "measured": f"{one['latency_p50_ms']:.3f} ms vs {b1['latency_p50_ms']:.3f} + 0.5 ms",
+                       "met": one["latency_p50_ms"] <= b1["latency_p50_ms"] + 0.5})
+    peaks = [r["server_peak_rss_kb"] / 1024 for r in rows if r["server"] == "fmnist" and r["concurrency"] == 256]
+    if peaks:
+        checks.append({"target": "server peak RSS <= 150 MB at C=256 (every mode)",
+                       "measured": f"{max(peaks):.0f} MB", "met": max(peaks) <= 150})
+    return checks
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# Benchmark: {m['cpu']}", "",
+             f"{result['date']}, {m['cpus']} CPUs ({m['hypervisor'] or 'bare metal'}), Linux {m['kernel']}, "
+             f"ONNX Runtime {result['ort']}, {result['rustc']}. Measured window {result['seconds']} s after "
+             f"{result['warmup']} s warm-up per row; the load generator runs on the same cores.", "",
+             "## Ceiling: ONNX Runtime alone (fmnist_serve::model::Model, 2 intra-op threads)", "",
+             "| model | batch | images/s | p50 ms per run | p99 ms per run |", "|---|---:|---:|---:|---:|"]
+    for r in result["ceiling"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['images_per_s']:.0f} | {r['latency_p50_ms']:.3f} | "
+                     f"{r['latency_p99_ms']:.3f} |")
+    lines += ["", "## End to end over gRPC", "",
+              "C closed-loop callers over 4 HTTP/2 connections (1 for C=1). img/s = images classified per second; "
+              "latency per call; batch = average images per ONNX Runtime run in the window; CPU in cores "
+              "(server + load generator); peak RSS = the server's VmHWM since its start (one process per mode); "
+              "shed = calls answered RESOURCE_EXHAUSTED (queue full; the caller backs off 10 ms), not counted in "
+              "img/s or latency.", "",
+              "| server | model | mode | C | calls/s | img/s | p50 ms | p90 ms | p99 ms | batch | CPU | peak RSS MB | shed | errors |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["service"]:
+        batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else ("per call" if r["server"] == "python" else "-")
+        flag = " (disturbed)" if r.get("disturbed") else ""
+        lines.append(
+            f"| {r['server']} | {r['model']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
+            f"{r['images_per_s']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p90_ms']:.2f} | "
+            f"{r['latency_p99_ms']:.2f} | {batch} | {r['server_cpu_cores']:.2f} + {r['loadgen_cpu_cores']:.2f} | "
+            f"{r['server_peak_rss_kb'] / 1024:.0f} | {r.get('shed', 0)} | {r['errors']}{flag} |")
+    lines += ["", "Servers: " + "; ".join(f"`{k}` = {v}" for k, v in result["servers"].items()), "",
+              "## Targets (ratios from this run)", "", "| target | measured | met |", "|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
+    if result.get("criterion"):
+        lines += ["", "## Preprocessing and validation (criterion, benches/preprocess.rs)", "",
+                  "| benchmark | median µs |", "|---|---:|"]
+        for r in result["criterion"]:
+            lines.append(f"| {r['group']}/{r['name']} | {r['median_us']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured window per row")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--quick", action="store_true", help="2 s windows, C = 1 and 64 only, no criterion")
+    ap.add_argument("--servers", default="fmnist,fmnist-int8,python,mlserver")
+    ap.add_argument("--modes", default="raw,png,multi16")
+    ap.add_argument("--concurrency", default="1,8,64,256")
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--ceiling-batches", default="1,8,16,32,64,128")
+    ap.add_argument("--ceiling-seconds", type=float, default=3.0)
+    ap.add_argument("--criterion-seconds", type=float, default=2.0)
+    ap.add_argument("--no-criterion", action="store_true")
+    ap.add_argument("--python-workers", type=int, default=8)
+    ap.add_argument("--mlserver-batch", type=int, default=64)
+    ap.add_argument("--mlserver-batch-time-ms", type=float, default=2.0)
+    ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--max-foreign-cores", type=float, default=0.15,
+                    help="CPU other processes may take during a window before it is measured again")
+    ap.add_argument("--serve-args", default="", help="extra flags for `fmnist serve` (experiments)")
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--name", help="results file name (default: the CPU model)")
+    a = ap.parse_args()
+    if a.quick:
+        a.seconds, a.concurrency, a.no_criterion, a.ceiling_seconds = 2.0, "1,64", True, 1.5
+    concurrencies = [int(c) for c in a.concurrency.split(",")]
+    modes = a.modes.split(",")
+    TMP.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    cpu = lscpu()
+    has_int8 = (REPO / "models/cnn-int8.json").exists()
+    models = ["cnn"] + (["cnn-int8"] if has_int8 else [])
+    subprocess.run([sys.executable, str(BENCH / "encode_requests.py"), "--out", str(TMP / "bodies"),
+                    *sum((["--model", m] for m in models), [])], check=True)
+
+    serve_extra = a.serve_args.split()
+    registry = {
+        "fmnist": Fmnist("fmnist", "this service, `fmnist serve` defaults", "cnn", serve_extra),
+        "fmnist-int8": Fmnist("fmnist-int8", "this service, requests naming model cnn-int8", "cnn-int8",
+                              ["--models", "cnn,cnn-int8,dense"] + serve_extra),
+        "python": PythonPeer(a.python_workers),
+        "mlserver": MLServerPeer(a.mlserver_batch, a.mlserver_batch_time_ms / 1e3),
+    }
+    wanted = [s for s in a.servers.split(",") if s != "fmnist-int8" or has_int8]
+
+    ort_version = subprocess.run([sys.executable, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+                                 capture_output=True, text=True).stdout.strip()
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu["Model name"], "cpus": cpu["CPU(s)"], "hypervisor": cpu["Hypervisor vendor"],
+                    "kernel": platform.release(), "lscpu": cpu},
+        "ort": ort_version,
+        "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
+        "seconds": a.seconds, "warmup": a.warmup, "connections": a.connections,
+        "servers": {k: registry[k].label for k in wanted},
+        "ceiling": [], "service": [],
+    }
+    print(f"ceiling ({cpu['Model name']}, {cpu['CPU(s)']} CPUs)", flush=True)
+    batches = [int(b) for b in a.ceiling_batches.split(",")]
+    for model in models:
+        result["ceiling"] += ceiling(model, batches, a.ceiling_seconds, 2)
+    print("end to end", flush=True)
+    for key in wanted:
+        result["service"] += measure(registry[key], modes, concurrencies, a)
+    if not a.no_criterion:
+        print("criterion", flush=True)
+        result["criterion"] = criterion(a)
+    result["targets"] = targets(result)
+    result["elapsed_s"] = round(time.time() - started)
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = a.name or slug(cpu["Model name"] or "")
+    (a.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (a.out / f"{name}.md").write_text(markdown(result))
+    print(f"\n{markdown(result)}\nwritten {a.out / name}.json and .md in {result['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+//! The ceiling for the service: ONNX Runtime alone, in process, through the crate's own `model::Model` (the
+//! session the server's inference thread owns, built with the server's options), on real test images. Prints
+//! one JSON object per batch size: images/s and the latency of one `Model::run` call.
+//!
+//!     cargo run --release --example ceiling -- --model cnn --batches 1,8,32,64,128 --seconds 3
+//!
+//! `bench/run.py` (make bench) runs it and puts the numbers beside the end-to-end ones.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use fmnist_serve::{
+    config::{Config, OrtOptimization},
+    model::Model,
+    preprocess::{ModelInput, PIXELS},
+};
+
+#[derive(Parser)]
+struct Args {
+    /// Model to load from --models-dir.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    #[arg(long, default_value = "models")]
+    models_dir: PathBuf,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128")]
+    batches: Vec<usize>,
+    /// ONNX Runtime intra-op threads (the server's --ort-threads).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Let idle intra-op threads spin (the server's --ort-spinning).
+    #[arg(long)]
+    spinning: bool,
+    /// Graph optimization level (the server's --ort-optimization).
+    #[arg(long, value_enum, default_value_t = OrtOptimization::All)]
+    optimization: OrtOptimization,
+    /// Measuring time per batch size, after a warm-up of a fifth of it.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// 784-byte images to feed, cycled through (the committed test-set fixture).
+    #[arg(long, default_value = "tests/fixtures/test-images.u8")]
+    images: PathBuf,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let mut config = Config::defaults();
+    config.ort_threads = args.threads;
+    config.ort_spinning = args.spinning;
+    config.ort_optimization = args.optimization;
+    let options = config.runtime_options();
+    let largest = args.batches.iter().copied().max().unwrap_or(1);
+    let mut model = Model::load(&args.models_dir, &args.model, &options, largest)?;
+
+    let raw = std::fs::read(&args.images)?;
+    if raw.len() < PIXELS || raw.len() % PIXELS != 0 {
+        return Err(format!("{} is not a whole number of 784-byte images", args.images.display()).into());
+    }
+    let images: Vec<ModelInput> = raw
+        .chunks_exact(PIXELS)
+        .map(|c| ModelInput {
+            pixels: Box::new(c.try_into().expect("chunks_exact gives PIXELS bytes")),
+        })
+        .collect();
+
+    for &n in &args.batches {
+        // Every run gets a different slice of real images, scaled by the server's own function.
+        let batches: Vec<Vec<f32>> = (0..16)
+            .map(|b| {
+                let mut input = vec![0.0; n * PIXELS];
+                for (i, chunk) in input.chunks_exact_mut(PIXELS).enumerate() {
+                    images[(b * n + i) % images.len()].write_scaled(chunk);
+                }
+                input
+            })
+            .collect();
+        let measure = |model: &mut Model, budget: Duration| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+            let mut latencies = Vec::new();
+            let started = Instant::now();
+            while started.elapsed() < budget || latencies.len() < 5 {
+                let t = Instant::now();
+                std::hint::black_box(model.run(&batches[latencies.len() % batches.len()], n)?);
+                latencies.push(t.elapsed().as_secs_f64());
+            }
+            Ok(latencies)
+        };
+        measure(&mut model, Duration::from_secs_f64(args.seconds / 5.0))?;
+        let mut latencies = measure(&mut model, Duration::from_secs_f64(args.seconds))?;
+        let total: f64 = latencies.iter().sum();
+        latencies.sort_by(f64::total_cmp);
+        let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize] * 1e3;
+        let record = serde_json::json!({
+            "model": args.model,
+            "threads": args.threads,
+            "spinning": args.spinning,
+            "optimization": format!("{:?}", args.optimization).to_lowercase(),
+            "batch": n,
+            "runs": latencies.len(),
+            "images_per_s": (n * latencies.len()) as f64 / total,
+            "latency_mean_ms": total / latencies.len() as f64 * 1e3,
+            "latency_p50_ms": pct(0.50),
+            "latency_p90_ms": pct(0.90),
+            "latency_p99_ms": pct(0.99),
+        });
+        println!("{record}");
+    }
+    Ok(())
+}
