@@ -3,7 +3,7 @@ Runtime threads and spinning, batch size, batch delay), interleaved in one run s
 same machine, plus the in-process ceiling under the same ONNX Runtime options. Writes
 bench/results/<cpu-slug>-sweep.{json,md}.
 
-    bench/.venv/bin/python bench/sweep.py                      # the committed sweep (about 8 min)
+    bench/.venv/bin/python bench/sweep.py                      # the committed sweep (about 6 min)
     bench/.venv/bin/python bench/sweep.py --rounds 1 --seconds 2 --configs baseline,spin   # a quick look
 
 Each configuration is measured `--rounds` times in rotation (A B C A B C ...) and the median is reported, so a
@@ -32,7 +32,6 @@ CONFIGS = {
     "batch128": ["--max-batch-size", "128"],
     "delay250us": ["--max-batch-delay-us", "250"],
     "delay1ms": ["--max-batch-delay-us", "1000"],
-    "opt-extended": ["--ort-optimization", "extended"],
 }
 # the ceiling under the ONNX Runtime options the configurations vary
 CEILING = {
@@ -49,9 +48,9 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--loads", default="raw:1,raw:64,raw:256,png:64,multi16:8",
                     help="mode:concurrency pairs")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=2.5)
+    ap.add_argument("--warmup", type=float, default=0.7)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--max-foreign-cores", type=float, default=0.15)

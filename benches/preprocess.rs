@@ -13,8 +13,7 @@ use std::{
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use fmnist_serve::{
-    api::{ClassifierService, Policy},
-    batching::BatchConfig,
+    api::ClassifierService,
     config::Config,
     pb::{self, classifier_server::Classifier},
     preprocess::{ImageData, PIXELS, preprocess},
@@ -113,19 +112,7 @@ fn validation(c: &mut Criterion) {
     };
     let cell = Arc::new(OnceLock::new());
     cell.set(models).expect("a fresh cell");
-    let policy = Policy {
-        limits: config.decode_limits(),
-        check: config.input_check(),
-        min_confidence: config.min_confidence,
-        max_ood_score: config.max_ood_score,
-        max_images_per_request: config.max_images_per_request,
-        batch: BatchConfig {
-            max_batch_size: config.max_batch_size,
-            max_batch_delay: config.max_batch_delay(),
-            max_queued_images: config.max_queued_images,
-        },
-    };
-    let service = ClassifierService::new(cell, policy);
+    let service = ClassifierService::new(cell, server::policy(&config));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
