@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -45,18 +46,22 @@ pub struct Policy {
     pub max_ood_score: Option<f32>,
     pub max_images_per_request: usize,
     pub batch: BatchConfig,
+    /// Requests with encoded images decoded at once; with the decode limits it bounds decoding memory.
+    pub max_concurrent_decodes: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct ClassifierService {
     models: Arc<OnceLock<Models>>,
     policy: Arc<Policy>,
+    decode_slots: Arc<Semaphore>,
 }
 
 impl ClassifierService {
     pub fn new(models: Arc<OnceLock<Models>>, policy: Policy) -> Self {
         ClassifierService {
             models,
+            decode_slots: Arc::new(Semaphore::new(policy.max_concurrent_decodes.max(1))),
             policy: Arc::new(policy),
         }
     }
@@ -192,6 +197,12 @@ impl ClassifierService {
         let policy = self.policy.clone();
         let run = move || images.iter().map(|image| prepare(image, &policy)).collect::<Vec<_>>();
         if has_encoded {
+            // Decoding a large image allocates up to the decode limit: bound how many run at once.
+            let _slot = self
+                .decode_slots
+                .acquire()
+                .await
+                .expect("the decode semaphore is never closed");
             tokio::task::spawn_blocking(run)
                 .await
                 .map_err(|e| Status::internal(format!("preprocessing task failed: {e}")))
@@ -414,10 +425,15 @@ impl ClassifierService {
                     test_loss: meta.metrics.test_loss,
                     parameters: meta.parameters,
                     macs_per_image: meta.macs_per_image,
-                    ood_method: meta
-                        .ood
-                        .as_ref()
-                        .map_or_else(|| "energy (no threshold calibrated)".into(), |o| o.method.clone()),
+                    ood_method: meta.ood.as_ref().map_or_else(
+                        || "energy: -logsumexp(logits); no threshold calibrated".into(),
+                        |o| {
+                            format!(
+                                "{}: -logsumexp(logits), threshold = 99th percentile on the validation split",
+                                o.method
+                            )
+                        },
+                    ),
                     ood_threshold: p
                         .max_ood_score
                         .or(meta.ood.as_ref().map(|o| o.threshold))

@@ -148,6 +148,14 @@ impl Model {
                 reason: format!("lists {} classes, expected {CLASSES}", meta.classes.len()),
             });
         }
+        if let Some(ood) = &meta.ood
+            && ood.method != "energy"
+        {
+            return Err(ModelError::Metadata {
+                path: meta_path,
+                reason: format!("OOD method {:?} is not one this server computes (energy)", ood.method),
+            });
+        }
         let onnx_path = dir.join(&meta.file);
         let bytes = std::fs::read(&onnx_path).map_err(|e| ModelError::File {
             path: onnx_path.clone(),

@@ -50,6 +50,10 @@ pub fn policy(config: &Config) -> Policy {
         max_ood_score: config.max_ood_score,
         max_images_per_request: config.max_images_per_request,
         batch: batch_config(config),
+        max_concurrent_decodes: match config.max_concurrent_decodes {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        },
     }
 }
 

@@ -167,6 +167,7 @@ async fn below_the_confidence_threshold_the_prediction_is_kept_but_rejected() {
     assert!(p < 0.95);
     let mut req = request(vec![raw(&images[i].0)]);
     req.min_confidence = Some(p + 0.01);
+    req.max_ood_score = Some(f32::MAX); // unsure images often look unusual too; isolate the confidence check
     let r = &server.client.classify(req).await.unwrap().into_inner().results[0];
     assert_eq!(reason(r), pb::Reason::LowConfidence);
     assert!(!r.accepted);
@@ -179,6 +180,7 @@ async fn below_the_confidence_threshold_the_prediction_is_kept_but_rejected() {
 
     let mut req = request(vec![raw(&images[i].0)]);
     req.min_confidence = Some(0.0);
+    req.max_ood_score = Some(f32::MAX);
     assert!(server.client.classify(req).await.unwrap().into_inner().results[0].accepted || p.is_nan());
 }
 
@@ -269,8 +271,8 @@ async fn model_info_lists_models_classes_and_thresholds() {
         .unwrap()
         .into_inner();
     let names: Vec<_> = info.models.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names, ["cnn", "dense"]);
-    let cnn = &info.models[0];
+    assert!(names.contains(&"cnn") && names.contains(&"dense"), "{names:?}");
+    let cnn = info.models.iter().find(|m| m.name == "cnn").unwrap();
     assert!(cnn.is_default);
     assert_eq!(cnn.classes.len(), 10);
     assert_eq!(cnn.classes[9].name, "Ankle boot");

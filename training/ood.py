@@ -71,7 +71,8 @@ def main() -> None:
     p.add_argument("--models-dir", default=str(Path(__file__).resolve().parent.parent / "models"))
     p.add_argument("--ood-dir", default="build/ood", help="folder with <group>.u8 made by examples/preprocess")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    p.add_argument("--method", choices=["auto", "msp", "energy", "mahalanobis"], default="auto")
+    p.add_argument("--method", choices=["auto", "msp", "energy", "mahalanobis"], default="energy",
+                   help="method to ship (the server computes energy); all are measured and reported")
     a = p.parse_args()
 
     models_dir = Path(a.models_dir)
