@@ -532,7 +532,11 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        // 2,000 cases per property in `make test`; PROPTEST_CASES=1000000 for the long campaign.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000),
+            ..ProptestConfig::default()
+        })]
 
         /// Arbitrary bytes never panic and are answered quickly, as encoded or as raw data.
         #[test]
