@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, future::Future, sync::Arc, sync::OnceLock};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use crate::{
@@ -162,7 +162,9 @@ pub async fn serve(
     let server = builder
         .accept_http1(true)
         .add_routes(web::with_grpc_web_and_page(grpc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+        // With a listener of our own, tonic's TCP_NODELAY default does not apply: without it, a response that
+        // follows a WINDOW_UPDATE waits for the client's delayed ACK (40 ms per multi-image call, bench/README.md).
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
     let mut server = tokio::spawn(server);
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
     tracing::info!(grpc = %addr, metrics = %metrics_addr, "listening; loading models");
