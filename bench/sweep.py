@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 
-# name -> extra `fmnist serve` flags (on top of the shipped defaults)
+# name -> extra `fmnist serve` flags (on top of the shipped defaults); NAME=value items are environment variables
 CONFIGS = {
     "baseline": [],
     "spin": ["--ort-spinning", "true"],
@@ -32,6 +32,8 @@ CONFIGS = {
     "batch128": ["--max-batch-size", "128"],
     "delay250us": ["--max-batch-delay-us", "250"],
     "delay1ms": ["--max-batch-delay-us", "1000"],
+    # no per-call "call finished" log line (the default logs one per call at info)
+    "log-warn": ["RUST_LOG=info,fmnist_serve::api=warn"],
 }
 # the ceiling under the ONNX Runtime options the configurations vary
 CEILING = {
@@ -81,9 +83,15 @@ def main() -> int:
     for rnd in range(a.rounds):
         for name in names:
             print(f"round {rnd + 1}/{a.rounds}: {name}", flush=True)
-            server = run.Fmnist(f"sweep-{name}", name, a.model, models_flag + CONFIGS[name])
+            flags = [f for f in CONFIGS[name] if "=" not in f]
+            env = dict(f.split("=", 1) for f in CONFIGS[name] if "=" in f)
+            server = run.Fmnist(f"sweep-{name}", name, a.model, models_flag + flags, env)
             for mode in dict.fromkeys(m for m, _ in loads):
-                rows = run.measure(server, [mode], [c for m, c in loads if m == mode], a)
+                try:
+                    rows = run.measure(server, [mode], [c for m, c in loads if m == mode], a)
+                except RuntimeError as e:
+                    print(f"  {name} {mode}: {e}", flush=True)
+                    continue
                 for r in rows:
                     samples[name][f"{mode}:{r['concurrency']}"].append(r)
 
@@ -94,6 +102,8 @@ def main() -> int:
     table = []
     for name in names:
         for load, rows in samples[name].items():
+            if not rows:
+                continue
             table.append({"config": name, "flags": " ".join(CONFIGS[name]), "load": load, "samples": len(rows),
                           **{k: med(rows, k) for k in ["images_per_s", "latency_p50_ms", "latency_p99_ms",
                                                        "batch_avg", "server_cpu_cores", "server_peak_rss_kb"]},
