@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the per-image and per-call work the server does before and around inference:
 //! preprocessing (raw pixels, a 28x28 PNG, a ~1000x1000 product photo as PNG and JPEG) and request validation
-//! (calls the service rejects, or whose images never reach the model), through the crate's own functions.
+//! (calls the service rejects, or whose images never reach the model) and the out-of-distribution score every
+//! image gets, through the crate's own functions.
 //!
 //!     cargo bench --bench preprocess               (make bench runs it with shorter timings)
 
@@ -13,7 +14,7 @@ use std::{
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use fmnist_serve::{
-    api::ClassifierService,
+    api::{ClassifierService, ood_score},
     config::Config,
     pb::{self, classifier_server::Classifier},
     preprocess::{ImageData, PIXELS, preprocess},
@@ -91,6 +92,13 @@ fn preprocessing(c: &mut Criterion) {
         b.iter(|| preprocess(ImageData::Encoded(black_box(&jpeg_photo)), &limits, &check))
     });
     group.finish();
+}
+
+/// The energy OOD score computed for every image from the logits the model already returned (no second model
+/// call): its whole cost per image, to set against the service's time per image at the benchmark's load.
+fn ood(c: &mut Criterion) {
+    let logits = [7.9f32, -1.2, 0.4, 2.2, -3.0, 0.1, 4.5, -2.2, 1.0, -0.7];
+    c.bench_function("ood_score_energy", |b| b.iter(|| ood_score(black_box(&logits))));
 }
 
 /// Request validation through the real tonic service (no network): calls refused as a whole, and a call whose
@@ -171,5 +179,5 @@ fn validation(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, preprocessing, validation);
+criterion_group!(benches, preprocessing, ood, validation);
 criterion_main!(benches);

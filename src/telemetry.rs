@@ -80,6 +80,16 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Serves `GET /metrics` on `listener` until the task is dropped. A deliberately small HTTP/1.x responder:
 /// Prometheus scrapes need nothing more, and it keeps a second web framework out of the binary.
 pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
+    // `install_recorder` spawns no upkeep task: without one, histogram samples pile up between scrapes
+    // (about 16 MB per million calls when nobody scrapes). Draining them every few seconds bounds memory.
+    let upkeep = handle.clone();
+    let _upkeep = AbortOnDrop(tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    }));
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             continue;
@@ -117,5 +127,14 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
             let _ = stream.write_all(response.as_bytes()).await;
             let _ = stream.shutdown().await;
         });
+    }
+}
+
+/// Stops the upkeep task together with the metrics server that owns it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use common::{
-    TestServer, classify_all, config, encoded, fixture, full_test_set, metadata_accuracy, png, png_declaring, raw,
-    request,
+    TestServer, classify_all, config, encoded, fixture, full_test_set, metadata_accuracy, metric, png, png_declaring,
+    raw, request,
 };
 use fmnist_serve::{pb, preprocess::PIXELS};
 use tonic::Code;
@@ -315,17 +315,9 @@ async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T
 
 /// (batches of size 1, all batches) for the cnn, from the batch-size histogram.
 fn histogram_count_le1(metrics: &str) -> (f64, f64) {
-    let value = |prefix: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     (
-        value("fmnist_batch_size_images_bucket{model=\"cnn\",le=\"1\"}"),
-        value("fmnist_batch_size_images_count{model=\"cnn\"}"),
+        metric(metrics, "fmnist_batch_size_images_bucket{model=\"cnn\",le=\"1\"}"),
+        metric(metrics, "fmnist_batch_size_images_count{model=\"cnn\"}"),
     )
 }
 

@@ -6,17 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, config, fixture, raw, request};
+use common::{TestServer, config, fixture, metric, raw, request};
 use fmnist_serve::{pb, server};
 use tonic::Code;
-
-fn metric_value(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_its_images_never_run() {
@@ -47,7 +39,7 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
         })
         .collect();
     let waiting = Instant::now();
-    while metric_value(&server.metrics().await, "fmnist_queue_depth_images{model=\"cnn\"}") < 1024.0 {
+    while metric(&server.metrics().await, "fmnist_queue_depth_images{model=\"cnn\"}") < 1024.0 {
         assert!(waiting.elapsed() < Duration::from_secs(10), "the backlog never queued");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

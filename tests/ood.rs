@@ -65,13 +65,7 @@ async fn the_ood_threshold_can_be_overridden_per_request() {
         "every image is out of distribution below any score"
     );
 
-    let info = server
-        .client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let cnn = info.models.iter().find(|m| m.name == "cnn").unwrap();
+    let cnn = server.model_info("cnn").await;
     assert!(
         cnn.ood_method.starts_with("energy") && cnn.ood_threshold.is_finite(),
         "{cnn:?}"

@@ -9,16 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestServer, config, fixture, raw, request};
+use common::{TestServer, config, fixture, metric, raw, request};
 use fmnist_serve::pb::{self, classifier_client::ClassifierClient};
-
-fn metric(text: &str, line_prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn metrics_count_calls_images_reasons_and_batches() {

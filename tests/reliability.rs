@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, config, encoded, fixture, png, raw, repo, request};
+use common::{TestServer, config, encoded, fixture, metric, png, raw, repo, request};
 use fmnist_serve::{pb, server};
 use tonic::Code;
 
@@ -173,14 +173,12 @@ async fn overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
     // for a CPU shared by 128 callers, the server and the decoding).
     let metrics = server.metrics().await;
     let bucket = |le: &str| {
-        let line = format!(
-            "fmnist_request_duration_seconds_bucket{{rpc=\"Classify\",code=\"ResourceExhausted\",le=\"{le}\"}}"
-        );
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&line))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        metric(
+            &metrics,
+            &format!(
+                "fmnist_request_duration_seconds_bucket{{rpc=\"Classify\",code=\"ResourceExhausted\",le=\"{le}\"}}"
+            ),
+        )
     };
     let (fast, all) = (bucket("0.001"), bucket("+Inf"));
     eprintln!(

@@ -1,12 +1,19 @@
-"""Builds the out-of-distribution evaluation set: images that are not Fashion-MNIST garments, from sources that
-install offline. Writes PNG files (at their natural size; the service's own preprocessing fits them to 28x28)
-into --out (default build/ood/<group>/<name>.png).
+"""Builds two disjoint sets of images that are not Fashion-MNIST garments, from sources that install offline.
+Writes PNG files (at their natural size; the service's own preprocessing fits them to 28x28) into
+<out>/<group>/<name>.png.
 
-Groups: digits (scikit-learn's 1,797 handwritten digits), photos (crops of scikit-learn's and scikit-image's
-bundled photos: animals, people, objects, textures), noise (uniform and Gaussian), shapes (random circles,
-rectangles, lines), text (rendered words).
+--set evaluation (default, --out build/ood): measures the OOD score, never trained on.
+  digits (scikit-learn's 1,797 handwritten digits), photos (crops of scikit-learn's and scikit-image's bundled
+  photos: animals, people, objects, textures), noise (uniform and Gaussian), shapes (random circles,
+  rectangles, lines), text (rendered words).
+
+--set exposure (--out build/ood-exposure): outliers the CNN is fine-tuned against (outlier exposure). No source
+  is shared with the evaluation set: faces (scikit-image's LFW subset), scenes (crops of the other bundled
+  pictures: matplotlib's sample photos and elevation maps, scikit-image's motorcycle, retina and cell), fields
+  (blurred noise, some thresholded into blobs) and scribbles (random-walk pen strokes).
 
     python training/ood_data.py --out build/ood
+    python training/ood_data.py --set exposure --out build/ood-exposure
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 PHOTOS_SKIMAGE = [
     "astronaut", "camera", "coffee", "chelsea", "rocket", "horse", "cat", "coins", "moon", "page", "text", "clock",
@@ -42,12 +49,7 @@ def photos(rng: np.random.Generator) -> dict[str, np.ndarray]:
         sources[name] = to_uint8(img)
     out = {}
     for name, img in sources.items():
-        out[f"{name}-full"] = img
-        h, w = img.shape
-        for k in range(9):  # random square crops of 30-90% of the short side
-            side = int(min(h, w) * rng.uniform(0.3, 0.9))
-            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-            out[f"{name}-crop{k}"] = img[y : y + side, x : x + side]
+        out.update(crops(rng, img, name, 9))
     return out
 
 
@@ -98,13 +100,83 @@ def text(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return out
 
 
+def crops(rng: np.random.Generator, img: np.ndarray, name: str, n: int) -> dict[str, np.ndarray]:
+    """The full picture and `n` random square crops of 30-90% of its short side."""
+    out = {f"{name}-full": img}
+    h, w = img.shape
+    for k in range(n):
+        side = int(min(h, w) * rng.uniform(0.3, 0.9))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        out[f"{name}-crop{k}"] = img[y : y + side, x : x + side]
+    return out
+
+
+def faces() -> dict[str, np.ndarray]:
+    import skimage.data
+
+    return {f"face{i}": to_uint8(img) for i, img in enumerate(skimage.data.lfw_subset())}
+
+
+def scenes(rng: np.random.Generator, n: int = 40) -> dict[str, np.ndarray]:
+    import skimage.data
+    from matplotlib import cbook
+
+    sources = {
+        "grace_hopper": to_uint8(np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg")))),
+        "present": to_uint8(np.asarray(Image.open(cbook.get_sample_data("Minduka_Present_Blue_Pack.png")))),
+        "jacksboro": to_uint8(cbook.get_sample_data("jacksboro_fault_dem.npz")["elevation"]),
+        "topobathy": to_uint8(cbook.get_sample_data("topobathy.npz")["topo"]),
+        "motorcycle_left": to_uint8(skimage.data.stereo_motorcycle()[0]),
+        "motorcycle_right": to_uint8(skimage.data.stereo_motorcycle()[1]),
+        "retina": to_uint8(skimage.data.retina()),
+        "cell": to_uint8(skimage.data.cell()),
+    }
+    out = {}
+    for name, img in sources.items():
+        out.update(crops(rng, img, name, n))
+    return out
+
+
+def fields(rng: np.random.Generator, n: int = 300) -> dict[str, np.ndarray]:
+    out = {}
+    for i in range(n):
+        noise_img = Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8))
+        a = to_uint8(np.asarray(noise_img.filter(ImageFilter.GaussianBlur(float(rng.uniform(1.5, 8))))))
+        if i % 2:  # blobs: the blurred field thresholded at a random level
+            a = np.where(a > rng.integers(100, 200), 255, 0).astype(np.uint8)
+        out[f"field{i}"] = a
+    return out
+
+
+def scribbles(rng: np.random.Generator, n: int = 400) -> dict[str, np.ndarray]:
+    out = {}
+    for i in range(n):
+        img = Image.new("L", (64, 64), 0)
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(1, 4)):
+            x, y = rng.uniform(8, 56, 2)
+            heading, points = rng.uniform(0, 2 * np.pi), []
+            for _ in range(rng.integers(8, 40)):
+                heading += rng.normal(0, 0.5)
+                x = float(np.clip(x + 2.5 * np.cos(heading), 2, 62))
+                y = float(np.clip(y + 2.5 * np.sin(heading), 2, 62))
+                points.append((x, y))
+            draw.line(points, fill=int(rng.integers(150, 256)), width=int(rng.integers(2, 6)), joint="curve")
+        out[f"scribble{i}"] = np.array(img)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", choices=["evaluation", "exposure"], default="evaluation")
     p.add_argument("--out", default="build/ood")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     rng = np.random.default_rng(a.seed)
-    groups = {"photos": photos(rng), "digits": digits(), "noise": noise(rng), "shapes": shapes(rng), "text": text(rng)}
+    if a.set == "evaluation":
+        groups = {"photos": photos(rng), "digits": digits(), "noise": noise(rng), "shapes": shapes(rng), "text": text(rng)}
+    else:
+        groups = {"faces": faces(), "scenes": scenes(rng), "fields": fields(rng), "scribbles": scribbles(rng)}
     for group, images in groups.items():
         d = Path(a.out) / group
         d.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Smoke test of the whole training pipeline (run by `make test-training`; needs torch, so not in `make test`):
-one short epoch per model on a subset, then export, parity check, ONNX evaluation and metadata."""
+one short epoch per model on a subset (for the CNN also one outlier-exposure epoch on the set `make ood-sets`
+builds), then export, parity check, ONNX evaluation and metadata."""
 
 import json
 import subprocess
@@ -26,6 +27,8 @@ class SmokeTraining(unittest.TestCase):
                 self.assertGreater(meta["metrics"]["test_accuracy"], 0.5)
                 self.assertEqual(len(meta["classes"]), 10)
                 self.assertEqual(len(meta["metrics"]["confusion_matrix"]), 10)
+                phases = [row.get("phase", "main") for row in meta["training"]["history"]]
+                self.assertEqual(phases, ["main", "exposure"] if model == "cnn" else ["main"])
                 for suffix in [".onnx", ".curves.png", ".confusion.png"]:
                     self.assertTrue((Path(out) / f"{model}{suffix}").stat().st_size > 0)
 

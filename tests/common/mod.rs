@@ -102,6 +102,20 @@ impl TestServer {
         self.task.take().unwrap().await.expect("server task does not panic")
     }
 
+    /// `GetModelInfo`'s entry for the model called `name`.
+    pub async fn model_info(&mut self, name: &str) -> pb::ModelInfo {
+        let info = self
+            .client
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await
+            .expect("GetModelInfo answers")
+            .into_inner();
+        info.models
+            .into_iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("model {name} is loaded"))
+    }
+
     /// The Prometheus exposition text.
     pub async fn metrics(&self) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -125,6 +139,15 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+/// The value of the first sample in Prometheus exposition `text` whose line starts with `line_prefix`
+/// (metric name and labels), or 0 when the series does not exist yet (counters appear on first use).
+pub fn metric(text: &str, line_prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The committed fixture: 1,000 Fashion-MNIST test images (100 per class, seeded random draw) with labels.
