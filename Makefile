@@ -52,12 +52,12 @@ $(TRAIN_VENV)/.installed: training/requirements.txt
 	$(TRAIN_VENV)/bin/pip install --quiet -r training/requirements.txt
 	touch $@
 
-## train: retrain both models from scratch and regenerate models/, OOD thresholds and cnn-int8 included (about 55 min on 2 cores; log in train.log)
+## train: retrain both models from scratch and regenerate models/, OOD thresholds and cnn-int8 included (about an hour on 2 cores; log in train.log)
 train: ood-sets
 	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model dense 2>&1 | tee train.log
-	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model cnn 2>&1 | tee -a train.log
+	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model cnn --exposure-dir $(EXPOSURE_DIR) 2>&1 | tee -a train.log
 	set -o pipefail; $(TRAIN_VENV)/bin/python training/quantize.py --model cnn 2>&1 | tee -a train.log
-	for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood.py --model $$m --ood-dir $(OOD_DIR) || exit 1; done 2>&1 | tee -a train.log
+	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood.py --model $$m --ood-dir $(OOD_DIR) || exit 1; done 2>&1 | tee -a train.log
 
 # Out-of-distribution images through the service's own preprocessing: the evaluation set (build/ood, measured
 # only) and the disjoint outlier-exposure set the CNN is fine-tuned against (build/ood-exposure).
@@ -73,7 +73,7 @@ ood-sets: setup ort $(TRAIN_VENV)/.installed
 ## train-cv: 5-fold cross-validation estimates for both models (test set untouched)
 train-cv: setup $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python training/train.py --model dense --folds 5 --out-dir training/results
-	$(TRAIN_VENV)/bin/python training/train.py --model cnn --folds 5 --epochs 6 --out-dir training/results
+	$(TRAIN_VENV)/bin/python training/train.py --model cnn --folds 5 --epochs 4 --out-dir training/results
 
 ## bench: in-process ceiling, the service end to end over gRPC and two Python peers on this machine -> bench/results/<cpu>.{json,md} (about 15 min; BENCH_ARGS=--quick: a few minutes; results and design notes in bench/README.md)
 bench: setup ort

@@ -429,7 +429,7 @@ impl ClassifierService {
                         || "energy: -logsumexp(logits); no threshold calibrated".into(),
                         |o| {
                             format!(
-                                "{}: -logsumexp(logits), threshold = 99th percentile on the validation split",
+                                "{}: -logsumexp(logits), threshold calibrated on the validation split",
                                 o.method
                             )
                         },

@@ -203,7 +203,7 @@ def expose(cfg: Config, model: torch.nn.Module, x_train, y_train, x_val, y_val, 
            first_epoch: int) -> list[dict]:
     """Outlier exposure: fine-tunes the trained model for `exposure_epochs` with the classification loss plus
     the energy hinges, on batches of training images and half as many outliers (half from the exposure set,
-    flipped and rotated at random, half jigsawed garments). Batch-norm statistics stay frozen at the values of
+    turned by a random multiple of 90 degrees per batch, half jigsawed garments). Batch-norm statistics stay frozen at the values of
     the main training, so the outliers do not shift how garments are normalised."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=EXPOSURE_LR, weight_decay=cfg.weight_decay)
