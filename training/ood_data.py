@@ -169,16 +169,17 @@ def scribbles(rng: np.random.Generator, n: int = 400) -> dict[str, np.ndarray]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", choices=["evaluation", "exposure"], default="evaluation")
-    p.add_argument("--out", default="build/ood")
+    p.add_argument("--out", help="default: build/ood, or build/ood-exposure with --set exposure")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    out = Path(a.out or ("build/ood" if a.set == "evaluation" else "build/ood-exposure"))
     rng = np.random.default_rng(a.seed)
     if a.set == "evaluation":
         groups = {"photos": photos(rng), "digits": digits(), "noise": noise(rng), "shapes": shapes(rng), "text": text(rng)}
     else:
         groups = {"faces": faces(), "scenes": scenes(rng), "fields": fields(rng), "scribbles": scribbles(rng)}
     for group, images in groups.items():
-        d = Path(a.out) / group
+        d = out / group
         d.mkdir(parents=True, exist_ok=True)
         for name, img in images.items():
             Image.fromarray(img).save(d / f"{name}.png")
