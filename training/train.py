@@ -121,6 +121,29 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     return loss / len(x), correct / len(x)
 
 
+def train_epoch(model: torch.nn.Module, opt, sched, x_train, batch_size: int, gen: torch.Generator, desc: str,
+                batch_loss) -> tuple[float, float]:
+    """One pass over the training images in a random order, one optimiser step per batch. `batch_loss(idx)`
+    returns the loss to minimise, the cross-entropy, logits and labels of the batch's training images, and extra
+    progress-bar fields. Returns the epoch's mean cross-entropy and accuracy on the training images."""
+    perm = torch.randperm(len(x_train), generator=gen)
+    seen, loss_sum, correct = 0, 0.0, 0
+    bar = tqdm(range(math.ceil(len(x_train) / batch_size)), desc=desc, leave=False, mininterval=2.0, file=sys.stderr)
+    for step in bar:
+        idx = perm[step * batch_size : (step + 1) * batch_size]
+        loss, ce, logits, yb, extra = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen += len(idx)
+        loss_sum += ce.item() * len(idx)
+        correct += (logits.argmax(1) == yb).sum().item()
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", **extra, refresh=False)
+    bar.close()
+    return loss_sum / seen, correct / seen
+
+
 def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[torch.nn.Module, list[dict], dict]:
     """Trains with AdamW + one-cycle LR, keeps the weights with the lowest validation loss (the reference's
     checkpoint callback) and stops early after `patience` epochs without improvement."""
@@ -133,31 +156,22 @@ def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[t
     history: list[dict] = []
     best = {"val_loss": float("inf"), "epoch": 0}
     best_state = None
+
+    def batch_loss(idx):
+        xb, yb = x_train[idx], y_train[idx]
+        if cfg.augment:
+            xb = augment(xb, gen, cfg.erase)
+        logits, _ = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        return loss, loss, logits, yb, {}
+
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.time()
-        perm = torch.randperm(len(x_train), generator=gen)
-        seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"{label}epoch {epoch}/{cfg.epochs}", leave=False,
-                   mininterval=2.0, file=sys.stderr)
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if cfg.augment:
-                xb = augment(xb, gen, cfg.erase)
-            logits, _ = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
-        bar.close()
+        train_loss, train_acc = train_epoch(model, opt, sched, x_train, cfg.batch_size, gen,
+                                            f"{label}epoch {epoch}/{cfg.epochs}", batch_loss)
         val_loss, val_acc = evaluate(model, x_val, y_val)
-        row = dict(epoch=epoch, train_loss=loss_sum / seen, train_acc=correct / seen,
+        row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.time() - t0)
         history.append(row)
         improved = val_loss < best["val_loss"]
@@ -210,6 +224,19 @@ def expose(cfg: Config, model: torch.nn.Module, x_train, y_train, x_val, y_val, 
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.exposure_epochs * steps_per_epoch)
     m_in, m_out = EXPOSURE_MARGINS
+
+    def batch_loss(idx):
+        xb, yb = augment(x_train[idx], gen, cfg.erase), y_train[idx]
+        k = max(1, len(idx) // 4)
+        ob = outliers[torch.randint(0, len(outliers), (k,), generator=gen)]
+        ob = torch.rot90(ob, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
+        ob = torch.cat([ob, jigsaw(x_train[idx[:k]], gen)])
+        logits, _ = model(torch.cat([xb, ob]))
+        logits_in, logits_out = logits[: len(idx)], logits[len(idx) :]
+        ce = F.cross_entropy(logits_in, yb)
+        hinge = (F.relu(energy(logits_in) - m_in).pow(2).mean() + F.relu(m_out - energy(logits_out)).pow(2).mean())
+        return ce + EXPOSURE_WEIGHT * hinge, ce, logits_in, yb, {"hinge": f"{hinge.item():.3f}"}
+
     history = []
     for epoch in range(first_epoch, first_epoch + cfg.exposure_epochs):
         model.train()
@@ -217,33 +244,10 @@ def expose(cfg: Config, model: torch.nn.Module, x_train, y_train, x_val, y_val, 
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
         t0 = time.time()
-        perm = torch.randperm(len(x_train), generator=gen)
-        seen, loss_sum, correct = 0, 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"exposure epoch {epoch}", leave=False, mininterval=2.0,
-                   file=sys.stderr)
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = augment(x_train[idx], gen, cfg.erase), y_train[idx]
-            k = max(1, len(idx) // 4)
-            ob = outliers[torch.randint(0, len(outliers), (k,), generator=gen)]
-            ob = torch.rot90(ob, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
-            ob = torch.cat([ob, jigsaw(x_train[idx[:k]], gen)])
-            logits, _ = model(torch.cat([xb, ob]))
-            logits_in, logits_out = logits[: len(idx)], logits[len(idx) :]
-            ce = F.cross_entropy(logits_in, yb)
-            hinge = (F.relu(energy(logits_in) - m_in).pow(2).mean() + F.relu(m_out - energy(logits_out)).pow(2).mean())
-            loss = ce + EXPOSURE_WEIGHT * hinge
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(idx)
-            loss_sum += ce.item() * len(idx)
-            correct += (logits_in.argmax(1) == yb).sum().item()
-            bar.set_postfix(ce=f"{loss_sum / seen:.4f}", hinge=f"{hinge.item():.3f}", refresh=False)
-        bar.close()
+        train_loss, train_acc = train_epoch(model, opt, sched, x_train, cfg.batch_size, gen,
+                                            f"exposure epoch {epoch}", batch_loss)
         val_loss, val_acc = evaluate(model, x_val, y_val)
-        row = dict(epoch=epoch, phase="exposure", train_loss=loss_sum / seen, train_acc=correct / seen,
+        row = dict(epoch=epoch, phase="exposure", train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.time() - t0)
         history.append(row)
         print(f"exposure epoch {epoch} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
