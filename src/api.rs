@@ -4,18 +4,19 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::{
-    batching::{BatchConfig, Batcher, ImageOutput},
-    error::{QueueError, RequestError},
+    admission::{ConnectionShare, DecodeLanes},
+    batching::{BatchConfig, Batcher, ImageOutput, Reservation},
+    connections::ConnectionInfo,
+    error::{QueueError, RequestError, clip},
     model::{CLASSES, ModelMetadata},
     pb,
     preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, PIXELS, Reason, Rejection},
@@ -46,22 +47,25 @@ pub struct Policy {
     pub max_ood_score: Option<f32>,
     pub max_images_per_request: usize,
     pub batch: BatchConfig,
-    /// Requests with encoded images decoded at once; with the decode limits it bounds decoding memory.
+    /// Calls with encoded images decoded at once, per lane (see [`DecodeLanes`]); with the decode limits it
+    /// bounds decoding memory.
     pub max_concurrent_decodes: usize,
+    /// A call whose encoded images declare at most this many pixels in all decodes in the small lane.
+    pub small_decode_pixels: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct ClassifierService {
     models: Arc<OnceLock<Models>>,
     policy: Arc<Policy>,
-    decode_slots: Arc<Semaphore>,
+    lanes: DecodeLanes,
 }
 
 impl ClassifierService {
     pub fn new(models: Arc<OnceLock<Models>>, policy: Policy) -> Self {
         ClassifierService {
             models,
-            decode_slots: Arc::new(Semaphore::new(policy.max_concurrent_decodes.max(1))),
+            lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
             policy: Arc::new(policy),
         }
     }
@@ -76,7 +80,8 @@ impl ClassifierService {
     /// queue room, and the batcher skips its images.
     async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<pb::ClassifyResponse, Status> {
         let deadline = grpc_deadline(&request);
-        let work = self.classify_until(request.into_inner(), deadline);
+        let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
+        let work = self.classify_until(request.into_inner(), share, deadline);
         match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
                 .await
@@ -88,6 +93,7 @@ impl ClassifierService {
     async fn classify_until(
         &self,
         req: pb::ClassifyRequest,
+        share: Option<Arc<ConnectionShare>>,
         deadline: Option<Instant>,
     ) -> Result<pb::ClassifyResponse, Status> {
         let models = self.models()?;
@@ -108,7 +114,7 @@ impl ClassifierService {
             req.model.as_str()
         };
         let model = models.by_name.get(name).ok_or_else(|| RequestError::UnknownModel {
-            name: name.to_string(),
+            name: clip(name),
             loaded: models.by_name.keys().cloned().collect::<Vec<_>>().join(", "),
         })?;
         let min_confidence = match req.min_confidence {
@@ -144,8 +150,11 @@ impl ClassifierService {
             .record("model", name)
             .record("images", req.images.len());
 
-        let reservation = model.batcher.reserve(req.images.len())?;
-        let prepared = self.preprocess_all(req.images).await?;
+        // The connection's share first: a greedy connection is refused before it takes global queue room.
+        let held = share.as_ref().map(|s| s.reserve_images(req.images.len())).transpose()?;
+        let mut reservation = model.batcher.reserve(req.images.len())?;
+        reservation.also_hold(held);
+        let (prepared, reservation) = self.preprocess_all(req.images, share, deadline, reservation).await?;
         // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
         let mut inputs = Vec::with_capacity(prepared.len());
         let slots: Vec<Result<Option<Box<[u8; PIXELS]>>, Rejection>> = prepared
@@ -190,25 +199,78 @@ impl ClassifierService {
 
     /// Raw images are cheap and handled inline; any encoded image moves the whole request to the blocking
     /// pool, so a large JPEG never stalls an async worker (and requests decode in parallel).
-    async fn preprocess_all(&self, images: Vec<pb::Image>) -> Result<Vec<Result<ModelInput, Rejection>>, Status> {
-        let has_encoded = images
-            .iter()
-            .any(|i| matches!(i.data, Some(pb::image::Data::Encoded(_))));
+    ///
+    /// Decoding ends with its caller: the decode slot and the queue reservation live inside the blocking
+    /// closure, which stops between images once the caller has gone (deadline, RST_STREAM) or the deadline
+    /// has passed. Cancelled calls therefore never decode beyond the bounds, whoever went away.
+    async fn preprocess_all(
+        &self,
+        images: Vec<pb::Image>,
+        share: Option<Arc<ConnectionShare>>,
+        deadline: Option<Instant>,
+        reservation: Reservation,
+    ) -> Result<(Vec<Result<ModelInput, Rejection>>, Reservation), Status> {
         let policy = self.policy.clone();
-        let run = move || images.iter().map(|image| prepare(image, &policy)).collect::<Vec<_>>();
-        if has_encoded {
-            // Decoding a large image allocates up to the decode limit: bound how many run at once.
-            let _slot = self
-                .decode_slots
-                .acquire()
-                .await
-                .expect("the decode semaphore is never closed");
-            tokio::task::spawn_blocking(run)
-                .await
-                .map_err(|e| Status::internal(format!("preprocessing task failed: {e}")))
-        } else {
-            Ok(run())
+        let encoded = images.iter().filter_map(|i| match &i.data {
+            Some(pb::image::Data::Encoded(bytes)) => Some(bytes.as_slice()),
+            _ => None,
+        });
+        let mut declared = Some(0u64);
+        let mut any_encoded = false;
+        for bytes in encoded {
+            any_encoded = true;
+            declared = declared
+                .zip(preprocess::declared_pixels(bytes, &policy.limits))
+                .map(|(sum, p)| sum.saturating_add(p));
         }
+        if !any_encoded {
+            let prepared = images.iter().map(|image| prepare(image, &policy)).collect();
+            return Ok((prepared, reservation));
+        }
+        let slots = async {
+            // The connection's own turn first, so its extra calls wait behind each other, not in the lanes.
+            let turn = match &share {
+                Some(share) => Some(share.decode_turn().await),
+                None => None,
+            };
+            (turn, self.lanes.acquire(declared).await)
+        };
+        let held = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), slots)
+                .await
+                .map_err(|_| QueueError::DeadlineExceeded)?,
+            None => slots.await,
+        };
+        let cancelled = CancelOnDrop::default();
+        let stop = cancelled.0.clone();
+        let decode = move || {
+            let _held = held;
+            let mut prepared = Vec::with_capacity(images.len());
+            for image in &images {
+                if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+                    metrics::counter!(metric::DECODES_ABANDONED).increment(1);
+                    return None;
+                }
+                prepared.push(prepare(image, &policy));
+            }
+            Some((prepared, reservation))
+        };
+        match tokio::task::spawn_blocking(decode).await {
+            Ok(Some(done)) => Ok(done),
+            // Only the deadline can stop it while this future still runs.
+            Ok(None) => Err(QueueError::DeadlineExceeded.into()),
+            Err(e) => Err(Status::internal(format!("preprocessing task failed: {e}"))),
+        }
+    }
+}
+
+/// Tells a blocking decode that its caller has gone: set when the handler's future is dropped.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -329,12 +391,12 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Instant> {
     Instant::now().checked_add(timeout.saturating_sub(Duration::from_millis(1)))
 }
 
-/// The caller's `x-request-id`, or a fresh one, so a log line can be matched with the client's.
+/// The caller's `x-request-id` when it is a plain token (letters, digits and `-._:`, at most 128), or a fresh
+/// one: an id is written into every log line of the call, so it must not be able to forge fields or lines.
 fn request_id<T>(request: &Request<T>) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     if let Some(id) = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok())
-        && !id.is_empty()
-        && id.len() <= 128
+        && is_safe_request_id(id)
     {
         return id.to_string();
     }
@@ -342,6 +404,13 @@ fn request_id<T>(request: &Request<T>) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     format!("{started:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn is_safe_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
 }
 
 /// Runs one RPC inside its span, records its duration and status code, and echoes the request id.
@@ -367,7 +436,7 @@ where
     metrics::histogram!(metric::REQUEST_DURATION, "rpc" => rpc, "code" => code_label).record(elapsed.as_secs_f64());
     span.in_scope(|| match &result {
         Ok(_) => tracing::info!(outcome = "ok", duration_ms = elapsed.as_secs_f64() * 1e3, "call finished"),
-        Err(status) => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, message = status.message(), "call failed"),
+        Err(status) => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, error = status.message(), "call failed"),
     });
     let mut response = Response::new(result?);
     if let Ok(value) = id.parse() {

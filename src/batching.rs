@@ -50,13 +50,22 @@ struct Job {
     enqueued: Instant,
     deadline: Option<Instant>,
     /// Released when the job is answered or dropped: the queue bound covers work in flight too.
-    _permit: OwnedSemaphorePermit,
+    _reservation: Reservation,
 }
 
 /// Room in a model's queue, held from before decoding until the images are answered.
 #[derive(Debug)]
 pub struct Reservation {
-    permit: OwnedSemaphorePermit,
+    _permit: OwnedSemaphorePermit,
+    /// Another bound the same images count against (the caller's connection share), released with this one.
+    _also: Option<OwnedSemaphorePermit>,
+}
+
+impl Reservation {
+    /// Keeps `permit` for as long as this reservation: until the images are answered or dropped.
+    pub fn also_hold(&mut self, permit: Option<OwnedSemaphorePermit>) {
+        self._also = permit;
+    }
 }
 
 /// Handle to a model's queue; cheap to clone, shared by every request task.
@@ -117,7 +126,10 @@ impl Batcher {
             .clone()
             .try_acquire_many_owned(permits)
             .map_err(|_| full())?;
-        Ok(Reservation { permit })
+        Ok(Reservation {
+            _permit: permit,
+            _also: None,
+        })
     }
 
     /// Queues `inputs` (at most as many as reserved) and waits for their outputs, in order.
@@ -128,14 +140,13 @@ impl Batcher {
         deadline: Option<Instant>,
     ) -> Result<Vec<ImageOutput>, QueueError> {
         let n = inputs.len();
-        let permit = reservation.permit;
         let (reply, answer) = oneshot::channel();
         let job = Job {
             inputs,
             reply,
             enqueued: Instant::now(),
             deadline,
-            _permit: permit,
+            _reservation: reservation,
         };
         self.queue_depth.increment(n as f64);
         if self.sender.send(job).is_err() {

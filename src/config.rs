@@ -6,6 +6,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 
 use crate::{
+    admission::SharePolicy,
+    connections::ConnectionLimits,
     model::RuntimeOptions,
     preprocess::{DecodeLimits, InputCheck},
 };
@@ -101,22 +103,81 @@ pub struct Config {
     #[arg(long, env = "FMNIST_MAX_QUEUED_IMAGES", default_value_t = 1024)]
     pub max_queued_images: usize,
 
-    /// Largest gRPC message accepted, in bytes.
+    /// Most images one connection may have queued or decoding, across models; past it that connection's calls
+    /// get RESOURCE_EXHAUSTED while other connections are still served.
+    #[arg(long, env = "FMNIST_MAX_QUEUED_IMAGES_PER_CONNECTION", default_value_t = 256)]
+    pub max_queued_images_per_connection: usize,
+
+    /// Largest gRPC message accepted, in bytes: 64 images of 256 KiB each, far above any garment photo
+    /// scaled for a 28x28 model.
     #[arg(long, env = "FMNIST_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
-    /// Largest width or height of an encoded image, in pixels.
-    #[arg(long, env = "FMNIST_MAX_DECODE_DIMENSION", default_value_t = 8192)]
+    /// Request bytes all calls in flight may hold together; past it calls get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FMNIST_MAX_REQUEST_BYTES_IN_FLIGHT", default_value_t = 64 * 1024 * 1024)]
+    pub max_request_bytes_in_flight: usize,
+
+    /// Request bytes one connection's calls in flight may hold together (at least --max-message-bytes, with
+    /// room for gRPC-Web's base64).
+    #[arg(long, env = "FMNIST_MAX_REQUEST_BYTES_PER_CONNECTION", default_value_t = 32 * 1024 * 1024)]
+    pub max_request_bytes_per_connection: usize,
+
+    /// Largest width or height of an encoded image, in pixels (a 12-megapixel phone photo is 4032 wide).
+    #[arg(long, env = "FMNIST_MAX_DECODE_DIMENSION", default_value_t = 4096)]
     pub max_decode_dimension: u32,
 
-    /// Largest allocation the image decoder may make for one image, in bytes.
-    #[arg(long, env = "FMNIST_MAX_DECODE_BYTES", default_value_t = 128 * 1024 * 1024)]
+    /// Largest allocation the image decoder may make for one image, in bytes (4096 x 4096 8-bit RGBA).
+    #[arg(long, env = "FMNIST_MAX_DECODE_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_decode_bytes: u64,
 
-    /// Requests with encoded images decoded at the same time; 0 = one per available core. Peak decoding memory
-    /// is about this times --max-decode-bytes.
+    /// Calls with encoded images decoded at the same time, per lane (small and large); 0 = one per available
+    /// core. Peak decoding memory is about this times 1.5 x --max-decode-bytes (README "Memory budget").
     #[arg(long, env = "FMNIST_MAX_CONCURRENT_DECODES", default_value_t = 0)]
     pub max_concurrent_decodes: usize,
+
+    /// Calls of one connection decoding at once; its further encoded-image calls wait for their turn. 0 = one
+    /// less than --max-concurrent-decodes (at least 1), so one connection never holds every slot.
+    #[arg(long, env = "FMNIST_MAX_DECODES_PER_CONNECTION", default_value_t = 0)]
+    pub max_decodes_per_connection: usize,
+
+    /// A call whose encoded images declare at most this many pixels in all decodes in the small lane, so it
+    /// never waits behind calls of huge photos.
+    #[arg(long, env = "FMNIST_SMALL_DECODE_PIXELS", default_value_t = 1024 * 1024)]
+    pub small_decode_pixels: u64,
+
+    /// Connections open at once on the gRPC port; past it the server stops accepting until one closes.
+    #[arg(long, env = "FMNIST_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+
+    /// Concurrent HTTP/2 streams per connection (calls and health watches).
+    #[arg(long, env = "FMNIST_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+
+    /// Calls of one connection handled at once; its further streams wait until one finishes.
+    #[arg(long, env = "FMNIST_MAX_CALLS_PER_CONNECTION", default_value_t = 64)]
+    pub max_calls_per_connection: usize,
+
+    /// A connection on which nothing was read or written for this long (seconds) is closed. HTTP/2 clients
+    /// stay alive by answering the keepalive pings; silent sockets and stalled uploads do not.
+    #[arg(long, env = "FMNIST_IDLE_TIMEOUT_S", default_value_t = 30)]
+    pub idle_timeout_s: u64,
+
+    /// Interval (seconds) of HTTP/2 keepalive pings; a ping unanswered for as long closes the connection.
+    #[arg(long, env = "FMNIST_HTTP2_KEEPALIVE_S", default_value_t = 10)]
+    pub http2_keepalive_s: u64,
+
+    /// A TLS handshake not finished within this many seconds is abandoned.
+    #[arg(long, env = "FMNIST_TLS_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
+    pub tls_handshake_timeout_s: u64,
+
+    /// Streams a client may open and reset before the server reads them, per connection (the HTTP/2 "rapid
+    /// reset" bound).
+    #[arg(long, env = "FMNIST_HTTP2_MAX_PENDING_RESETS", default_value_t = 20)]
+    pub http2_max_pending_resets: usize,
+
+    /// Longest a call may take on the server (seconds), whatever deadline the client set or omitted.
+    #[arg(long, env = "FMNIST_REQUEST_TIMEOUT_S", default_value_t = 30)]
+    pub request_timeout_s: u64,
 
     /// On SIGTERM/SIGINT, how long (seconds) queued and in-flight calls get to finish before exit.
     #[arg(long, env = "FMNIST_DRAIN_TIMEOUT_S", default_value_t = 20)]
@@ -189,6 +250,101 @@ impl Config {
                 OrtOptimization::Extended => Level::Level2,
                 OrtOptimization::All => Level::All,
             },
+        }
+    }
+
+    /// Checks the settings together, once, at start-up: a bad combination fails with a message naming the
+    /// flags instead of being clamped somewhere deep inside.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive: [(&str, u64); 12] = [
+            ("--max-batch-size", self.max_batch_size as u64),
+            ("--max-images-per-request", self.max_images_per_request as u64),
+            ("--max-queued-images", self.max_queued_images as u64),
+            ("--max-queued-images-per-connection", self.max_queued_images_per_connection as u64),
+            ("--max-connections", self.max_connections as u64),
+            ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
+            ("--max-calls-per-connection", self.max_calls_per_connection as u64),
+            ("--idle-timeout-s", self.idle_timeout_s),
+            ("--http2-keepalive-s", self.http2_keepalive_s),
+            ("--tls-handshake-timeout-s", self.tls_handshake_timeout_s),
+            ("--request-timeout-s", self.request_timeout_s),
+            ("--max-decode-bytes", self.max_decode_bytes),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{flag} must be at least 1"));
+        }
+        let at_least = |flag: &str, value: usize, other: &str, min: usize| {
+            if value < min {
+                Err(format!("{flag} ({value}) must be at least {other} ({min})"))
+            } else {
+                Ok(())
+            }
+        };
+        at_least(
+            "--max-queued-images",
+            self.max_queued_images,
+            "--max-images-per-request",
+            self.max_images_per_request,
+        )?;
+        at_least(
+            "--max-queued-images-per-connection",
+            self.max_queued_images_per_connection,
+            "--max-images-per-request",
+            self.max_images_per_request,
+        )?;
+        at_least(
+            "--max-request-bytes-per-connection",
+            self.max_request_bytes_per_connection,
+            "--max-message-bytes",
+            self.max_message_bytes,
+        )?;
+        at_least(
+            "--max-request-bytes-in-flight",
+            self.max_request_bytes_in_flight,
+            "--max-request-bytes-per-connection",
+            self.max_request_bytes_per_connection,
+        )?;
+        if !(0.0..=1.0).contains(&self.min_confidence) {
+            return Err(format!("--min-confidence must be between 0 and 1, got {}", self.min_confidence));
+        }
+        if self.max_ood_score.is_some_and(|s| !s.is_finite()) {
+            return Err("--max-ood-score must be a finite number".into());
+        }
+        if self.http2_keepalive_s >= self.idle_timeout_s {
+            return Err(format!(
+                "--http2-keepalive-s ({}) must be below --idle-timeout-s ({}): the pings are what keeps an idle \
+                 HTTP/2 client's connection open",
+                self.http2_keepalive_s, self.idle_timeout_s
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decode slots per lane: the flag, or one per available core (which follows a container's CPU limit).
+    pub fn decode_slots(&self) -> usize {
+        match self.max_concurrent_decodes {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// How much of the server one connection may hold.
+    pub fn share_policy(&self) -> SharePolicy {
+        SharePolicy {
+            queued_images: self.max_queued_images_per_connection,
+            decodes: match self.max_decodes_per_connection {
+                0 => self.decode_slots().saturating_sub(1).max(1),
+                n => n,
+            },
+            request_bytes: self.max_request_bytes_per_connection,
+        }
+    }
+
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+            tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_s),
         }
     }
 

@@ -38,6 +38,7 @@ pub enum RequestError {
     NoImages { max: usize },
     #[error("request has {got} images; at most {max} per request: split it into several calls")]
     TooManyImages { got: usize, max: usize },
+    /// `name` is the client's string, clipped ([`clip`]) so it cannot blow up a log line or a header.
     #[error("unknown model {name:?}: loaded models are {loaded}")]
     UnknownModel { name: String, loaded: String },
     #[error("{field} must be between {min} and {max}, got {got}")]
@@ -60,6 +61,37 @@ pub enum QueueError {
     ShuttingDown,
     #[error(transparent)]
     Model(#[from] ModelError),
+}
+
+/// Why a call was refused before any work: a bound of the server or of the caller's connection is reached.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    #[error(
+        "this connection already has its share of queued images ({room} free, {requested} asked): wait for its calls \
+         to finish, or spread calls over more connections"
+    )]
+    ConnectionImages { requested: usize, room: usize },
+    #[error("this connection has its share of request bytes in flight: retry when its calls finish")]
+    ConnectionRequestBytes,
+    #[error("server busy: too many request bytes in flight; retry with backoff")]
+    RequestBytes,
+}
+
+/// The longest client-supplied string quoted back in a status message or a log line.
+pub const MAX_ECHOED_CHARS: usize = 64;
+
+/// A client's string as it may be echoed: at most [`MAX_ECHOED_CHARS`] characters, marked when cut.
+pub fn clip(s: &str) -> String {
+    match s.char_indices().nth(MAX_ECHOED_CHARS) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}…({} bytes)", &s[..end], s.len()),
+    }
+}
+
+impl From<AdmissionError> for Status {
+    fn from(e: AdmissionError) -> Self {
+        Status::new(Code::ResourceExhausted, e.to_string())
+    }
 }
 
 impl From<RequestError> for Status {

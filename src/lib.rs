@@ -4,10 +4,12 @@
 //! thread owning a `model` session) → back to `api` (accept/reject) → the caller.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod batching;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod model;
 pub mod preprocess;

@@ -9,7 +9,7 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, GrayImage, ImageError, ImageReader, imageops::FilterType};
+use image::{DynamicImage, GrayImage, ImageError, ImageFormat, ImageReader, imageops::FilterType};
 
 /// Side of the model's square input.
 pub const SIDE: usize = 28;
@@ -19,7 +19,7 @@ pub const PIXELS: usize = SIDE * SIDE;
 /// One image as a client sent it.
 #[derive(Debug, Clone, Copy)]
 pub enum ImageData<'a> {
-    /// An encoded file (PNG, JPEG, GIF, BMP, WebP, TIFF, ...).
+    /// An encoded file in one of [`ACCEPTED_FORMATS`].
     Encoded(&'a [u8]),
     /// 28x28 8-bit grayscale, row-major, 0 = background.
     Raw(&'a [u8]),
@@ -90,6 +90,18 @@ impl ModelInput {
     }
 }
 
+/// The encoded formats the service decodes (README "Preprocessing"); any other is UNDECODABLE unread.
+pub const ACCEPTED_FORMATS: [ImageFormat; 6] = [
+    ImageFormat::Png,
+    ImageFormat::Jpeg,
+    ImageFormat::Gif,
+    ImageFormat::Bmp,
+    ImageFormat::WebP,
+    ImageFormat::Tiff,
+];
+/// [`ACCEPTED_FORMATS`] as a client reads them in an error message.
+pub const ACCEPTED_FORMAT_NAMES: &str = "PNG, JPEG, GIF, BMP, WebP or TIFF";
+
 /// Limits applied while decoding, so a small file declaring a huge image cannot exhaust memory.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
@@ -97,6 +109,24 @@ pub struct DecodeLimits {
     pub max_dimension: u32,
     /// Largest buffer the decoder may allocate, in bytes.
     pub max_alloc_bytes: u64,
+}
+
+impl DecodeLimits {
+    fn to_image_limits(self) -> image::Limits {
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(self.max_dimension);
+        limits.max_image_height = Some(self.max_dimension);
+        limits.max_alloc = Some(self.max_alloc_bytes);
+        limits
+    }
+
+    /// The most memory decoding one image can hold at once: the decoder's buffer (bounded by
+    /// `max_alloc_bytes`) while its 2-byte luma+alpha copy is made (at most half of it, for 8-bit RGBA),
+    /// plus a margin for the decoder's own state. The memory budget (README "Reliability") multiplies it by
+    /// the decode slots.
+    pub fn peak_bytes_per_image(self) -> u64 {
+        self.max_alloc_bytes + self.max_alloc_bytes / 2 + (4 << 20)
+    }
 }
 
 /// Thresholds of the input check (see README "Input check calibration" for how the defaults were chosen).
@@ -149,20 +179,8 @@ fn decode_grayscale(bytes: &[u8], limits: &DecodeLimits) -> Result<GrayImage, Re
     if bytes.is_empty() {
         return Err(Rejection::new(Reason::Undecodable, "image is empty (0 bytes)"));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Rejection::new(Reason::Undecodable, format!("cannot read image: {e}")))?;
-    if reader.format().is_none() {
-        return Err(Rejection::new(
-            Reason::Undecodable,
-            "unrecognised image format (send PNG, JPEG, GIF, BMP, WebP, TIFF, ... or 784 raw bytes)",
-        ));
-    }
-    let mut image_limits = image::Limits::default();
-    image_limits.max_image_width = Some(limits.max_dimension);
-    image_limits.max_image_height = Some(limits.max_dimension);
-    image_limits.max_alloc = Some(limits.max_alloc_bytes);
-    reader.limits(image_limits);
+    let mut reader = reader(bytes)?;
+    reader.limits(limits.to_image_limits());
     let decoded = reader.decode().map_err(|e| match e {
         ImageError::Limits(l) => Rejection::new(
             Reason::TooLarge,
@@ -178,6 +196,37 @@ fn decode_grayscale(bytes: &[u8], limits: &DecodeLimits) -> Result<GrayImage, Re
         return Err(Rejection::new(Reason::Undecodable, "image has no pixels"));
     }
     Ok(to_grayscale(decoded))
+}
+
+/// A reader for `bytes` once its format is known to be one of [`ACCEPTED_FORMATS`]. The check is ours, not
+/// only the build's: a codec that a dependency switches on later still never sees a client's bytes.
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, Rejection> {
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Rejection::new(Reason::Undecodable, format!("cannot read image: {e}")))?;
+    match reader.format() {
+        Some(format) if ACCEPTED_FORMATS.contains(&format) => Ok(reader),
+        Some(format) => Err(Rejection::new(
+            Reason::Undecodable,
+            format!(
+                "{format:?} images are not accepted: send {ACCEPTED_FORMAT_NAMES}, or 784 raw bytes"
+            ),
+        )),
+        None => Err(Rejection::new(
+            Reason::Undecodable,
+            format!("unrecognised image format: send {ACCEPTED_FORMAT_NAMES}, or 784 raw bytes"),
+        )),
+    }
+}
+
+/// The pixels (width x height) an encoded image declares in its header, read without decoding it; `None`
+/// when the header cannot be read or the format is not accepted (decoding will then say why). The pipeline
+/// uses it to tell cheap images from costly ones before a decode slot is chosen.
+pub fn declared_pixels(bytes: &[u8], limits: &DecodeLimits) -> Option<u64> {
+    let mut reader = reader(bytes).ok()?;
+    reader.limits(limits.to_image_limits());
+    let (w, h) = reader.into_dimensions().ok()?;
+    Some(u64::from(w) * u64::from(h))
 }
 
 /// Grayscale with any transparency composited over white: a cut-out garment on a transparent background then

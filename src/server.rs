@@ -1,16 +1,17 @@
 //! Wires the pieces into a running server: models and their inference threads, the gRPC services (classifier,
 //! health, reflection, gRPC-Web), the metrics endpoint, and graceful shutdown.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, sync::OnceLock};
+use std::{collections::BTreeMap, future::Future, sync::Arc, sync::OnceLock, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use crate::{
+    admission::RequestBytesLayer,
     api::{ClassifierService, LoadedModel, Models, Policy},
     batching::{BatchConfig, Batcher},
     config::Config,
+    connections,
     error::ModelError,
     model::Model,
     pb::{self, classifier_server::ClassifierServer},
@@ -31,6 +32,8 @@ pub enum ServeError {
     Tls { path: std::path::PathBuf, reason: String },
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("invalid settings: {0}")]
+    Config(String),
 }
 
 fn batch_config(config: &Config) -> BatchConfig {
@@ -50,10 +53,8 @@ pub fn policy(config: &Config) -> Policy {
         max_ood_score: config.max_ood_score,
         max_images_per_request: config.max_images_per_request,
         batch: batch_config(config),
-        max_concurrent_decodes: match config.max_concurrent_decodes {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        },
+        max_concurrent_decodes: config.decode_slots(),
+        small_decode_pixels: config.small_decode_pixels,
     }
 }
 
@@ -83,8 +84,7 @@ pub fn load_models(config: &Config) -> Result<Models, ServeError> {
 }
 
 /// TLS (and mutual TLS when a client CA is given) from the configured PEM files; `None` for plaintext.
-fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
-    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, ServeError> {
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
         return Ok(None);
     };
@@ -94,11 +94,13 @@ fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfi
             reason: e.to_string(),
         })
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-    if let Some(ca) = &config.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
+    let client_ca = config.tls_client_ca.as_ref().map(read).transpose()?;
+    connections::tls_acceptor(&read(cert)?, &read(key)?, client_ca.as_deref())
+        .map(Some)
+        .map_err(|reason| ServeError::Tls {
+            path: cert.clone(),
+            reason,
+        })
 }
 
 async fn set_health(reporter: &HealthReporter, serving: bool) {
@@ -120,6 +122,7 @@ pub async fn serve(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
 
@@ -155,16 +158,24 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(classifier);
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls_config(&config)? {
-        builder = builder.tls_config(tls)?;
-    }
-    let server = builder
+    let incoming = connections::incoming(
+        listener,
+        config.connection_limits(),
+        config.share_policy(),
+        tls_acceptor(&config)?,
+    );
+    let keepalive = Duration::from_secs(config.http2_keepalive_s);
+    let server = tonic::transport::Server::builder()
         .accept_http1(true)
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .concurrency_limit_per_connection(config.max_calls_per_connection)
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
+        .http2_max_pending_accept_reset_streams(Some(config.http2_max_pending_resets))
+        .timeout(Duration::from_secs(config.request_timeout_s))
+        .layer(RequestBytesLayer::new(config.max_request_bytes_in_flight))
         .add_routes(web::with_grpc_web_and_page(grpc))
-        // With a listener of our own, tonic's TCP_NODELAY default does not apply: without it, a response that
-        // follows a WINDOW_UPDATE waits for the client's delayed ACK (40 ms per multi-image call, bench/README.md).
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop);
+        .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
     tracing::info!(grpc = %addr, metrics = %metrics_addr, "listening; loading models");

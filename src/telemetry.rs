@@ -1,11 +1,16 @@
 //! Logs (tracing) and metrics (Prometheus) setup, and the names of every metric the service records.
 
-use std::{io::IsTerminal, sync::OnceLock};
+use std::{
+    io::IsTerminal,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -31,6 +36,14 @@ pub mod metric {
     pub const QUEUE_DEPTH: &str = "fmnist_queue_depth_images";
     /// 1 for each loaded model, labelled with `model` and `version`.
     pub const MODEL_INFO: &str = "fmnist_model_info";
+    /// Connections open on the gRPC port.
+    pub const CONNECTIONS_OPEN: &str = "fmnist_connections_open";
+    /// Connections the server closed, by `cause` (idle_timeout, tls_handshake_timeout, tls_handshake_failed).
+    pub const CONNECTIONS_CLOSED: &str = "fmnist_connections_closed_total";
+    /// Failed `accept` calls on either port (each is followed by a backoff).
+    pub const ACCEPT_ERRORS: &str = "fmnist_accept_errors_total";
+    /// Blocking decodes stopped between images because their caller had gone or its deadline had passed.
+    pub const DECODES_ABANDONED: &str = "fmnist_decodes_abandoned_total";
 }
 
 /// Text logs for people, JSON lines for log pipelines; level from RUST_LOG (default info).
@@ -90,44 +103,57 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
             upkeep.run_upkeep();
         }
     }));
+    // A scraper needs one connection at a time; a client that opens many, or never finishes its request,
+    // gets a bounded number of them and a few seconds each.
+    let open = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
+    let mut backoff = Duration::ZERO;
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
+        let permit = open.clone().acquire_owned().await.expect("never closed");
+        let (mut stream, _) = crate::connections::accept(&listener, &mut backoff).await;
         let handle = handle.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read until the end of the request head (or the buffer is full: then answer anyway).
-            while len < buf.len() {
-                match stream.read(&mut buf[len..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..len]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, content_type, body) =
-                if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
-                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
-                } else {
-                    (
-                        "404 Not Found",
-                        "text/plain; charset=utf-8",
-                        "metrics are at /metrics\n".to_string(),
-                    )
-                };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(METRICS_TIMEOUT, answer(&mut stream, &handle)).await;
         });
     }
+}
+
+/// Scrapes served at once; further connections wait in the listen backlog.
+const METRICS_MAX_CONNECTIONS: usize = 16;
+/// The whole exchange (request head in, exposition out) must fit in this.
+const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn answer(stream: &mut TcpStream, handle: &PrometheusHandle) {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    // Read until the end of the request head (or the buffer is full: then answer anyway).
+    while len < buf.len() {
+        match stream.read(&mut buf[len..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?"))
+    {
+        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "metrics are at /metrics\n".to_string(),
+        )
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Stops the upkeep task together with the metrics server that owns it.
