@@ -186,14 +186,14 @@ echo "   $IMAGE: $((size / 1000000)) MB ($size bytes)"
 podman history --format '   {{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-140 | head -12
 done_step
 
-step "run as Kubernetes will: uid 65532, read-only root, no capabilities, 512 MiB limit"
+step "run as Kubernetes will: uid 65532, read-only root, no capabilities, 768 MiB limit"
 extra_env=()
 if [ ! -f models/cnn.onnx ]; then extra_env=(-e FMNIST_MODELS=dense -e FMNIST_DEFAULT_MODEL=dense); fi
 cleanup() { [ "${KEEP:-0}" = 1 ] || podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 "${PODMAN[@]}" run -d --name "$NAME" \
   --read-only --read-only-tmpfs=false --cap-drop=ALL --security-opt=no-new-privileges --user 65532:65532 \
-  --memory 512m -e FMNIST_LOG_FORMAT=json "${extra_env[@]}" \
+  --memory 768m -e FMNIST_LOG_FORMAT=json "${extra_env[@]}" \
   -p 127.0.0.1::50051 -p 127.0.0.1::9090 "$IMAGE" >/dev/null
 GRPC=$(podman port "$NAME" 50051/tcp | head -1)
 METRICS=$(podman port "$NAME" 9090/tcp | head -1)

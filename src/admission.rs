@@ -1,7 +1,7 @@
 //! Who gets to use the server's bounded resources, and how much of them: the queue room, decode slots and
 //! request bytes one connection may hold ([`ConnectionShare`]), the two decode lanes that keep a small image
-//! from waiting behind huge ones ([`DecodeLanes`]), and the cap on request bytes in flight
-//! ([`RequestBytesLayer`]).
+//! from waiting behind huge ones ([`DecodeLanes`]), and the caps on calls per connection and on request bytes
+//! in flight ([`CallLimitsLayer`]).
 //!
 //! Every refusal here is immediate (`try_acquire`), so an overloaded server answers RESOURCE_EXHAUSTED in
 //! microseconds instead of letting one greedy client queue everyone else out.
@@ -22,7 +22,10 @@ use crate::{connections::ConnectionInfo, error::AdmissionError};
 /// How much of the server one connection may hold at once; from the config, validated there.
 #[derive(Debug, Clone, Copy)]
 pub struct SharePolicy {
-    /// Images queued or being decoded for one connection, across models.
+    /// Calls of one connection in progress at once; further calls are refused at once.
+    pub calls: usize,
+    /// Images queued or being decoded for one connection, across models, that are always admitted while the
+    /// queue has room; past it a connection only borrows the spare room (queue size minus this share).
     pub queued_images: usize,
     /// Calls of one connection decoding (or waiting for a decode slot) at once; its further calls wait.
     pub decodes: usize,
@@ -33,6 +36,7 @@ pub struct SharePolicy {
 /// One connection's share (see [`SharePolicy`]); dropped with the connection.
 #[derive(Debug)]
 pub struct ConnectionShare {
+    calls: Arc<Semaphore>,
     images: Arc<Semaphore>,
     decodes: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
@@ -41,19 +45,18 @@ pub struct ConnectionShare {
 impl ConnectionShare {
     pub fn new(policy: &SharePolicy) -> Self {
         ConnectionShare {
+            calls: Arc::new(Semaphore::new(policy.calls)),
             images: Arc::new(Semaphore::new(policy.queued_images)),
             decodes: Arc::new(Semaphore::new(policy.decodes)),
             bytes: Arc::new(Semaphore::new(policy.request_bytes)),
         }
     }
 
-    /// Room for `n` more images of this connection, or an immediate refusal.
-    pub fn reserve_images(&self, n: usize) -> Result<OwnedSemaphorePermit, AdmissionError> {
-        let limit = self.images.available_permits();
-        u32::try_from(n)
-            .ok()
-            .and_then(|n| self.images.clone().try_acquire_many_owned(n).ok())
-            .ok_or(AdmissionError::ConnectionImages { requested: n, room: limit })
+    /// Room for `n` more images within this connection's share; `None` when it is used up (the call may then
+    /// only borrow the queue's spare room: `Batcher::reserve_spare`).
+    pub fn reserve_images(&self, n: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n).ok()?;
+        self.images.clone().try_acquire_many_owned(n).ok()
     }
 
     /// A decode turn for this connection: its calls past its share wait for each other here, outside the
@@ -101,27 +104,32 @@ impl DecodeLanes {
     }
 }
 
-/// Caps the request bytes held by calls in flight, across the server and per connection: each body frame is
-/// charged as it arrives, and the charge lasts until the call's response is ready. Past either cap the call
-/// fails with RESOURCE_EXHAUSTED instead of buffering more.
+/// Caps the calls of one connection in progress, and the request bytes held by calls in flight, across the
+/// server and per connection. A call past the connection's call share is refused at once; each body frame is
+/// charged as it arrives, and the charge lasts until the call's response is ready. Past any cap the call
+/// fails with RESOURCE_EXHAUSTED instead of waiting or buffering more.
+///
+/// Refusing, not queueing, is deliberate: a call held back before its handler runs leaves its body unread in
+/// the connection's HTTP/2 flow-control window, and enough of them stall the calls that are running (tonic's
+/// `concurrency_limit_per_connection` deadlocked a greedy connection until its calls timed out).
 #[derive(Debug, Clone)]
-pub struct RequestBytesLayer {
+pub struct CallLimitsLayer {
     global: Arc<Semaphore>,
 }
 
-impl RequestBytesLayer {
-    pub fn new(max_bytes: usize) -> Self {
-        RequestBytesLayer {
-            global: Arc::new(Semaphore::new(max_bytes)),
+impl CallLimitsLayer {
+    pub fn new(max_request_bytes_in_flight: usize) -> Self {
+        CallLimitsLayer {
+            global: Arc::new(Semaphore::new(max_request_bytes_in_flight)),
         }
     }
 }
 
-impl<S> tower::Layer<S> for RequestBytesLayer {
-    type Service = RequestBytes<S>;
+impl<S> tower::Layer<S> for CallLimitsLayer {
+    type Service = CallLimits<S>;
 
-    fn layer(&self, inner: S) -> RequestBytes<S> {
-        RequestBytes {
+    fn layer(&self, inner: S) -> CallLimits<S> {
+        CallLimits {
             inner,
             global: self.global.clone(),
         }
@@ -129,16 +137,16 @@ impl<S> tower::Layer<S> for RequestBytesLayer {
 }
 
 #[derive(Debug, Clone)]
-pub struct RequestBytes<S> {
+pub struct CallLimits<S> {
     inner: S,
     global: Arc<Semaphore>,
 }
 
 type Charge = Arc<Mutex<Vec<OwnedSemaphorePermit>>>;
 
-impl<S, ResBody> tower::Service<http::Request<tonic::body::Body>> for RequestBytes<S>
+impl<S> tower::Service<http::Request<tonic::body::Body>> for CallLimits<S>
 where
-    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<ResBody>>,
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -150,16 +158,23 @@ where
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let connection = request
-            .extensions()
-            .get::<ConnectionInfo>()
-            .map(|c| c.share.bytes.clone());
+        let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
+        let call = match &share {
+            Some(share) => match share.calls.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let refusal = Status::from(AdmissionError::ConnectionCalls).into_http();
+                    return Box::pin(async move { Ok(refusal) });
+                }
+            },
+            None => None,
+        };
         let charge: Charge = Arc::default();
         let request = request.map(|inner| {
             tonic::body::Body::new(ChargedBody {
                 inner,
                 global: self.global.clone(),
-                connection,
+                connection: share.map(|s| s.bytes.clone()),
                 charge: charge.clone(),
             })
         });
@@ -167,7 +182,7 @@ where
         Box::pin(async move {
             let response = response.await;
             // The handler has finished with the request's bytes (a streaming response holds none of them).
-            drop(charge);
+            drop((charge, call));
             response
         })
     }
@@ -232,5 +247,74 @@ impl HttpBody for ChargedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The most memory the server can hold under any load, derived from its limits (README "Memory budget").
+/// Every attack the limits exist for (cancelled decodes, stalled uploads, stream floods, greedy clients) is
+/// bounded by one of these terms; `deploy/` gives the pod a memory limit above the total with margin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryBudget {
+    /// Runtime, ONNX Runtime and every loaded model, with their arenas at full batches (measured below
+    /// 80 MB with three models; see the README).
+    pub baseline: u64,
+    /// Decode slots of the large lane x the peak of one image under the decode limits.
+    pub large_decodes: u64,
+    /// Decode slots of the small lane x the peak of its largest call.
+    pub small_decodes: u64,
+    /// Request bytes in flight, twice: the received buffer and the decoded message overlap briefly.
+    pub request_bytes: u64,
+    /// Connections x (buffers + streams x per-stream state).
+    pub connections: u64,
+    pub total: u64,
+}
+
+/// See [`MemoryBudget::baseline`].
+const BASELINE_BYTES: u64 = 128 << 20;
+/// HTTP/2 state of one open stream, measured: 20,000 idle health watches took 135 MB.
+const STREAM_BYTES: u64 = 8 << 10;
+/// hyper's read and write buffers of one connection.
+const CONNECTION_BYTES: u64 = 64 << 10;
+
+impl MemoryBudget {
+    pub fn of(config: &crate::config::Config) -> MemoryBudget {
+        let slots = config.decode_slots() as u64;
+        let large_decodes = slots * config.decode_limits().peak_bytes_per_image();
+        // The small lane's images declare few pixels, but each may decode to 16-bit RGBA (8 bytes a pixel).
+        let small_call = crate::preprocess::DecodeLimits {
+            max_dimension: config.max_decode_dimension,
+            max_alloc_bytes: config
+                .small_decode_pixels
+                .saturating_mul(8)
+                .min(config.max_decode_bytes),
+        };
+        let small_decodes = slots * small_call.peak_bytes_per_image();
+        let request_bytes = 2 * config.max_request_bytes_in_flight as u64;
+        let connections = config.max_connections as u64
+            * (CONNECTION_BYTES + u64::from(config.max_concurrent_streams) * STREAM_BYTES);
+        MemoryBudget {
+            baseline: BASELINE_BYTES,
+            large_decodes,
+            small_decodes,
+            request_bytes,
+            connections,
+            total: BASELINE_BYTES + large_decodes + small_decodes + request_bytes + connections,
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b >> 20;
+        write!(
+            f,
+            "{} MiB = baseline {} + large decodes {} + small decodes {} + request bytes {} + connections {}",
+            mib(self.total),
+            mib(self.baseline),
+            mib(self.large_decodes),
+            mib(self.small_decodes),
+            mib(self.request_bytes),
+            mib(self.connections)
+        )
     }
 }

@@ -150,10 +150,18 @@ impl ClassifierService {
             .record("model", name)
             .record("images", req.images.len());
 
-        // The connection's share first: a greedy connection is refused before it takes global queue room.
-        let held = share.as_ref().map(|s| s.reserve_images(req.images.len())).transpose()?;
-        let mut reservation = model.batcher.reserve(req.images.len())?;
-        reservation.also_hold(held);
+        // Within its connection's share a call may use any free queue room; past it, only the spare room, so
+        // a greedy connection always leaves a share's worth of the queue to the others.
+        let n = req.images.len();
+        let reservation = match share.as_ref().map(|s| s.reserve_images(n)) {
+            None => model.batcher.reserve(n)?,
+            Some(Some(own)) => {
+                let mut reservation = model.batcher.reserve(n)?;
+                reservation.also_hold(Some(own));
+                reservation
+            }
+            Some(None) => model.batcher.reserve_spare(n)?,
+        };
         let (prepared, reservation) = self.preprocess_all(req.images, share, deadline, reservation).await?;
         // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
         let mut inputs = Vec::with_capacity(prepared.len());

@@ -32,6 +32,9 @@ pub struct BatchConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
     pub max_queued_images: usize,
+    /// Queue room a caller past its own share may borrow ([`Batcher::reserve_spare`]); the rest of the
+    /// queue stays free for callers within theirs.
+    pub spare_images: usize,
 }
 
 /// The model's answer for one image.
@@ -74,6 +77,7 @@ pub struct Batcher {
     model: Arc<str>,
     sender: mpsc::Sender<Job>,
     permits: Arc<Semaphore>,
+    spare: Arc<Semaphore>,
     limit: usize,
     /// Looked up once: a per-call `gauge!` with a label would allocate and hash on every request.
     queue_depth: metrics::Gauge,
@@ -106,6 +110,7 @@ impl Batcher {
             model: name,
             sender,
             permits: Arc::new(Semaphore::new(config.max_queued_images)),
+            spare: Arc::new(Semaphore::new(config.spare_images)),
             limit: config.max_queued_images,
         };
         Ok((batcher, thread))
@@ -130,6 +135,20 @@ impl Batcher {
             _permit: permit,
             _also: None,
         })
+    }
+
+    /// Like [`Self::reserve`], for a caller past its own share: it may use only the spare room, so a greedy
+    /// caller cannot take the queue from the others, while a lone one still gets most of it.
+    pub fn reserve_spare(&self, n: usize) -> Result<Reservation, QueueError> {
+        let spare = u32::try_from(n)
+            .ok()
+            .and_then(|k| self.spare.clone().try_acquire_many_owned(k).ok())
+            .ok_or_else(|| QueueError::NoSpareRoom {
+                model: self.model.to_string(),
+            })?;
+        let mut reservation = self.reserve(n)?;
+        reservation.also_hold(Some(spare));
+        Ok(reservation)
     }
 
     /// Queues `inputs` (at most as many as reserved) and waits for their outputs, in order.
@@ -177,6 +196,7 @@ struct LoopMetrics {
     batch_size: metrics::Histogram,
     queue_wait: metrics::Histogram,
     inference_time: metrics::Histogram,
+    carried: metrics::Counter,
 }
 
 impl InferenceLoop {
@@ -188,6 +208,7 @@ impl InferenceLoop {
             batch_size: metrics::histogram!(metric::BATCH_SIZE, "model" => label()),
             queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => label()),
             inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => label()),
+            carried: metrics::counter!(metric::CARRIED_JOBS, "model" => label()),
         };
         InferenceLoop {
             model,
@@ -239,6 +260,7 @@ impl InferenceLoop {
             };
             let Some(job) = self.admit(job) else { continue };
             if size + job.inputs.len() > self.config.max_batch_size {
+                self.metrics.carried.increment(1);
                 self.carry = Some(job);
                 break;
             }

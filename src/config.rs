@@ -126,12 +126,13 @@ pub struct Config {
     #[arg(long, env = "FMNIST_MAX_DECODE_DIMENSION", default_value_t = 4096)]
     pub max_decode_dimension: u32,
 
-    /// Largest allocation the image decoder may make for one image, in bytes (4096 x 4096 8-bit RGBA).
-    #[arg(long, env = "FMNIST_MAX_DECODE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    /// Largest allocation the image decoder may make for one image, in bytes: a 12-megapixel photo, even as
+    /// 8-bit RGBA, or 4096 x 4096 RGB.
+    #[arg(long, env = "FMNIST_MAX_DECODE_BYTES", default_value_t = 48 * 1024 * 1024)]
     pub max_decode_bytes: u64,
 
     /// Calls with encoded images decoded at the same time, per lane (small and large); 0 = one per available
-    /// core. Peak decoding memory is about this times 1.5 x --max-decode-bytes (README "Memory budget").
+    /// core. Peak decoding memory is about this times 2 x --max-decode-bytes (README "Memory budget").
     #[arg(long, env = "FMNIST_MAX_CONCURRENT_DECODES", default_value_t = 0)]
     pub max_concurrent_decodes: usize,
 
@@ -146,15 +147,17 @@ pub struct Config {
     pub small_decode_pixels: u64,
 
     /// Connections open at once on the gRPC port; past it the server stops accepting until one closes.
-    #[arg(long, env = "FMNIST_MAX_CONNECTIONS", default_value_t = 512)]
+    #[arg(long, env = "FMNIST_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
 
     /// Concurrent HTTP/2 streams per connection (calls and health watches).
-    #[arg(long, env = "FMNIST_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    #[arg(long, env = "FMNIST_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub max_concurrent_streams: u32,
 
-    /// Calls of one connection handled at once; its further streams wait until one finishes.
-    #[arg(long, env = "FMNIST_MAX_CALLS_PER_CONNECTION", default_value_t = 64)]
+    /// Calls of one connection in progress at once; further calls get RESOURCE_EXHAUSTED at once (never
+    /// queued: README "Limits"). At its default, equal to --max-concurrent-streams, clients meet the stream
+    /// limit first; lower it to refuse sooner than HTTP/2 makes callers wait.
+    #[arg(long, env = "FMNIST_MAX_CALLS_PER_CONNECTION", default_value_t = 100)]
     pub max_calls_per_connection: usize,
 
     /// A connection on which nothing was read or written for this long (seconds) is closed. HTTP/2 clients
@@ -260,7 +263,10 @@ impl Config {
             ("--max-batch-size", self.max_batch_size as u64),
             ("--max-images-per-request", self.max_images_per_request as u64),
             ("--max-queued-images", self.max_queued_images as u64),
-            ("--max-queued-images-per-connection", self.max_queued_images_per_connection as u64),
+            (
+                "--max-queued-images-per-connection",
+                self.max_queued_images_per_connection as u64,
+            ),
             ("--max-connections", self.max_connections as u64),
             ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
             ("--max-calls-per-connection", self.max_calls_per_connection as u64),
@@ -305,7 +311,10 @@ impl Config {
             self.max_request_bytes_per_connection,
         )?;
         if !(0.0..=1.0).contains(&self.min_confidence) {
-            return Err(format!("--min-confidence must be between 0 and 1, got {}", self.min_confidence));
+            return Err(format!(
+                "--min-confidence must be between 0 and 1, got {}",
+                self.min_confidence
+            ));
         }
         if self.max_ood_score.is_some_and(|s| !s.is_finite()) {
             return Err("--max-ood-score must be a finite number".into());
@@ -331,6 +340,7 @@ impl Config {
     /// How much of the server one connection may hold.
     pub fn share_policy(&self) -> SharePolicy {
         SharePolicy {
+            calls: self.max_calls_per_connection,
             queued_images: self.max_queued_images_per_connection,
             decodes: match self.max_decodes_per_connection {
                 0 => self.decode_slots().saturating_sub(1).max(1),
@@ -356,20 +366,58 @@ impl Config {
         Duration::from_secs(self.drain_timeout_s)
     }
 
-    /// The configuration `fmnist serve` has with no flags (environment variables still apply). Tests and
-    /// benches start from it and change what they need.
+    /// The configuration `fmnist serve` has with no flags and no `FMNIST_*` environment. Tests and benches
+    /// start from it and change what they need, so a developer's shell cannot change what they test.
     pub fn defaults() -> Config {
-        use clap::{FromArgMatches, Parser};
+        Self::parse_no_args(false)
+    }
+
+    /// The configuration `fmnist` has with no flags: the defaults with the `FMNIST_*` environment applied.
+    pub fn from_env() -> Config {
+        Self::parse_no_args(true)
+    }
+
+    fn parse_no_args(with_env: bool) -> Config {
+        use clap::{CommandFactory, FromArgMatches, Parser};
         #[derive(Parser)]
         struct Only {
             #[command(flatten)]
             config: Config,
         }
-        let matches = <Only as clap::CommandFactory>::command()
-            .no_binary_name(true)
-            .get_matches_from(Vec::<String>::new());
+        let mut command = Only::command().no_binary_name(true);
+        if !with_env {
+            command = command.mut_args(|arg| arg.env(None));
+        }
+        let matches = command.get_matches_from(Vec::<String>::new());
         Only::from_arg_matches(&matches)
             .expect("defaults parse: every field has a default")
             .config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid() {
+        let config = Config::defaults();
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.models, ["cnn", "cnn-int8", "dense"]);
+        assert_eq!(config.min_confidence, 0.60);
+    }
+
+    #[test]
+    fn bad_combinations_fail_naming_the_flags() {
+        let mut config = Config::defaults();
+        config.max_queued_images_per_connection = 10;
+        let message = config.validate().unwrap_err();
+        assert!(message.contains("--max-queued-images-per-connection") && message.contains("--max-images-per-request"));
+        let mut config = Config::defaults();
+        config.http2_keepalive_s = config.idle_timeout_s;
+        assert!(config.validate().unwrap_err().contains("--http2-keepalive-s"));
+        let mut config = Config::defaults();
+        config.max_connections = 0;
+        assert_eq!(config.validate().unwrap_err(), "--max-connections must be at least 1");
     }
 }

@@ -55,6 +55,11 @@ pub enum RequestError {
 pub enum QueueError {
     #[error("server busy: {queued} images queued for model {model} (limit {limit}); retry with backoff")]
     Full { model: String, queued: usize, limit: usize },
+    #[error(
+        "this connection has more than its share of images queued for model {model}, and the spare room is \
+         taken: wait for its calls to finish, or spread calls over more connections"
+    )]
+    NoSpareRoom { model: String },
     #[error("deadline exceeded before inference; the images were not run")]
     DeadlineExceeded,
     #[error("server is shutting down; retry on another replica")]
@@ -66,11 +71,8 @@ pub enum QueueError {
 /// Why a call was refused before any work: a bound of the server or of the caller's connection is reached.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
-    #[error(
-        "this connection already has its share of queued images ({room} free, {requested} asked): wait for its calls \
-         to finish, or spread calls over more connections"
-    )]
-    ConnectionImages { requested: usize, room: usize },
+    #[error("this connection has its share of calls in progress: wait for one to finish, or open another connection")]
+    ConnectionCalls,
     #[error("this connection has its share of request bytes in flight: retry when its calls finish")]
     ConnectionRequestBytes,
     #[error("server busy: too many request bytes in flight; retry with backoff")]
@@ -103,7 +105,7 @@ impl From<RequestError> for Status {
 impl From<QueueError> for Status {
     fn from(e: QueueError) -> Self {
         let code = match &e {
-            QueueError::Full { .. } => Code::ResourceExhausted,
+            QueueError::Full { .. } | QueueError::NoSpareRoom { .. } => Code::ResourceExhausted,
             QueueError::DeadlineExceeded => Code::DeadlineExceeded,
             QueueError::ShuttingDown => Code::Unavailable,
             QueueError::Model(_) => Code::Internal,

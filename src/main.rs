@@ -45,7 +45,7 @@ fn main() -> ExitCode {
             });
         }
         Some(Command::Serve(config)) => *config,
-        None => Config::defaults(),
+        None => Config::from_env(),
     };
     // The blocking pool runs the decodes (two lanes of decode slots) and model loading: nothing else, so a
     // cap just above that makes a runaway number of blocking threads impossible, not merely unlikely.

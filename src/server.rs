@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    admission::RequestBytesLayer,
+    admission::{CallLimitsLayer, MemoryBudget},
     api::{ClassifierService, LoadedModel, Models, Policy},
     batching::{BatchConfig, Batcher},
     config::Config,
@@ -38,9 +38,14 @@ pub enum ServeError {
 
 fn batch_config(config: &Config) -> BatchConfig {
     BatchConfig {
-        max_batch_size: config.max_batch_size.max(1),
+        max_batch_size: config.max_batch_size,
         max_batch_delay: config.max_batch_delay(),
-        max_queued_images: config.max_queued_images.max(config.max_images_per_request),
+        max_queued_images: config.max_queued_images,
+        // A connection past its share borrows from what is left once its own share and one more (for
+        // whoever comes next) are set aside: a lone client still gets queue - share.
+        spare_images: config
+            .max_queued_images
+            .saturating_sub(2 * config.max_queued_images_per_connection),
     }
 }
 
@@ -168,17 +173,16 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .max_concurrent_streams(config.max_concurrent_streams)
-        .concurrency_limit_per_connection(config.max_calls_per_connection)
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive))
         .http2_max_pending_accept_reset_streams(Some(config.http2_max_pending_resets))
         .timeout(Duration::from_secs(config.request_timeout_s))
-        .layer(RequestBytesLayer::new(config.max_request_bytes_in_flight))
+        .layer(CallLimitsLayer::new(config.max_request_bytes_in_flight))
         .add_routes(web::with_grpc_web_and_page(grpc))
         .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
-    tracing::info!(grpc = %addr, metrics = %metrics_addr, "listening; loading models");
+    tracing::info!(grpc = %addr, metrics = %metrics_addr, memory_budget = %MemoryBudget::of(&config), "listening; loading models");
 
     let load_config = config.clone();
     let loaded = tokio::task::spawn_blocking(move || load_models(&load_config))

@@ -32,6 +32,8 @@ pub mod metric {
     pub const INFERENCE_TIME: &str = "fmnist_inference_duration_seconds";
     /// Images per ONNX Runtime run, by `model`.
     pub const BATCH_SIZE: &str = "fmnist_batch_size_images";
+    /// Calls that did not fit in the batch being formed and opened the next one, by `model`.
+    pub const CARRIED_JOBS: &str = "fmnist_batch_carried_calls_total";
     /// Images queued or running, by `model`.
     pub const QUEUE_DEPTH: &str = "fmnist_queue_depth_images";
     /// 1 for each loaded model, labelled with `model` and `version`.
@@ -138,16 +140,16 @@ async fn answer(stream: &mut TcpStream, handle: &PrometheusHandle) {
     }
     let head = String::from_utf8_lossy(&buf[..len]);
     let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?"))
-    {
-        ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
-    } else {
-        (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "metrics are at /metrics\n".to_string(),
-        )
-    };
+    let (status, content_type, body) =
+        if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", handle.render())
+        } else {
+            (
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "metrics are at /metrics\n".to_string(),
+            )
+        };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

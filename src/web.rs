@@ -94,7 +94,10 @@ mod tests {
             let response = get(path).await;
             let headers = response.headers();
             let csp = headers[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
-            assert!(csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"), "{csp}");
+            assert!(
+                csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"),
+                "{csp}"
+            );
             assert!(!csp.contains("unsafe-inline"), "{csp}");
             assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
             assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");

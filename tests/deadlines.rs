@@ -15,6 +15,7 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
     let mut config = config();
     config.max_batch_size = 1; // a long queue: one image per ONNX Runtime run
     config.max_queued_images = 4096;
+    config.max_queued_images_per_connection = 4096; // the backlog comes over one connection
     let server = TestServer::start(config.clone()).await;
     let images: Vec<pb::Image> = fixture().iter().take(64).map(|(p, _)| raw(p)).collect();
     let dropped = |m: &str| {

@@ -4,8 +4,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -59,36 +58,10 @@ async fn the_request_id_header_is_echoed_back() {
     assert_eq!(response.metadata().get("x-request-id").unwrap(), "test-123");
 }
 
-/// Starts the real binary on ephemeral ports; returns the child and its gRPC address (read from its log).
-fn spawn_binary() -> (std::process::Child, String, std::thread::JoinHandle<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fmnist"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .arg("--models-dir")
-        .arg(common::repo().join("models"))
-        .arg("--ort-dylib")
-        .arg(config().ort_dylib)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("server binary starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(rest) = line.split("grpc=").nth(1) {
-            addr = Some(rest.split_whitespace().next().unwrap().to_string());
-        }
-        if line.contains(" serving") {
-            break;
-        }
-    }
-    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
-    (child, addr.expect("address in log"), log)
-}
-
 #[tokio::test]
 async fn sigterm_under_load_finishes_every_accepted_call_and_exits_zero() {
-    let (mut child, addr, log) = spawn_binary();
+    let mut server = common::spawn_binary(&[]);
+    let addr = server.addr.clone();
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -119,7 +92,7 @@ async fn sigterm_under_load_finishes_every_accepted_call_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let signalled = Instant::now();
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -147,11 +120,7 @@ async fn sigterm_under_load_finishes_every_accepted_call_and_exits_zero() {
             }
         }
     }
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let log = log.join().unwrap();
+    let (exit, log) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
     assert!(
         before_signal > 12,
         "the load ran ({before_signal} calls before the signal)"

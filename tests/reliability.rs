@@ -248,6 +248,7 @@ async fn tls_and_mutual_tls_refuse_clients_without_a_valid_certificate() {
     config.tls_cert = Some(dir.join("server.pem"));
     config.tls_key = Some(dir.join("server.key"));
     config.tls_client_ca = Some(dir.join("ca.pem"));
+    config.tls_handshake_timeout_s = 1;
     let server = TestServer::start_tls(
         config,
         Certificate::from_pem(ca.pem()),
@@ -294,4 +295,55 @@ async fn tls_and_mutual_tls_refuse_clients_without_a_valid_certificate() {
             .is_err(),
     };
     assert!(refused, "plaintext is refused on a TLS port");
+
+    // ALPN offers http/1.1 beside h2: the page (and gRPC-Web) work under TLS too.
+    {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::{TlsConnector, rustls};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(client_cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(client_key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut stream = TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("TLS with ALPN http/1.1");
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut page = Vec::new();
+        let _ = stream.read_to_end(&mut page).await;
+        let page = String::from_utf8_lossy(&page);
+        assert!(
+            page.starts_with("HTTP/1.1 200") && page.contains("<html"),
+            "{page:.200}"
+        );
+
+        // A client that connects and never starts its handshake is dropped after --tls-handshake-timeout-s.
+        let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0) | Err(_))), "closed, not answered: {closed:?}");
+        assert!(
+            started.elapsed() >= Duration::from_millis(800),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

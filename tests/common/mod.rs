@@ -118,19 +118,22 @@ impl TestServer {
 
     /// The Prometheus exposition text.
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
-            .await
-            .expect("metrics port open");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
-        assert!(body.starts_with("HTTP/1.1 200"), "metrics answered {body:.100}");
-        body
+        metrics_text(self.metrics_addr).await
     }
+}
+
+/// `GET /metrics` from a server's metrics port.
+pub async fn metrics_text(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("metrics port open");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "metrics answered {body:.100}");
+    body
 }
 
 impl Drop for TestServer {
@@ -139,6 +142,103 @@ impl Drop for TestServer {
             let _ = tx.send(());
         }
     }
+}
+
+/// Starts the real binary on ephemeral ports with `args` added; returns the child and its gRPC address (read from its log).
+pub fn spawn_binary(args: &[&str]) -> Spawned {
+    use std::{
+        io::{BufRead, BufReader},
+        process::{Command, Stdio},
+    };
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fmnist"));
+    // The developer's shell must not change what is tested.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FMNIST_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--models-dir")
+        .arg(repo().join("models"))
+        .arg("--ort-dylib")
+        .arg(config().ort_dylib)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("server binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut metrics_addr) = (None, None);
+    let field = |line: &str, key: &str| Some(line.split(key).nth(1)?.split_whitespace().next()?.to_string());
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        addr = addr.or_else(|| field(&line, "grpc="));
+        metrics_addr = metrics_addr.or_else(|| field(&line, "metrics="));
+        if line.contains(" serving") {
+            break;
+        }
+    }
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    Spawned {
+        child,
+        addr: addr.expect("address in log"),
+        metrics_addr: metrics_addr.expect("metrics address in log"),
+        log: Some(log),
+    }
+}
+
+/// The server binary started by [`spawn_binary`].
+pub struct Spawned {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub metrics_addr: String,
+    /// Collects the rest of its log until it exits.
+    log: Option<std::thread::JoinHandle<String>>,
+}
+
+/// A test that fails must not leave a server behind (it would hold the test runner's output open).
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Spawned {
+    /// Waits for the process to exit; its exit status and the rest of its log.
+    pub fn wait(&mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().expect("wait for the server");
+        let log = self.log.take().expect("waited once").join().expect("log reader");
+        (status, log)
+    }
+
+    /// The Prometheus exposition text.
+    pub async fn metrics(&self) -> String {
+        metrics_text(self.metrics_addr.parse().expect("a socket address")).await
+    }
+}
+
+/// The peak resident memory (VmHWM) of process `pid`, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmHWM:")
+}
+
+/// The resident memory (VmRSS) of process `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    proc_status_bytes(pid, "VmRSS:")
+}
+
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process is alive");
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"));
+    kb * 1024
 }
 
 /// The value of the first sample in Prometheus exposition `text` whose line starts with `line_prefix`

@@ -1,0 +1,141 @@
+//! Batching correctness: however calls are merged into ONNX Runtime batches, and however a call that did not
+//! fit is carried into the next batch, every image gets its own answer back: the one it gets alone.
+//! Its own test binary: it reads the process-wide carried-calls counter.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{TestServer, config, fixture, metric, raw, request};
+use fmnist_serve::pb::{self, classifier_client::ClassifierClient};
+use tonic::transport::Channel;
+
+/// Every model the server loads when nothing is configured.
+const DEFAULT_MODELS: [&str; 3] = ["cnn", "cnn-int8", "dense"];
+/// Call sizes: with batches of 64, two calls of 33 never share a batch, so the second one is carried over.
+const CALL_SIZES: [usize; 4] = [1, 7, 33, 64];
+const CALLERS: usize = 128;
+const CALLS_PER_CALLER: usize = 3;
+
+/// A small deterministic generator: the shuffles are the same on every run, so a failure reproduces.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// (class id, probabilities) of one image.
+type Answer = (u32, Vec<f32>);
+
+fn answer(result: &pb::Classification) -> Answer {
+    let p = result.prediction.as_ref().expect("every fixture image is classified");
+    (p.class_id, p.probabilities.clone())
+}
+
+/// Each image's answer when it is the only image of its call and of its batch.
+async fn lone_answers(client: &mut ClassifierClient<Channel>, model: &str, count: usize) -> Vec<Answer> {
+    let mut answers = Vec::with_capacity(count);
+    for (pixels, _) in fixture().iter().take(count) {
+        let mut req = request(vec![raw(pixels)]);
+        req.model = model.into();
+        let response = client.classify(req).await.expect("lone call").into_inner();
+        answers.push(answer(&response.results[0]));
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_image_gets_its_own_answer_however_calls_are_batched_and_carried_over() {
+    let mut config = config();
+    assert_eq!(
+        config.models, DEFAULT_MODELS,
+        "the test covers every model loaded by default"
+    );
+    // Room for every caller at once, on one connection: what is tested is the split, not the refusals.
+    config.max_queued_images = CALLERS * 64;
+    config.max_queued_images_per_connection = CALLERS * 64;
+    config.max_calls_per_connection = CALLERS;
+    config.max_concurrent_streams = CALLERS as u32;
+    assert_eq!(config.max_batch_size, 64);
+    let mut server = TestServer::start(config).await;
+    let images = fixture();
+    let count = 256; // distinct images per model: enough that a misrouted answer is a different image
+
+    let mut lone: HashMap<&str, Vec<Answer>> = HashMap::new();
+    for model in DEFAULT_MODELS {
+        lone.insert(model, lone_answers(&mut server.client, model, count).await);
+    }
+    let carried_before: Vec<f64> = {
+        let m = server.metrics().await;
+        DEFAULT_MODELS
+            .iter()
+            .map(|model| metric(&m, &format!("fmnist_batch_carried_calls_total{{model=\"{model}\"}}")))
+            .collect()
+    };
+
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|caller| {
+            let mut client = server.client.clone();
+            let images = images.clone();
+            tokio::spawn(async move {
+                let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (caller as u64 + 1));
+                let model = DEFAULT_MODELS[caller % DEFAULT_MODELS.len()];
+                let mut answered = Vec::new();
+                for call in 0..CALLS_PER_CALLER {
+                    let size = CALL_SIZES[(caller + call) % CALL_SIZES.len()];
+                    let picked: Vec<usize> = (0..size).map(|_| rng.pick(count)).collect();
+                    let mut req = request(picked.iter().map(|&i| raw(&images[i].0)).collect());
+                    req.model = model.into();
+                    let response = client.classify(req).await.expect("served").into_inner();
+                    assert_eq!(response.model, model);
+                    assert_eq!(response.results.len(), size);
+                    for (i, result) in picked.iter().zip(&response.results) {
+                        answered.push((model, *i, answer(result)));
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+
+    let mut checked = 0;
+    for caller in callers {
+        for (model, image, (class_id, probabilities)) in caller.await.unwrap() {
+            let (lone_class, lone_probabilities) = &lone[model][image];
+            assert_eq!(
+                class_id, *lone_class,
+                "{model}: image {image} got another image's class"
+            );
+            for (k, (p, q)) in probabilities.iter().zip(lone_probabilities).enumerate() {
+                assert!(
+                    (p - q).abs() <= 1e-5,
+                    "{model}: image {image}, class {k}: {p} in a batch, {q} alone"
+                );
+            }
+            checked += 1;
+        }
+    }
+    let expected: usize = (0..CALLERS)
+        .map(|c| {
+            (0..CALLS_PER_CALLER)
+                .map(|k| CALL_SIZES[(c + k) % CALL_SIZES.len()])
+                .sum::<usize>()
+        })
+        .sum();
+    assert_eq!(checked, expected);
+
+    let m = server.metrics().await;
+    for (model, before) in DEFAULT_MODELS.iter().zip(carried_before) {
+        let carried = metric(&m, &format!("fmnist_batch_carried_calls_total{{model=\"{model}\"}}")) - before;
+        assert!(carried >= 1.0, "{model}: no call was carried over to the next batch");
+    }
+}
