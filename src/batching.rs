@@ -53,7 +53,19 @@ struct Job {
     enqueued: Instant,
     deadline: Option<Instant>,
     /// Released when the job is answered or dropped: the queue bound covers work in flight too.
-    _reservation: Reservation,
+    reservation: Reservation,
+    /// The caller's span: what the inference thread logs about this job names the caller's request id.
+    span: tracing::Span,
+}
+
+impl Job {
+    /// Frees the job's queue room, then answers: a caller that sends its next call the moment it has this
+    /// answer finds the room already free.
+    fn answer(self, reply: Reply) {
+        drop(self.reservation);
+        // The caller may have gone away meanwhile; nothing to do then.
+        let _ = self.reply.send(reply);
+    }
 }
 
 /// Room in a model's queue, held from before decoding until the images are answered.
@@ -165,7 +177,8 @@ impl Batcher {
             reply,
             enqueued: Instant::now(),
             deadline,
-            _reservation: reservation,
+            reservation,
+            span: tracing::Span::current(),
         };
         self.queue_depth.increment(n as f64);
         if self.sender.send(job).is_err() {
@@ -284,7 +297,7 @@ impl InferenceLoop {
         metrics::counter!(metric::DROPPED_IMAGES, "model" => self.name.to_string(), "cause" => cause)
             .increment(n as u64);
         if cause == "deadline" {
-            let _ = job.reply.send(Err(QueueError::DeadlineExceeded));
+            job.answer(Err(QueueError::DeadlineExceeded));
         }
         None
     }
@@ -329,16 +342,16 @@ impl InferenceLoop {
                         })
                         .collect();
                     offset += k;
-                    // The caller may have gone away meanwhile; nothing to do then.
-                    let _ = job.reply.send(Ok(outputs));
+                    job.answer(Ok(outputs));
                 }
             }
             Err(e) => {
-                tracing::error!(model = %self.name, images = n, error = %e, "inference failed");
                 for job in batch {
-                    let _ = job
-                        .reply
-                        .send(Err(QueueError::Model(ModelError::Inference(e.to_string()))));
+                    // Once per caller, inside its span: the log names every request id the failure hit.
+                    job.span.in_scope(|| {
+                        tracing::error!(model = %self.name, batch_images = n, error = %e, "inference failed");
+                    });
+                    job.answer(Err(QueueError::Model(ModelError::Inference(e.to_string()))));
                 }
             }
         }
