@@ -14,11 +14,13 @@ use std::{
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use fmnist_serve::{
-    api::{ClassifierService, ood_score},
+    classify::Classifier,
     config::Config,
-    pb::{self, classifier_server::Classifier},
+    grpc::fashion_mnist::ClassifierService,
+    pb::{self, classifier_server::Classifier as _},
     preprocess::{ImageData, PIXELS, preprocess},
     server,
+    verdict::ood_score,
 };
 use image::{GrayImage, ImageFormat, Rgb, RgbImage};
 
@@ -101,7 +103,7 @@ fn ood(c: &mut Criterion) {
     c.bench_function("ood_score_energy", |b| b.iter(|| ood_score(black_box(&logits))));
 }
 
-/// Request validation through the real tonic service (no network): calls refused as a whole, and a call whose
+/// Request validation through the real tonic service adapter (no network): calls refused as a whole, and a call whose
 /// images are all rejected by the input check (so it is answered without inference). Needs the models and ONNX
 /// Runtime (`make ort`), since the service only answers once its models are loaded.
 fn validation(c: &mut Criterion) {
@@ -120,7 +122,7 @@ fn validation(c: &mut Criterion) {
     };
     let cell = Arc::new(OnceLock::new());
     cell.set(models).expect("a fresh cell");
-    let service = ClassifierService::new(cell, server::policy(&config));
+    let service = ClassifierService::new(Classifier::new(cell, server::policy(&config)));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,23 +1,14 @@
 //! Who gets to use the server's bounded resources, and how much of them: the queue room, decode slots and
 //! request bytes one connection may hold ([`ConnectionShare`]), the two decode lanes that keep a small image
-//! from waiting behind huge ones ([`DecodeLanes`]), and the caps on calls per connection and on request bytes
-//! in flight ([`CallLimitsLayer`]).
+//! from waiting behind huge ones ([`DecodeLanes`]), and the memory budget all the bounds add up to
+//! ([`MemoryBudget`]). The gRPC layer that enforces the call and byte shares is `grpc::layers::CallLimits`.
 //!
 //! Every refusal here is immediate (`try_acquire`), so an overloaded server answers RESOURCE_EXHAUSTED in
 //! microseconds instead of letting one greedy client queue everyone else out.
 
-use std::{
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::Status;
-
-use crate::{connections::ConnectionInfo, error::AdmissionError};
 
 /// How much of the server one connection may hold at once; from the config, validated there.
 #[derive(Debug, Clone, Copy)]
@@ -36,10 +27,10 @@ pub struct SharePolicy {
 /// One connection's share (see [`SharePolicy`]); dropped with the connection.
 #[derive(Debug)]
 pub struct ConnectionShare {
-    calls: Arc<Semaphore>,
+    pub(crate) calls: Arc<Semaphore>,
     images: Arc<Semaphore>,
     decodes: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
+    pub(crate) bytes: Arc<Semaphore>,
 }
 
 impl ConnectionShare {
@@ -101,152 +92,6 @@ impl DecodeLanes {
             .acquire_owned()
             .await
             .expect("decode semaphores are never closed")
-    }
-}
-
-/// Caps the calls of one connection in progress, and the request bytes held by calls in flight, across the
-/// server and per connection. A call past the connection's call share is refused at once; each body frame is
-/// charged as it arrives, and the charge lasts until the call's response is ready. Past any cap the call
-/// fails with RESOURCE_EXHAUSTED instead of waiting or buffering more.
-///
-/// Refusing, not queueing, is deliberate: a call held back before its handler runs leaves its body unread in
-/// the connection's HTTP/2 flow-control window, and enough of them stall the calls that are running (tonic's
-/// `concurrency_limit_per_connection` deadlocked a greedy connection until its calls timed out).
-#[derive(Debug, Clone)]
-pub struct CallLimitsLayer {
-    global: Arc<Semaphore>,
-}
-
-impl CallLimitsLayer {
-    pub fn new(max_request_bytes_in_flight: usize) -> Self {
-        CallLimitsLayer {
-            global: Arc::new(Semaphore::new(max_request_bytes_in_flight)),
-        }
-    }
-}
-
-impl<S> tower::Layer<S> for CallLimitsLayer {
-    type Service = CallLimits<S>;
-
-    fn layer(&self, inner: S) -> CallLimits<S> {
-        CallLimits {
-            inner,
-            global: self.global.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct CallLimits<S> {
-    inner: S,
-    global: Arc<Semaphore>,
-}
-
-type Charge = Arc<Mutex<Vec<OwnedSemaphorePermit>>>;
-
-impl<S> tower::Service<http::Request<tonic::body::Body>> for CallLimits<S>
-where
-    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
-        let call = match &share {
-            Some(share) => match share.calls.clone().try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    let refusal = Status::from(AdmissionError::ConnectionCalls).into_http();
-                    return Box::pin(async move { Ok(refusal) });
-                }
-            },
-            None => None,
-        };
-        let charge: Charge = Arc::default();
-        let request = request.map(|inner| {
-            tonic::body::Body::new(ChargedBody {
-                inner,
-                global: self.global.clone(),
-                connection: share.map(|s| s.bytes.clone()),
-                charge: charge.clone(),
-            })
-        });
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            // The handler has finished with the request's bytes (a streaming response holds none of them).
-            drop((charge, call));
-            response
-        })
-    }
-}
-
-struct ChargedBody {
-    inner: tonic::body::Body,
-    global: Arc<Semaphore>,
-    connection: Option<Arc<Semaphore>>,
-    charge: Charge,
-}
-
-impl ChargedBody {
-    fn charge(&self, len: usize) -> Result<(), Status> {
-        let Ok(n) = u32::try_from(len) else {
-            return Err(AdmissionError::RequestBytes.into());
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        let mut held = self.charge.lock().expect("the charge lock is never poisoned");
-        if let Some(connection) = &self.connection {
-            held.push(
-                connection
-                    .clone()
-                    .try_acquire_many_owned(n)
-                    .map_err(|_| AdmissionError::ConnectionRequestBytes)?,
-            );
-        }
-        held.push(
-            self.global
-                .clone()
-                .try_acquire_many_owned(n)
-                .map_err(|_| AdmissionError::RequestBytes)?,
-        );
-        Ok(())
-    }
-}
-
-impl HttpBody for ChargedBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        if let Some(data) = frame.data_ref()
-            && let Err(status) = self.charge(data.len())
-        {
-            return Poll::Ready(Some(Err(status)));
-        }
-        Poll::Ready(Some(Ok(frame)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

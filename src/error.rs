@@ -1,10 +1,9 @@
-//! Error types of each layer, and the one place that decides which gRPC status each becomes.
+//! Error types of each layer, and the protocol-neutral [`ErrorKind`] each one has. Adapters map a kind to their
+//! own codes in one place each (`grpc::status`); nothing here knows a protocol.
 //!
-//! A problem with a single image is not here: it is data in that image's result (see `preprocess::Rejection`).
+//! A problem with a single image is not here: it is data in that image's verdict (see `verdict::Verdict`).
 
 use std::path::PathBuf;
-
-use tonic::{Code, Status};
 
 /// Loading or running a model.
 #[derive(Debug, thiserror::Error)]
@@ -90,26 +89,67 @@ pub fn clip(s: &str) -> String {
     }
 }
 
-impl From<AdmissionError> for Status {
-    fn from(e: AdmissionError) -> Self {
-        Status::new(Code::ResourceExhausted, e.to_string())
+/// What kind of failure a call ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request cannot be served as sent; the message says what to fix.
+    Invalid,
+    /// A bound of the server or of the caller's connection is reached: retry later, with backoff.
+    Overloaded,
+    /// The caller's deadline passed before the work was done.
+    Deadline,
+    /// Not serving yet (models loading) or any more (shutting down): retry, perhaps on another replica.
+    Unavailable,
+    /// The server failed.
+    Internal,
+}
+
+/// Why a call failed, for any adapter: a kind and a message for the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ServiceError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ServiceError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ServiceError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Calls before the models are loaded and warmed up.
+    pub fn loading() -> Self {
+        Self::new(ErrorKind::Unavailable, "models are still loading; retry shortly")
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
     }
 }
 
-impl From<RequestError> for Status {
+impl From<RequestError> for ServiceError {
     fn from(e: RequestError) -> Self {
-        Status::new(Code::InvalidArgument, e.to_string())
+        Self::new(ErrorKind::Invalid, e.to_string())
     }
 }
 
-impl From<QueueError> for Status {
+impl From<AdmissionError> for ServiceError {
+    fn from(e: AdmissionError) -> Self {
+        Self::new(ErrorKind::Overloaded, e.to_string())
+    }
+}
+
+impl From<QueueError> for ServiceError {
     fn from(e: QueueError) -> Self {
-        let code = match &e {
-            QueueError::Full { .. } | QueueError::NoSpareRoom { .. } => Code::ResourceExhausted,
-            QueueError::DeadlineExceeded => Code::DeadlineExceeded,
-            QueueError::ShuttingDown => Code::Unavailable,
-            QueueError::Model(_) => Code::Internal,
+        let kind = match &e {
+            QueueError::Full { .. } | QueueError::NoSpareRoom { .. } => ErrorKind::Overloaded,
+            QueueError::DeadlineExceeded => ErrorKind::Deadline,
+            QueueError::ShuttingDown => ErrorKind::Unavailable,
+            QueueError::Model(_) => ErrorKind::Internal,
         };
-        Status::new(code, e.to_string())
+        Self::new(kind, e.to_string())
     }
 }

@@ -1,20 +1,23 @@
 //! Fashion-MNIST classification service: gRPC in, ONNX Runtime with dynamic batching inside.
 //!
-//! One request flows one way: `api` (validate) → `preprocess` (bytes → 28x28) → `batching` (queue → inference
-//! thread owning a `model` session) → back to `api` (accept/reject) → the caller.
+//! One request flows one way: a protocol adapter (`grpc::fashion_mnist`) → `classify`, the core with no
+//! protocol in it: validate, reserve room (`admission`), `preprocess` (bytes → 28x28), `batching` (queue →
+//! inference thread owning a `model` session), `verdict` (accept/reject) → back through the adapter.
 #![forbid(unsafe_code)]
 
 pub mod admission;
-pub mod api;
 pub mod batching;
+pub mod classify;
 pub mod client;
 pub mod config;
 pub mod connections;
 pub mod error;
+pub mod grpc;
 pub mod model;
 pub mod preprocess;
 pub mod server;
 pub mod telemetry;
+pub mod verdict;
 pub mod web;
 
 /// Code generated from proto/fashion_mnist/v1/classifier.proto.

@@ -11,6 +11,8 @@ use std::io::Cursor;
 
 use image::{DynamicImage, GrayImage, ImageError, ImageFormat, ImageReader, imageops::FilterType};
 
+pub use crate::verdict::Reason;
+
 /// Side of the model's square input.
 pub const SIDE: usize = 28;
 /// Pixels per model input.
@@ -23,37 +25,6 @@ pub enum ImageData<'a> {
     Encoded(&'a [u8]),
     /// 28x28 8-bit grayscale, row-major, 0 = background.
     Raw(&'a [u8]),
-}
-
-/// Why an image is not classified, or not accepted. Mirrors the proto `Reason` enum; `api` maps between them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Reason {
-    Accepted,
-    LowConfidence,
-    MostlyDark,
-    MostlyBright,
-    LowContrast,
-    Undecodable,
-    WrongSize,
-    TooLarge,
-    OutOfDistribution,
-}
-
-impl Reason {
-    /// Stable snake_case label for metrics and logs.
-    pub fn label(self) -> &'static str {
-        match self {
-            Reason::Accepted => "accepted",
-            Reason::LowConfidence => "low_confidence",
-            Reason::MostlyDark => "mostly_dark",
-            Reason::MostlyBright => "mostly_bright",
-            Reason::LowContrast => "low_contrast",
-            Reason::Undecodable => "undecodable",
-            Reason::WrongSize => "wrong_size",
-            Reason::TooLarge => "too_large",
-            Reason::OutOfDistribution => "out_of_distribution",
-        }
-    }
 }
 
 /// An image that cannot be classified, with the reason and a sentence for a human.

@@ -7,12 +7,16 @@ use tokio::net::TcpListener;
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    admission::{CallLimitsLayer, MemoryBudget},
-    api::{ClassifierService, LoadedModel, Models, Policy},
+    admission::MemoryBudget,
     batching::{BatchConfig, Batcher},
+    classify::{Classifier, LoadedModel, Models, Policy},
     config::Config,
     connections,
     error::ModelError,
+    grpc::{
+        fashion_mnist::ClassifierService,
+        layers::{CallLimitsLayer, RpcLayer},
+    },
     model::Model,
     pb::{self, classifier_server::ClassifierServer},
     telemetry::{self, metric},
@@ -143,7 +147,7 @@ pub async fn serve(
 
     let models = Arc::new(OnceLock::new());
     let policy = policy(&config);
-    let classifier = ClassifierServer::new(ClassifierService::new(models.clone(), policy))
+    let classifier = ClassifierServer::new(ClassifierService::new(Classifier::new(models.clone(), policy)))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
@@ -177,6 +181,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(keepalive))
         .http2_max_pending_accept_reset_streams(Some(config.http2_max_pending_resets))
         .timeout(Duration::from_secs(config.request_timeout_s))
+        .layer(RpcLayer)
         .layer(CallLimitsLayer::new(config.max_request_bytes_in_flight))
         .add_routes(web::with_grpc_web_and_page(grpc))
         .serve_with_incoming_shutdown(incoming, stop);

@@ -24,7 +24,8 @@ pub mod metric {
     pub const IMAGES: &str = "fmnist_images_total";
     /// Images dropped before inference, by `model` and `cause` (cancelled/deadline).
     pub const DROPPED_IMAGES: &str = "fmnist_dropped_images_total";
-    /// End-to-end handling time of a call, by `rpc` and gRPC `code` (how fast refusals are, too).
+    /// Handling time of a call, from its request's last byte to its response, by `rpc` and gRPC `code` (how
+    /// fast refusals are, too).
     pub const REQUEST_DURATION: &str = "fmnist_request_duration_seconds";
     /// Time a call's images waited in the queue before their batch started, by `model`.
     pub const QUEUE_WAIT: &str = "fmnist_queue_wait_seconds";

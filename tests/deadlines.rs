@@ -72,21 +72,34 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
         "the late call's 4 images were dropped before inference ({before} -> {after})"
     );
 
-    // What the server itself answers, without a client-side timer: the handler called directly.
-    use fmnist_serve::{api::ClassifierService, pb::classifier_server::Classifier};
+    // What the server itself answers, without a client-side timer: the core called directly.
+    use fmnist_serve::classify::{Classifier, ClassifyRequest, ImageInput};
     let models = std::sync::Arc::new(std::sync::OnceLock::new());
     models.set(server::load_models(&config).unwrap()).unwrap();
-    let service = ClassifierService::new(models, server::policy(&config));
+    let core = Classifier::new(models, server::policy(&config));
+    let call = |n: usize| ClassifyRequest {
+        images: images[..n]
+            .iter()
+            .map(|i| match &i.data {
+                Some(pb::image::Data::Raw(bytes)) => ImageInput::Raw(bytes.clone()),
+                _ => unreachable!("the fixture images are raw"),
+            })
+            .collect(),
+        ..Default::default()
+    };
     let backlog: Vec<_> = (0..8)
         .map(|_| {
-            let (service, imgs) = (service.clone(), images.clone());
-            tokio::spawn(async move { service.classify(tonic::Request::new(request(imgs))).await })
+            let (core, req) = (core.clone(), call(64));
+            tokio::spawn(async move { core.classify(req, None, None).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let mut late = tonic::Request::new(request(images[..4].to_vec()));
-    late.metadata_mut().insert("grpc-timeout", "30m".parse().unwrap());
-    let status = service.classify(late).await.expect_err("deadline passes in the queue");
+    let deadline = Instant::now() + Duration::from_millis(30);
+    let error = core
+        .classify(call(4), None, Some(deadline))
+        .await
+        .expect_err("deadline passes in the queue");
+    let status = tonic::Status::from(error);
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     for call in backlog {
         assert!(call.await.unwrap().is_ok());

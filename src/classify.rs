@@ -1,0 +1,318 @@
+//! The classification pipeline, with no protocol in it: validate → reserve queue room → preprocess → batch →
+//! verdict. Adapters (`grpc::fashion_mnist`, and any later protocol) turn their wire types into a
+//! [`ClassifyRequest`] and a [`ClassifyResponse`] back, and map a [`ServiceError`]'s kind to their codes.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use crate::{
+    admission::{ConnectionShare, DecodeLanes},
+    batching::{BatchConfig, Batcher, Reservation},
+    error::{QueueError, RequestError, ServiceError, clip},
+    model::ModelMetadata,
+    preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, Rejection},
+    telemetry::metric,
+    verdict::{self, Reason, Thresholds, Verdict},
+};
+
+/// A model ready to serve: its metadata and its queue.
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    pub meta: ModelMetadata,
+    pub batcher: Batcher,
+}
+
+/// The models, once loaded. Until then calls answer `Unavailable` (and health says NOT_SERVING).
+#[derive(Debug)]
+pub struct Models {
+    pub by_name: BTreeMap<String, LoadedModel>,
+    pub default: String,
+}
+
+/// Everything a call needs besides its own request; built once from `Config`.
+#[derive(Debug)]
+pub struct Policy {
+    pub limits: DecodeLimits,
+    pub check: InputCheck,
+    pub min_confidence: f32,
+    /// Server-wide OOD threshold; `None` uses each model's calibrated threshold.
+    pub max_ood_score: Option<f32>,
+    pub max_images_per_request: usize,
+    pub batch: BatchConfig,
+    /// Calls with encoded images decoded at once, per lane (see [`DecodeLanes`]); with the decode limits it
+    /// bounds decoding memory.
+    pub max_concurrent_decodes: usize,
+    /// A call whose encoded images declare at most this many pixels in all decodes in the small lane.
+    pub small_decode_pixels: u64,
+}
+
+impl Policy {
+    /// The thresholds a call to `meta`'s model gets when it sets none.
+    pub fn thresholds(&self, meta: &ModelMetadata) -> Thresholds {
+        Thresholds::defaults(self.min_confidence, self.max_ood_score, meta)
+    }
+}
+
+/// One image as the caller sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageInput {
+    /// An encoded file (PNG, JPEG, ...).
+    Encoded(Vec<u8>),
+    /// 28x28 8-bit grayscale, row-major, 0 = background.
+    Raw(Vec<u8>),
+    /// The caller sent an image with no data.
+    Missing,
+}
+
+/// A call: images for one model, with optional thresholds of its own.
+#[derive(Debug, Clone, Default)]
+pub struct ClassifyRequest {
+    pub images: Vec<ImageInput>,
+    /// Empty: the default model.
+    pub model: String,
+    pub min_confidence: Option<f32>,
+    pub max_ood_score: Option<f32>,
+    /// Return the 28x28 pixels each image became.
+    pub return_model_input: bool,
+}
+
+/// One verdict per image, in order, and the model that gave them.
+#[derive(Debug, Clone)]
+pub struct ClassifyResponse {
+    pub verdicts: Vec<Verdict>,
+    pub model: String,
+    pub model_version: String,
+}
+
+/// The pipeline; cheap to clone, shared by every adapter.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    models: Arc<OnceLock<Models>>,
+    policy: Arc<Policy>,
+    lanes: DecodeLanes,
+}
+
+impl Classifier {
+    pub fn new(models: Arc<OnceLock<Models>>, policy: Policy) -> Self {
+        Classifier {
+            models,
+            lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
+            policy: Arc::new(policy),
+        }
+    }
+
+    /// The models, or `Unavailable` while they are still loading.
+    pub fn models(&self) -> Result<&Models, ServiceError> {
+        self.models.get().ok_or_else(ServiceError::loading)
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Classifies a call's images. `share` is the caller's connection's share of the server (adapters find it
+    /// in the request); past `deadline` the call fails with `Deadline`, and its queued images and any
+    /// decoding still to do are dropped.
+    pub async fn classify(
+        &self,
+        req: ClassifyRequest,
+        share: Option<Arc<ConnectionShare>>,
+        deadline: Option<Instant>,
+    ) -> Result<ClassifyResponse, ServiceError> {
+        let work = self.classify_until(req, share, deadline);
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), work)
+                .await
+                .unwrap_or_else(|_| Err(QueueError::DeadlineExceeded.into())),
+            None => work.await,
+        }
+    }
+
+    async fn classify_until(
+        &self,
+        req: ClassifyRequest,
+        share: Option<Arc<ConnectionShare>>,
+        deadline: Option<Instant>,
+    ) -> Result<ClassifyResponse, ServiceError> {
+        let models = self.models()?;
+        let max = self.policy.max_images_per_request;
+        if req.images.is_empty() {
+            return Err(RequestError::NoImages { max }.into());
+        }
+        if req.images.len() > max {
+            return Err(RequestError::TooManyImages {
+                got: req.images.len(),
+                max,
+            }
+            .into());
+        }
+        let name = if req.model.is_empty() {
+            models.default.as_str()
+        } else {
+            req.model.as_str()
+        };
+        let model = models.by_name.get(name).ok_or_else(|| RequestError::UnknownModel {
+            name: clip(name),
+            loaded: models.by_name.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let thresholds = self
+            .policy
+            .thresholds(&model.meta)
+            .overridden_by(req.min_confidence, req.max_ood_score)?;
+        tracing::Span::current()
+            .record("model", name)
+            .record("images", req.images.len());
+
+        // Within its connection's share a call may use any free queue room; past it, only the spare room, so
+        // a greedy connection always leaves a share's worth of the queue to the others.
+        let n = req.images.len();
+        let reservation = match share.as_ref().map(|s| s.reserve_images(n)) {
+            None => model.batcher.reserve(n)?,
+            Some(Some(own)) => {
+                let mut reservation = model.batcher.reserve(n)?;
+                reservation.also_hold(Some(own));
+                reservation
+            }
+            Some(None) => model.batcher.reserve_spare(n)?,
+        };
+        let (prepared, reservation) = self.preprocess_all(req.images, share, deadline, reservation).await?;
+        // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
+        let show = req.return_model_input;
+        let mut inputs = Vec::with_capacity(prepared.len());
+        let slots: Vec<Result<Option<Box<[u8; preprocess::PIXELS]>>, Rejection>> = prepared
+            .into_iter()
+            .map(|p| {
+                p.map(|input| {
+                    let shown = show.then(|| input.pixels.clone());
+                    inputs.push(input);
+                    shown
+                })
+            })
+            .collect();
+        let outputs = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            model.batcher.infer(reservation, inputs, deadline).await?
+        };
+
+        let mut outputs = outputs.into_iter();
+        let verdicts = slots
+            .into_iter()
+            .map(|slot| {
+                let verdict = match slot {
+                    Err(rejection) => Verdict::rejected(rejection),
+                    Ok(shown) => {
+                        let output = outputs.next().expect("the batcher returns one output per input");
+                        verdict::judge(&model.meta, &output, thresholds, shown)
+                    }
+                };
+                let outcome = if verdict.accepted() { "accepted" } else { "rejected" };
+                metrics::counter!(metric::IMAGES, "model" => name.to_string(), "outcome" => outcome, "reason" => verdict.reason.label())
+                    .increment(1);
+                verdict
+            })
+            .collect();
+        Ok(ClassifyResponse {
+            verdicts,
+            model: name.to_string(),
+            model_version: model.meta.version.clone(),
+        })
+    }
+
+    /// Raw images are cheap and handled inline; any encoded image moves the whole request to the blocking
+    /// pool, so a large JPEG never stalls an async worker (and requests decode in parallel).
+    ///
+    /// Decoding ends with its caller: the decode slot and the queue reservation live inside the blocking
+    /// closure, which stops between images once the caller has gone (deadline, RST_STREAM) or the deadline
+    /// has passed. Cancelled calls therefore never decode beyond the bounds, whoever went away.
+    async fn preprocess_all(
+        &self,
+        images: Vec<ImageInput>,
+        share: Option<Arc<ConnectionShare>>,
+        deadline: Option<Instant>,
+        reservation: Reservation,
+    ) -> Result<(Vec<Result<ModelInput, Rejection>>, Reservation), ServiceError> {
+        let policy = self.policy.clone();
+        let encoded = images.iter().filter_map(|i| match i {
+            ImageInput::Encoded(bytes) => Some(bytes.as_slice()),
+            _ => None,
+        });
+        let mut declared = Some(0u64);
+        let mut any_encoded = false;
+        for bytes in encoded {
+            any_encoded = true;
+            declared = declared
+                .zip(preprocess::declared_pixels(bytes, &policy.limits))
+                .map(|(sum, p)| sum.saturating_add(p));
+        }
+        if !any_encoded {
+            let prepared = images.iter().map(|image| prepare(image, &policy)).collect();
+            return Ok((prepared, reservation));
+        }
+        let slots = async {
+            // The connection's own turn first, so its extra calls wait behind each other, not in the lanes.
+            let turn = match &share {
+                Some(share) => Some(share.decode_turn().await),
+                None => None,
+            };
+            (turn, self.lanes.acquire(declared).await)
+        };
+        let held = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline.into(), slots)
+                .await
+                .map_err(|_| QueueError::DeadlineExceeded)?,
+            None => slots.await,
+        };
+        let cancelled = CancelOnDrop::default();
+        let stop = cancelled.0.clone();
+        let decode = move || {
+            let _held = held;
+            let mut prepared = Vec::with_capacity(images.len());
+            for image in &images {
+                if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+                    metrics::counter!(metric::DECODES_ABANDONED).increment(1);
+                    return None;
+                }
+                prepared.push(prepare(image, &policy));
+            }
+            Some((prepared, reservation))
+        };
+        match tokio::task::spawn_blocking(decode).await {
+            Ok(Some(done)) => Ok(done),
+            // Only the deadline can stop it while this future still runs.
+            Ok(None) => Err(QueueError::DeadlineExceeded.into()),
+            Err(e) => Err(ServiceError::internal(format!("preprocessing task failed: {e}"))),
+        }
+    }
+}
+
+/// Tells a blocking decode that its caller has gone: set when the call's future is dropped.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn prepare(image: &ImageInput, policy: &Policy) -> Result<ModelInput, Rejection> {
+    let data = match image {
+        ImageInput::Encoded(bytes) => ImageData::Encoded(bytes),
+        ImageInput::Raw(bytes) => ImageData::Raw(bytes),
+        ImageInput::Missing => {
+            return Err(Rejection {
+                reason: Reason::Undecodable,
+                detail: "image has no data: set `encoded` (an image file) or `raw` (784 bytes)".into(),
+                pixels: None,
+            });
+        }
+    };
+    preprocess::preprocess(data, &policy.limits, &policy.check)
+}

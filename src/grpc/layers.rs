@@ -1,0 +1,330 @@
+//! The layers every gRPC call goes through, whatever its service (classifier, health, reflection, and
+//! gRPC-Web calls of the page): [`RpcLayer`] gives it a request id, a span, duration and status metrics and
+//! its deadline; [`CallLimitsLayer`] holds it to its connection's share of calls and request bytes.
+
+use std::{
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::{Status, body::Body};
+use tracing::Instrument;
+
+use crate::{
+    connections::ConnectionInfo,
+    error::{AdmissionError, ServiceError},
+    telemetry::metric,
+};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The caller's deadline, from its `grpc-timeout` header; handlers find it in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline(pub Instant);
+
+/// See the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct RpcLayer;
+
+impl<S> tower::Layer<S> for RpcLayer {
+    type Service = Rpc<S>;
+
+    fn layer(&self, inner: S) -> Rpc<S> {
+        Rpc { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rpc<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<Body>> for Rpc<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        let is_grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !is_grpc {
+            // The page's own files: no call to count.
+            return Box::pin(self.inner.call(request));
+        }
+        // "/fashion_mnist.v1.Classifier/Classify" -> "Classify".
+        let rpc = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+        let id = request_id(request.headers());
+        if let Some(deadline) = grpc_deadline(request.headers()) {
+            request.extensions_mut().insert(Deadline(deadline));
+        }
+        let span = tracing::info_span!("rpc", rpc = %rpc, request_id = %id, model = tracing::field::Empty, images = tracing::field::Empty);
+        // The duration counts from the request's last byte: how long a client sends its body (a slow link, a
+        // connection shared with many calls) is not the server's handling time.
+        let started = Instant::now();
+        let received = Arc::new(AtomicU64::new(0));
+        let request = request.map(|inner| {
+            Body::new(TimedBody {
+                inner,
+                started,
+                received: received.clone(),
+            })
+        });
+        let response = self.inner.call(request).instrument(span.clone());
+        Box::pin(async move {
+            let mut result = response.await;
+            if let Ok(response) = &mut result {
+                let received = started + Duration::from_nanos(received.load(Ordering::Relaxed));
+                let elapsed = received.elapsed();
+                // A failed unary call answers "trailers-only": its status is in the headers.
+                let status = Status::from_header_map(response.headers());
+                let code = status.as_ref().map_or(tonic::Code::Ok, Status::code);
+                let code_label = format!("{code:?}");
+                metrics::counter!(metric::REQUESTS, "rpc" => rpc.clone(), "code" => code_label.clone()).increment(1);
+                metrics::histogram!(metric::REQUEST_DURATION, "rpc" => rpc, "code" => code_label)
+                    .record(elapsed.as_secs_f64());
+                span.in_scope(|| match &status {
+                    None => tracing::info!(outcome = "ok", duration_ms = elapsed.as_secs_f64() * 1e3, "call finished"),
+                    Some(status) => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, error = status.message(), "call failed"),
+                });
+                if let Ok(value) = HeaderValue::from_str(&id) {
+                    response.headers_mut().insert("x-request-id", value);
+                }
+            }
+            result
+        })
+    }
+}
+
+/// A request body that notes when its last frame arrived (nanoseconds after `started`).
+struct TimedBody {
+    inner: Body,
+    started: Instant,
+    received: Arc<AtomicU64>,
+}
+
+impl HttpBody for TimedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_ready() {
+            let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.received.store(nanos, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The caller's deadline from the `grpc-timeout` header (e.g. "250m" = 250 ms), if any.
+fn grpc_deadline(headers: &HeaderMap) -> Option<Instant> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    // A millisecond early: tonic's own timer for the same header would otherwise answer first, with CANCELLED.
+    Instant::now().checked_add(timeout.saturating_sub(Duration::from_millis(1)))
+}
+
+/// The caller's `x-request-id` when it is a plain token (letters, digits and `-._:`, at most 128), or a fresh
+/// one: an id is written into every log line of the call, so it must not be able to forge fields or lines.
+fn request_id(headers: &HeaderMap) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    if let Some(id) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        && is_safe_request_id(id)
+    {
+        return id.to_string();
+    }
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{started:x}-{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+fn is_safe_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'))
+}
+
+/// Caps the calls of one connection in progress, and the request bytes held by calls in flight, across the
+/// server and per connection. A call past the connection's call share is refused at once; each body frame is
+/// charged as it arrives, and the charge lasts until the call's response is ready. Past any cap the call
+/// fails with RESOURCE_EXHAUSTED instead of waiting or buffering more.
+///
+/// Refusing, not queueing, is deliberate: a call held back before its handler runs leaves its body unread in
+/// the connection's HTTP/2 flow-control window, and enough of them stall the calls that are running (tonic's
+/// `concurrency_limit_per_connection` deadlocked a greedy connection until its calls timed out).
+#[derive(Debug, Clone)]
+pub struct CallLimitsLayer {
+    global: Arc<Semaphore>,
+}
+
+impl CallLimitsLayer {
+    pub fn new(max_request_bytes_in_flight: usize) -> Self {
+        CallLimitsLayer {
+            global: Arc::new(Semaphore::new(max_request_bytes_in_flight)),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for CallLimitsLayer {
+    type Service = CallLimits<S>;
+
+    fn layer(&self, inner: S) -> CallLimits<S> {
+        CallLimits {
+            inner,
+            global: self.global.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CallLimits<S> {
+    inner: S,
+    global: Arc<Semaphore>,
+}
+
+type Charge = Arc<Mutex<Vec<OwnedSemaphorePermit>>>;
+
+impl<S> tower::Service<http::Request<Body>> for CallLimits<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
+        let call = match &share {
+            Some(share) => match share.calls.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let refusal = Status::from(ServiceError::from(AdmissionError::ConnectionCalls)).into_http();
+                    return Box::pin(async move { Ok(refusal) });
+                }
+            },
+            None => None,
+        };
+        let charge: Charge = Arc::default();
+        let request = request.map(|inner| {
+            Body::new(ChargedBody {
+                inner,
+                global: self.global.clone(),
+                connection: share.map(|s| s.bytes.clone()),
+                charge: charge.clone(),
+            })
+        });
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            // The handler has finished with the request's bytes (a streaming response holds none of them).
+            drop((charge, call));
+            response
+        })
+    }
+}
+
+struct ChargedBody {
+    inner: Body,
+    global: Arc<Semaphore>,
+    connection: Option<Arc<Semaphore>>,
+    charge: Charge,
+}
+
+impl ChargedBody {
+    fn charge(&self, len: usize) -> Result<(), Status> {
+        let Ok(n) = u32::try_from(len) else {
+            return Err(ServiceError::from(AdmissionError::RequestBytes).into());
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        let mut held = self.charge.lock().expect("the charge lock is never poisoned");
+        if let Some(connection) = &self.connection {
+            held.push(
+                connection
+                    .clone()
+                    .try_acquire_many_owned(n)
+                    .map_err(|_| ServiceError::from(AdmissionError::ConnectionRequestBytes))?,
+            );
+        }
+        held.push(
+            self.global
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| ServiceError::from(AdmissionError::RequestBytes))?,
+        );
+        Ok(())
+    }
+}
+
+impl HttpBody for ChargedBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        if let Some(data) = frame.data_ref()
+            && let Err(status) = self.charge(data.len())
+        {
+            return Poll::Ready(Some(Err(status)));
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,194 @@
+//! The verdict on one image: accepted, or rejected with a reason and a sentence for a human. The reasons, the
+//! out-of-distribution score, the thresholds in effect and the accept/reject decision live here and nowhere
+//! else; every protocol adapter only translates a [`Verdict`].
+
+use crate::{
+    batching::ImageOutput,
+    error::RequestError,
+    model::{CLASSES, ModelMetadata},
+    preprocess::{PIXELS, Rejection},
+};
+
+/// Why an image is not classified, or not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Accepted,
+    LowConfidence,
+    MostlyDark,
+    MostlyBright,
+    LowContrast,
+    Undecodable,
+    WrongSize,
+    TooLarge,
+    OutOfDistribution,
+}
+
+impl Reason {
+    /// Stable snake_case label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Accepted => "accepted",
+            Reason::LowConfidence => "low_confidence",
+            Reason::MostlyDark => "mostly_dark",
+            Reason::MostlyBright => "mostly_bright",
+            Reason::LowContrast => "low_contrast",
+            Reason::Undecodable => "undecodable",
+            Reason::WrongSize => "wrong_size",
+            Reason::TooLarge => "too_large",
+            Reason::OutOfDistribution => "out_of_distribution",
+        }
+    }
+}
+
+/// What the model said about one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub class_id: u32,
+    pub class_name: String,
+    pub probability: f32,
+    pub probabilities: [f32; CLASSES],
+    pub ood_score: f32,
+}
+
+/// The answer for one image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub reason: Reason,
+    pub detail: String,
+    /// `None` when the image never reached the model (it could not be decoded, or failed the input check).
+    pub prediction: Option<Prediction>,
+    /// The 28x28 pixels the model saw, when the caller asked for them; for an image the input check rejected,
+    /// always.
+    pub model_input: Option<Box<[u8; PIXELS]>>,
+}
+
+impl Verdict {
+    pub fn accepted(&self) -> bool {
+        self.reason == Reason::Accepted
+    }
+
+    /// An image stopped before the model, with its pixels when it got that far (they show the caller what
+    /// the input check judged).
+    pub fn rejected(rejection: Rejection) -> Verdict {
+        Verdict {
+            reason: rejection.reason,
+            detail: rejection.detail,
+            prediction: None,
+            model_input: rejection.pixels,
+        }
+    }
+}
+
+/// The thresholds one call is judged by: the server's, the model's calibrated OOD threshold, or the call's own.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub min_confidence: f32,
+    /// `None`: no OOD threshold (the model has no calibrated one and none was set).
+    pub max_ood_score: Option<f32>,
+}
+
+impl Thresholds {
+    /// The thresholds a call to `meta`'s model gets when it sets none: the server's minimum confidence, and
+    /// the server-wide OOD threshold or else the one calibrated for the model.
+    pub fn defaults(min_confidence: f32, server_max_ood: Option<f32>, meta: &ModelMetadata) -> Thresholds {
+        Thresholds {
+            min_confidence,
+            max_ood_score: server_max_ood.or(meta.ood.as_ref().map(|o| o.threshold)),
+        }
+    }
+
+    /// These thresholds with the call's own, each checked: a confidence in [0, 1], a finite OOD score.
+    pub fn overridden_by(
+        self,
+        min_confidence: Option<f32>,
+        max_ood_score: Option<f32>,
+    ) -> Result<Thresholds, RequestError> {
+        let min_confidence = match min_confidence {
+            Some(c) if !(0.0..=1.0).contains(&c) => {
+                return Err(RequestError::OutOfRange {
+                    field: "min_confidence",
+                    got: c,
+                    min: 0.0,
+                    max: 1.0,
+                });
+            }
+            Some(c) => c,
+            None => self.min_confidence,
+        };
+        let max_ood_score = match max_ood_score {
+            Some(s) if !s.is_finite() => {
+                return Err(RequestError::OutOfRange {
+                    field: "max_ood_score",
+                    got: s,
+                    min: f32::MIN,
+                    max: f32::MAX,
+                });
+            }
+            Some(s) => Some(s),
+            None => self.max_ood_score,
+        };
+        Ok(Thresholds {
+            min_confidence,
+            max_ood_score,
+        })
+    }
+}
+
+/// Energy-based out-of-distribution score: −logsumexp(logits). In-distribution images have large logits, so a
+/// higher score means less like the training data.
+pub fn ood_score(logits: &[f32; CLASSES]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    -(max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln())
+}
+
+/// Accepts the model's answer for one image, or rejects it as out of distribution or not confident enough.
+pub fn judge(
+    meta: &ModelMetadata,
+    output: &ImageOutput,
+    thresholds: Thresholds,
+    model_input: Option<Box<[u8; PIXELS]>>,
+) -> Verdict {
+    let (class_id, probability) =
+        output
+            .probabilities
+            .iter()
+            .copied()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |best, (i, p)| if p > best.1 { (i, p) } else { best },
+            );
+    let score = ood_score(&output.logits);
+    let class_name = meta.classes[class_id].name.clone();
+    let min_confidence = thresholds.min_confidence;
+    let (reason, detail) = match thresholds.max_ood_score {
+        Some(threshold) if score > threshold => (
+            Reason::OutOfDistribution,
+            format!(
+                "out-of-distribution score {score:.2} is above the threshold {threshold:.2}: this does not look like a Fashion-MNIST garment"
+            ),
+        ),
+        _ if probability < min_confidence => (
+            Reason::LowConfidence,
+            format!(
+                "top probability {probability:.2} ({class_name}) is below the minimum confidence {min_confidence:.2}"
+            ),
+        ),
+        _ => (
+            Reason::Accepted,
+            format!("{class_name} with probability {probability:.2}"),
+        ),
+    };
+    Verdict {
+        reason,
+        detail,
+        prediction: Some(Prediction {
+            class_id: class_id as u32,
+            class_name,
+            probability,
+            probabilities: output.probabilities,
+            ood_score: score,
+        }),
+        model_input,
+    }
+}
