@@ -171,6 +171,15 @@ async fn callers_that_give_up_leave_no_decoding_behind_and_peak_memory_stays_in_
         after.into_inner().results[0].prediction.as_ref().unwrap().class_id,
         label
     );
+    // The burst's memory goes back to the OS once the server is busy again (mimalloc purges freed memory on
+    // later allocations; glibc's arenas kept it).
+    for _ in 0..20 {
+        let _ = client.classify(request(vec![encoded(png(&pixels, 28, 28)); 8])).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settled = common::rss_bytes(pid);
+    eprintln!("RSS {} MiB after 20 more calls", settled >> 20);
+    assert!(settled < 256 << 20, "RSS {} MiB after the burst", settled >> 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,15 +188,15 @@ async fn a_greedy_connection_cannot_starve_a_polite_one() {
     let addr = server.addr.to_string();
     let images: Vec<pb::Image> = fixture().iter().take(64).map(|(p, _)| raw(p)).collect();
     // One connection, 100 callers of 64 images each: 6,400 images wanted at once, six times the queue (the
-    // callers past the connection's call share are refused too).
+    // callers past the connection's call share are refused too). They stop when the polite client is done.
     let greedy = connect(&addr).await;
-    let until = Instant::now() + Duration::from_secs(4);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hogs: Vec<_> = (0..100)
         .map(|_| {
-            let (mut client, images) = (greedy.clone(), images.clone());
+            let (mut client, images, done) = (greedy.clone(), images.clone(), done.clone());
             tokio::spawn(async move {
                 let (mut ok, mut refused) = (0u32, 0u32);
-                while Instant::now() < until {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
                     match client.classify(request(images.clone())).await {
                         Ok(_) => ok += 1,
                         Err(s) => {
@@ -200,18 +209,18 @@ async fn a_greedy_connection_cannot_starve_a_polite_one() {
             })
         })
         .collect();
-    // Meanwhile a polite client on its own connection: one call at a time.
+    // Meanwhile a polite client on its own connection: 20 calls, one at a time.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut polite = connect(&addr).await;
     let (pixels, label) = fixture()[0];
-    let (mut served, mut calls) = (0, 0);
-    while Instant::now() < until {
-        calls += 1;
+    let (mut served, calls) = (0, 20);
+    for _ in 0..calls {
         if let Ok(r) = polite.classify(request(vec![raw(&pixels)])).await {
             assert_eq!(r.into_inner().results[0].prediction.as_ref().unwrap().class_id, label);
             served += 1;
         }
     }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut ok, mut refused) = (0, 0);
     for h in hogs {
         let (o, r) = h.await.unwrap();
@@ -220,7 +229,6 @@ async fn a_greedy_connection_cannot_starve_a_polite_one() {
     }
     eprintln!("greedy: {ok} served, {refused} refused; polite: {served} of {calls} served");
     assert!(refused > 0, "the greedy connection asked for more than its share");
-    assert!(calls >= 5, "the polite client made {calls} calls");
     assert!(
         served * 10 >= calls * 9,
         "the polite client got {served} of {calls} calls served"
