@@ -1,7 +1,8 @@
 //! Request validation, fuzz-style, against a real server: arbitrary requests (any number of images, arbitrary
 //! bytes as raw or encoded images, images without data, any model name, any thresholds including NaN and
-//! infinities) get one result per image or INVALID_ARGUMENT, never another status, and the server keeps serving.
-//! 300 requests in `make test`; PROPTEST_CASES sets the size of a long campaign.
+//! infinities) get exactly the answer the README's rules give them, worked out here independently of the
+//! server: INVALID_ARGUMENT for a bad request, else one result per image with the reason its data calls for.
+//! The server keeps serving. 300 requests in `make test`; PROPTEST_CASES sets the size of a long campaign.
 
 mod common;
 
@@ -24,6 +25,18 @@ fn image() -> impl Strategy<Value = pb::Image> {
     option::weighted(0.95, data).prop_map(|data| pb::Image { data })
 }
 
+/// Any threshold a client could send. proptest's `any::<f32>()` never yields NaN or an infinity, so they are
+/// named here, with the valid range, so that a request whose only fault is its threshold comes up often.
+fn threshold() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        any::<f32>(),
+        0.0f32..=1.0,
+        Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(f32::NEG_INFINITY),
+    ]
+}
+
 fn arbitrary_request() -> impl Strategy<Value = pb::ClassifyRequest> {
     (
         vec(image(), 0..70),
@@ -33,8 +46,8 @@ fn arbitrary_request() -> impl Strategy<Value = pb::ClassifyRequest> {
             Just("dense".to_string()),
             ".{0,12}"
         ],
-        option::of(any::<f32>()),
-        option::of(any::<f32>()),
+        option::of(threshold()),
+        option::of(threshold()),
         any::<bool>(),
     )
         .prop_map(
@@ -48,8 +61,27 @@ fn arbitrary_request() -> impl Strategy<Value = pb::ClassifyRequest> {
         )
 }
 
+/// What the README's rules say a request gets, without asking the server.
+fn request_is_valid(req: &pb::ClassifyRequest) -> bool {
+    let known_model = ["", "cnn", "cnn-int8", "dense"].contains(&req.model.as_str());
+    let confidence_ok = req.min_confidence.is_none_or(|c| (0.0..=1.0).contains(&c));
+    let ood_ok = req.max_ood_score.is_none_or(f32::is_finite);
+    (1..=64).contains(&req.images.len()) && known_model && confidence_ok && ood_ok
+}
+
+/// The reason an image's data alone decides, if it does: no data or no bytes cannot be decoded, raw data of
+/// the wrong length is the wrong size. `None`: it depends on the pixels or the model.
+fn decided_reason(image: &pb::Image) -> Option<pb::Reason> {
+    match &image.data {
+        None => Some(pb::Reason::Undecodable),
+        Some(Data::Encoded(bytes)) if bytes.is_empty() => Some(pb::Reason::Undecodable),
+        Some(Data::Raw(bytes)) if bytes.len() != 784 => Some(pb::Reason::WrongSize),
+        _ => None,
+    }
+}
+
 #[test]
-fn arbitrary_requests_get_a_result_per_image_or_invalid_argument_and_the_server_keeps_serving() {
+fn arbitrary_requests_get_exactly_the_answer_the_rules_give_and_the_server_keeps_serving() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let server = runtime.block_on(TestServer::start(config()));
     let cases = std::env::var("PROPTEST_CASES")
@@ -63,13 +95,33 @@ fn arbitrary_requests_get_a_result_per_image_or_invalid_argument_and_the_server_
     runner
         .run(&arbitrary_request(), |req| {
             let mut client = server.client.clone();
-            let sent = req.images.len();
+            let valid = request_is_valid(&req);
+            let decided: Vec<_> = req.images.iter().map(decided_reason).collect();
+            let raw_784: Vec<_> = req
+                .images
+                .iter()
+                .map(|i| matches!(&i.data, Some(Data::Raw(b)) if b.len() == 784))
+                .collect();
             match runtime.block_on(client.classify(req)) {
                 Ok(response) => {
+                    prop_assert!(valid, "an invalid request was served");
                     let results = response.into_inner().results;
-                    prop_assert_eq!(results.len(), sent);
-                    for r in results {
+                    prop_assert_eq!(results.len(), decided.len());
+                    for ((r, decided), raw_784) in results.into_iter().zip(decided).zip(raw_784) {
                         prop_assert!(r.reason != pb::Reason::Unspecified as i32, "{r:?}");
+                        if let Some(reason) = decided {
+                            prop_assert_eq!(r.reason, reason as i32, "{:?}", r);
+                        }
+                        if raw_784 {
+                            // 784 raw bytes always reach the input check: never a decoding reason.
+                            prop_assert!(
+                                ![pb::Reason::Undecodable, pb::Reason::WrongSize, pb::Reason::TooLarge]
+                                    .map(|x| x as i32)
+                                    .contains(&r.reason),
+                                "{:?}",
+                                r
+                            );
+                        }
                         prop_assert_eq!(r.accepted, r.reason == pb::Reason::Accepted as i32);
                         if let Some(p) = r.prediction {
                             prop_assert!(p.class_id < 10 && (0.0..=1.0).contains(&p.probability), "{p:?}");
@@ -77,7 +129,10 @@ fn arbitrary_requests_get_a_result_per_image_or_invalid_argument_and_the_server_
                         }
                     }
                 }
-                Err(status) => prop_assert_eq!(status.code(), Code::InvalidArgument, "{:?}", status),
+                Err(status) => {
+                    prop_assert!(!valid, "a valid request was refused: {:?}", status);
+                    prop_assert_eq!(status.code(), Code::InvalidArgument, "{:?}", status);
+                }
             }
             Ok(())
         })
