@@ -3,8 +3,9 @@
 //! from waiting behind huge ones ([`DecodeLanes`]), and the memory budget all the bounds add up to
 //! ([`MemoryBudget`]). The gRPC layer that enforces the call and byte shares is `grpc::layers::CallLimits`.
 //!
-//! Every refusal here is immediate (`try_acquire`), so an overloaded server answers RESOURCE_EXHAUSTED in
-//! microseconds instead of letting one greedy client queue everyone else out.
+//! Refusals are immediate (`try_acquire`), so an overloaded server answers RESOURCE_EXHAUSTED in microseconds
+//! instead of letting one greedy client queue everyone else out. Only decode turns and lanes are waited for,
+//! within the call's deadline and the server's request timeout.
 
 use std::sync::Arc;
 
@@ -15,8 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct SharePolicy {
     /// Calls of one connection in progress at once; further calls are refused at once.
     pub calls: usize,
-    /// Images queued or being decoded for one connection, across models, that are always admitted while the
-    /// queue has room; past it a connection only borrows the spare room (queue size minus this share).
+    /// Images queued or being decoded for one connection, across models, that are admitted while the queue
+    /// has room; past it a connection only borrows the spare room (the queue minus twice this share).
     pub queued_images: usize,
     /// Calls of one connection decoding (or waiting for a decode slot) at once; its further calls wait.
     pub decodes: usize,
