@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Attack campaign: 30 gRPC-Web uploads over HTTP/1.1 that declare 16 MiB, send up to 15 MiB and stall, against
+# the release binary with its defaults (`make build` first). Prints RSS figures and when the server closed them.
+set -u
+cd "$(dirname "$0")/../.."
+LOG=$(mktemp)
+RUST_LOG=warn,fmnist_serve=info ./target/release/fmnist serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$LOG" 2>&1 &
+PID=$!
+for _ in $(seq 1 300); do grep -q ' serving' "$LOG" && break; sleep 0.1; done
+ADDR=$(grep -o 'grpc=[0-9.:]*' "$LOG" | head -1 | cut -d= -f2)
+hwm() { awk '/VmHWM/{print int($2/1024)}' /proc/$PID/status; }
+rss() { awk '/VmRSS/{print int($2/1024)}' /proc/$PID/status; }
+echo "idle: RSS $(rss) MiB"
+python3 - "$ADDR" <<'PY'
+import socket, sys, time, threading
+host, port = sys.argv[1].rsplit(":", 1)
+head = (f"POST /fashion_mnist.v1.Classifier/Classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/grpc-web\r\n"
+        f"Content-Length: {16 << 20}\r\n\r\n").encode()
+chunk = b"\0" * (1 << 20)
+results = []
+def upload():
+    s = socket.create_connection((host, int(port)))
+    s.sendall(head)
+    sent = 0
+    try:
+        for _ in range(15):
+            s.sendall(chunk); sent += 1
+    except OSError:
+        pass
+    t0 = time.time()
+    s.settimeout(60)
+    try:
+        while s.recv(65536):
+            pass
+    except OSError:
+        pass
+    results.append((sent, time.time() - t0))
+threads = [threading.Thread(target=upload) for _ in range(30)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(f"30 stalled uploads: MiB sent {sorted(r[0] for r in results)}; closed by the server after {min(r[1] for r in results):.1f}-{max(r[1] for r in results):.1f} s")
+PY
+echo "after: RSS $(rss) MiB, peak $(hwm) MiB"
+kill $PID; wait $PID 2>/dev/null
