@@ -5,22 +5,27 @@ BIN := target/release/fmnist
 TRAIN_VENV := .venv-train
 PY_VENV := .venv-tools
 
-.PHONY: run test check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fixtures clean
+.PHONY: run test test-deps check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fixtures clean
 
 ## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
 run: build
 	$(BIN) serve
 
 ## test: every test (format, lints, unit, integration against real servers, grpcurl, Python client, browser page in headless Chromium, manifests)
-test: setup ort tools
+test: test-deps
 	$(CARGO) fmt --check
-	$(CARGO) clippy --release --all-targets -- -D warnings
-	$(CARGO) test --release
+	$(CARGO) clippy --locked --release --all-targets -- -D warnings
+	$(CARGO) test --locked --release
 	bash tests/grpcurl.sh
 	bash deploy/validate.sh
 	bash tests/python_client.sh
-	bash scripts/setup-system.sh chromium
 	bash tests/web.sh
+
+# Everything the tests download, first: a registry hiccup then fails the run before any compile, and every
+# later step works offline.
+test-deps: ort tools
+	bash scripts/setup-system.sh chromium
+	$(CARGO) fetch --locked
 
 setup:
 	bash scripts/setup-system.sh
@@ -44,7 +49,7 @@ lint-deploy: tools
 tools: $(PY_VENV)/.installed
 $(PY_VENV)/.installed: requirements-tools.txt
 	python3 -m venv $(PY_VENV)
-	$(PY_VENV)/bin/pip install --quiet -r requirements-tools.txt
+	$(PY_VENV)/bin/pip install --quiet --retries 10 -r requirements-tools.txt
 	touch $@
 
 $(TRAIN_VENV)/.installed: training/requirements.txt

@@ -9,7 +9,12 @@ if [ -f "$LIB" ]; then exit 0; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "fetching onnxruntime==$VERSION from PyPI ..."
-python3 -m pip download --quiet --no-deps --only-binary=:all: "onnxruntime==$VERSION" -d "$tmp"
+# pip retries each request itself; the loop covers a registry that is down for a few seconds.
+for wait in 5 15 30 0; do
+  python3 -m pip download --quiet --retries 10 --no-deps --only-binary=:all: "onnxruntime==$VERSION" -d "$tmp" && break
+  [ "$wait" -gt 0 ] || exit 1
+  echo "pip download failed, retrying in ${wait} s" >&2; sleep "$wait"
+done
 wheel=$(ls "$tmp"/onnxruntime-"$VERSION"-*.whl)
 mkdir -p .ort
 python3 - "$wheel" "$LIB" <<'PY'

@@ -8,6 +8,9 @@ command -v protoc >/dev/null || need+=(protobuf-compiler)
 for extra in "$@"; do dpkg -s "$extra" >/dev/null 2>&1 || need+=("$extra"); done
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# A mirror hiccup should cost a retry, not the run.
+retry() { for wait in 5 15 30; do "$@" && return 0; echo "failed, retrying in ${wait} s: $*" >&2; sleep "$wait"; done; "$@"; }
+export DEBIAN_FRONTEND=noninteractive
 echo "installing ${need[*]} ..."
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+retry $SUDO apt-get update -qq
+retry $SUDO apt-get install -y -qq "${need[@]}" >/dev/null

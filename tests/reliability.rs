@@ -347,3 +347,21 @@ async fn tls_and_mutual_tls_refuse_clients_without_a_valid_certificate() {
         );
     }
 }
+
+#[tokio::test]
+async fn calls_before_the_models_are_loaded_are_unavailable() {
+    use fmnist_serve::classify::{Classifier, ClassifyRequest, ImageInput};
+    // The server listens (and answers health NOT_SERVING) while its models load; the core says why.
+    let core = Classifier::new(
+        std::sync::Arc::new(std::sync::OnceLock::new()),
+        server::policy(&config()),
+    );
+    let (pixels, _) = fixture()[0];
+    let call = ClassifyRequest {
+        images: vec![ImageInput::Raw(pixels.to_vec())],
+        ..Default::default()
+    };
+    let status = tonic::Status::from(core.classify(call, None, None).await.unwrap_err());
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("loading"), "{}", status.message());
+}
