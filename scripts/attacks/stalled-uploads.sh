@@ -3,11 +3,10 @@
 # the release binary with its defaults (`make build` first). Prints RSS figures and when the server closed them.
 set -u
 cd "$(dirname "$0")/../.."
-LOG=$(mktemp)
-RUST_LOG=warn,fmnist_serve=info ./target/release/fmnist serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$LOG" 2>&1 &
-PID=$!
-for _ in $(seq 1 300); do grep -q ' serving' "$LOG" && break; sleep 0.1; done
-ADDR=$(grep -o 'grpc=[0-9.:]*' "$LOG" | head -1 | cut -d= -f2)
+source tests/lib/server.sh
+start_server
+PID=$SERVER_PID
+ADDR=$GRPC_ADDR
 hwm() { awk '/VmHWM/{print int($2/1024)}' /proc/$PID/status; }
 rss() { awk '/VmRSS/{print int($2/1024)}' /proc/$PID/status; }
 echo "idle: RSS $(rss) MiB"
@@ -41,4 +40,3 @@ threads = [threading.Thread(target=upload) for _ in range(30)]
 print(f"30 stalled uploads: MiB sent {sorted(r[0] for r in results)}; closed by the server after {min(r[1] for r in results):.1f}-{max(r[1] for r in results):.1f} s")
 PY
 echo "after: RSS $(rss) MiB, peak $(hwm) MiB"
-kill $PID; wait $PID 2>/dev/null
