@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Attack campaign: 30 gRPC-Web uploads over HTTP/1.1 that declare 16 MiB, send up to 15 MiB and stall, against
-# the release binary with its defaults (`make build` first). Prints RSS figures and when the server closed them.
+# the release binary with its defaults (`make build` first; grpcurl from `make tools`). Prints RSS figures, when
+# the server closed them, and how a polite client fared meanwhile.
 set -u
 cd "$(dirname "$0")/../.."
 source tests/lib/server.sh
@@ -36,6 +37,16 @@ def upload():
     results.append((sent, time.time() - t0))
 threads = [threading.Thread(target=upload) for _ in range(30)]
 [t.start() for t in threads]
+# Meanwhile a polite client: 20 one-image calls with grpcurl, on its own connections, while the uploads stall.
+import base64, subprocess
+time.sleep(3)
+pixels = base64.b64encode(open("tests/fixtures/test-images.u8", "rb").read()[:784]).decode()
+served = 0
+for _ in range(20):
+    out = subprocess.run([".venv-tools/bin/grpcurl", "-plaintext", "-d", '{"images":[{"raw":"%s"}]}' % pixels,
+                          f"{host}:{port}", "fashion_mnist.v1.Classifier/Classify"], capture_output=True, text=True)
+    served += out.returncode == 0 and '"prediction"' in out.stdout
+print(f"polite client during the stall: {served} of 20 calls served")
 [t.join() for t in threads]
 print(f"30 stalled uploads: MiB sent {sorted(r[0] for r in results)}; closed by the server after {min(r[1] for r in results):.1f}-{max(r[1] for r in results):.1f} s")
 PY

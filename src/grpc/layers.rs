@@ -191,15 +191,34 @@ fn is_safe_request_id(id: &str) -> bool {
 /// Refusing, not queueing, is deliberate: a call held back before its handler runs leaves its body unread in
 /// the connection's HTTP/2 flow-control window, and enough of them stall the calls that are running (tonic's
 /// `concurrency_limit_per_connection` deadlocked a greedy connection until its calls timed out).
+///
+/// An eighth of the bytes is kept for small calls (whose body so far is at most [`SMALL_CALL_BYTES`]): a few
+/// uploads stalled at 15 MiB can fill the rest, but not refuse everyone else's ordinary calls for the 30 s
+/// before the idle or request timeout ends them.
 #[derive(Debug, Clone)]
 pub struct CallLimitsLayer {
-    global: Arc<Semaphore>,
+    pools: Arc<BytePools>,
+}
+
+/// A call whose body has reached this many bytes no longer counts as small.
+pub const SMALL_CALL_BYTES: usize = 256 << 10;
+
+#[derive(Debug)]
+struct BytePools {
+    /// Every call's bytes, while there are any.
+    shared: Arc<Semaphore>,
+    /// Then small calls' bytes only.
+    small_calls: Arc<Semaphore>,
 }
 
 impl CallLimitsLayer {
     pub fn new(max_request_bytes_in_flight: usize) -> Self {
+        let small = max_request_bytes_in_flight / 8;
         CallLimitsLayer {
-            global: Arc::new(Semaphore::new(max_request_bytes_in_flight)),
+            pools: Arc::new(BytePools {
+                shared: Arc::new(Semaphore::new(max_request_bytes_in_flight - small)),
+                small_calls: Arc::new(Semaphore::new(small)),
+            }),
         }
     }
 }
@@ -210,7 +229,7 @@ impl<S> tower::Layer<S> for CallLimitsLayer {
     fn layer(&self, inner: S) -> CallLimits<S> {
         CallLimits {
             inner,
-            global: self.global.clone(),
+            pools: self.pools.clone(),
         }
     }
 }
@@ -218,7 +237,7 @@ impl<S> tower::Layer<S> for CallLimitsLayer {
 #[derive(Debug, Clone)]
 pub struct CallLimits<S> {
     inner: S,
-    global: Arc<Semaphore>,
+    pools: Arc<BytePools>,
 }
 
 type Charge = Arc<Mutex<Vec<OwnedSemaphorePermit>>>;
@@ -252,9 +271,10 @@ where
         let request = request.map(|inner| {
             Body::new(ChargedBody {
                 inner,
-                global: self.global.clone(),
+                pools: self.pools.clone(),
                 connection: share.map(|s| s.bytes.clone()),
                 charge: charge.clone(),
+                received: 0,
             })
         });
         let response = self.inner.call(request);
@@ -269,13 +289,16 @@ where
 
 struct ChargedBody {
     inner: Body,
-    global: Arc<Semaphore>,
+    pools: Arc<BytePools>,
     connection: Option<Arc<Semaphore>>,
     charge: Charge,
+    /// Body bytes so far.
+    received: usize,
 }
 
 impl ChargedBody {
-    fn charge(&self, len: usize) -> Result<(), Status> {
+    fn charge(&mut self, len: usize) -> Result<(), Status> {
+        self.received = self.received.saturating_add(len);
         let Ok(n) = u32::try_from(len) else {
             return Err(ServiceError::from(AdmissionError::RequestBytes).into());
         };
@@ -291,12 +314,18 @@ impl ChargedBody {
                     .map_err(|_| ServiceError::from(AdmissionError::ConnectionRequestBytes))?,
             );
         }
-        held.push(
-            self.global
+        let shared = self.pools.shared.clone().try_acquire_many_owned(n);
+        let permit = match shared {
+            Ok(permit) => permit,
+            Err(_) if self.received <= SMALL_CALL_BYTES => self
+                .pools
+                .small_calls
                 .clone()
                 .try_acquire_many_owned(n)
                 .map_err(|_| ServiceError::from(AdmissionError::RequestBytes))?,
-        );
+            Err(_) => return Err(ServiceError::from(AdmissionError::RequestBytes).into()),
+        };
+        held.push(permit);
         Ok(())
     }
 }
