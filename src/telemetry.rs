@@ -45,6 +45,8 @@ pub mod metric {
     pub const CONNECTIONS_CLOSED: &str = "fmnist_connections_closed_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
     pub const ACCEPT_ERRORS: &str = "fmnist_accept_errors_total";
+    /// Request body bytes held by calls in flight (bounded by --max-request-bytes-in-flight).
+    pub const REQUEST_BYTES_IN_FLIGHT: &str = "fmnist_request_bytes_in_flight";
     /// Blocking decodes stopped between images because their caller had gone or its deadline had passed.
     pub const DECODES_ABANDONED: &str = "fmnist_decodes_abandoned_total";
 }

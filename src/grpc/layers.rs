@@ -240,7 +240,20 @@ pub struct CallLimits<S> {
     pools: Arc<BytePools>,
 }
 
-type Charge = Arc<Mutex<Vec<OwnedSemaphorePermit>>>;
+type Charge = Arc<Mutex<Held>>;
+
+/// The request bytes one call holds; released (and taken off the gauge) when the call is done with them.
+#[derive(Default)]
+struct Held {
+    permits: Vec<OwnedSemaphorePermit>,
+    bytes: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).decrement(self.bytes as f64);
+    }
+}
 
 impl<S> tower::Service<http::Request<Body>> for CallLimits<S>
 where
@@ -307,7 +320,7 @@ impl ChargedBody {
         }
         let mut held = self.charge.lock().expect("the charge lock is never poisoned");
         if let Some(connection) = &self.connection {
-            held.push(
+            held.permits.push(
                 connection
                     .clone()
                     .try_acquire_many_owned(n)
@@ -325,7 +338,9 @@ impl ChargedBody {
                 .map_err(|_| ServiceError::from(AdmissionError::RequestBytes))?,
             Err(_) => return Err(ServiceError::from(AdmissionError::RequestBytes).into()),
         };
-        held.push(permit);
+        held.permits.push(permit);
+        held.bytes += u64::from(n);
+        metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).increment(f64::from(n));
         Ok(())
     }
 }
