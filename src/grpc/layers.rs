@@ -70,8 +70,7 @@ where
             // The page's own files: no call to count.
             return Box::pin(self.inner.call(request));
         }
-        // "/fashion_mnist.v1.Classifier/Classify" -> "Classify".
-        let rpc = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+        let rpc = rpc_label(request.uri().path());
         let id = request_id(request.headers());
         if let Some(deadline) = grpc_deadline(request.headers()) {
             request.extensions_mut().insert(Deadline(deadline));
@@ -98,7 +97,7 @@ where
                 let status = Status::from_header_map(response.headers());
                 let code = status.as_ref().map_or(tonic::Code::Ok, Status::code);
                 let code_label = format!("{code:?}");
-                metrics::counter!(metric::REQUESTS, "rpc" => rpc.clone(), "code" => code_label.clone()).increment(1);
+                metrics::counter!(metric::REQUESTS, "rpc" => rpc, "code" => code_label.clone()).increment(1);
                 metrics::histogram!(metric::REQUEST_DURATION, "rpc" => rpc, "code" => code_label)
                     .record(elapsed.as_secs_f64());
                 span.in_scope(|| match &status {
@@ -112,6 +111,19 @@ where
             result
         })
     }
+}
+
+/// The methods the server serves; anything else is counted as "unknown". The label must come from a closed
+/// set: a client could otherwise mint a new metric series per made-up path and grow the recorder without end.
+const RPCS: [&str; 5] = ["Classify", "GetModelInfo", "Check", "Watch", "ServerReflectionInfo"];
+
+/// "/fashion_mnist.v1.Classifier/Classify" -> "Classify".
+fn rpc_label(path: &str) -> &'static str {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    RPCS.iter()
+        .find(|known| **known == method)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 /// A request body that notes when its last frame arrived (nanoseconds after `started`).
@@ -370,5 +382,26 @@ impl HttpBody for ChargedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_labels_come_from_the_served_methods_only() {
+        assert_eq!(rpc_label("/fashion_mnist.v1.Classifier/Classify"), "Classify");
+        assert_eq!(rpc_label("/grpc.health.v1.Health/Watch"), "Watch");
+        assert_eq!(rpc_label("/made.up.Service/Method12345"), "unknown");
+        assert_eq!(rpc_label(""), "unknown");
+    }
+
+    #[test]
+    fn request_ids_are_plain_tokens() {
+        assert!(is_safe_request_id("abc-123_x.y:z"));
+        for unsafe_id in ["", "a b", "x\" level=ERROR", "ünï", &"x".repeat(129)] {
+            assert!(!is_safe_request_id(unsafe_id), "{unsafe_id:?}");
+        }
     }
 }
