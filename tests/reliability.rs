@@ -109,20 +109,6 @@ async fn an_inference_failure_is_internal_for_that_call_and_the_server_keeps_ser
     assert!(after.is_ok(), "the next call is served: {after:?}");
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    kb * 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
     let mut config = config();
@@ -133,7 +119,7 @@ async fn overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
         .take(64)
         .map(|(p, _)| encoded(png(p, 28, 28)))
         .collect();
-    let rss_before = rss_bytes();
+    let rss_before = common::rss_bytes(std::process::id());
     // 128 callers sending 64-image PNG calls back to back for 3 s: many times what two cores can serve.
     let until = Instant::now() + Duration::from_secs(3);
     let callers: Vec<_> = (0..128)
@@ -168,7 +154,7 @@ async fn overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
     }
     latencies.sort();
     let client_p50 = latencies.get(latencies.len() / 2).copied().unwrap_or_default();
-    let grown = rss_bytes().saturating_sub(rss_before);
+    let grown = common::rss_bytes(std::process::id()).saturating_sub(rss_before);
     // How long the server took to refuse, from its own histogram (the client-side figure also counts the wait
     // for a CPU shared by 128 callers, the server and the decoding).
     let metrics = server.metrics().await;

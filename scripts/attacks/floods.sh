@@ -7,16 +7,13 @@ cd "$(dirname "$0")/../.."
 TMP=$(mktemp -d)
 source tests/lib/server.sh
 start_server
-PID=$SERVER_PID
 ADDR=$GRPC_ADDR
-hwm() { awk '/VmHWM/{print int($2/1024)}' /proc/$PID/status; }
-rss() { awk '/VmRSS/{print int($2/1024)}' /proc/$PID/status; }
-echo "idle: RSS $(rss) MiB, peak $(hwm) MiB"
+echo "idle: RSS $(server_rss_mib) MiB, peak $(server_peak_mib) MiB"
 # A health check as a gRPC message: 5-byte frame header + empty HealthCheckRequest.
 printf '\x00\x00\x00\x00\x00' > "$TMP/empty.bin"
 h2load -c1 -m5000 -n50000 -d "$TMP/empty.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
   "http://$ADDR/grpc.health.v1.Health/Check" 2>&1 | grep -E "requests:|status codes|finished in"
-echo "after h2load -c1 -m5000 (50,000 health checks): RSS $(rss) MiB, peak $(hwm) MiB"
+echo "after h2load -c1 -m5000 (50,000 health checks): RSS $(server_rss_mib) MiB, peak $(server_peak_mib) MiB"
 # 2,000 silent TCP connections.
 python3 - "$ADDR" <<'PY'
 import socket, sys, time
@@ -45,5 +42,5 @@ for s in socks:
         closed += 1
 print(f"after 40 s: {closed} of {len(socks)} closed by the server")
 PY
-echo "after the silent flood: RSS $(rss) MiB, peak $(hwm) MiB"
+echo "after the silent flood: RSS $(server_rss_mib) MiB, peak $(server_peak_mib) MiB"
 curl -s "http://$METRICS_ADDR/metrics" | grep '^fmnist_connections' 

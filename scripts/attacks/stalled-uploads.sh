@@ -6,11 +6,8 @@ set -u
 cd "$(dirname "$0")/../.."
 source tests/lib/server.sh
 start_server
-PID=$SERVER_PID
 ADDR=$GRPC_ADDR
-hwm() { awk '/VmHWM/{print int($2/1024)}' /proc/$PID/status; }
-rss() { awk '/VmRSS/{print int($2/1024)}' /proc/$PID/status; }
-echo "idle: RSS $(rss) MiB"
+echo "idle: RSS $(server_rss_mib) MiB"
 python3 - "$ADDR" <<'PY'
 import socket, sys, time, threading
 host, port = sys.argv[1].rsplit(":", 1)
@@ -50,4 +47,4 @@ print(f"polite client during the stall: {served} of 20 calls served")
 [t.join() for t in threads]
 print(f"30 stalled uploads: MiB sent {sorted(r[0] for r in results)}; closed by the server after {min(r[1] for r in results):.1f}-{max(r[1] for r in results):.1f} s")
 PY
-echo "after: RSS $(rss) MiB, peak $(hwm) MiB"
+echo "after: RSS $(server_rss_mib) MiB, peak $(server_peak_mib) MiB"

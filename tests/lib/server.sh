@@ -15,3 +15,7 @@ start_server() {
   [ -n "$GRPC_ADDR" ] || { echo "no address in server log:"; cat "$SERVER_LOG"; return 1; }
   export GRPC_ADDR METRICS_ADDR
 }
+
+# Resident and peak resident memory of the started server, in MiB (for the attack scripts).
+server_rss_mib() { awk '/VmRSS/{print int($2/1024)}' "/proc/$SERVER_PID/status"; }
+server_peak_mib() { awk '/VmHWM/{print int($2/1024)}' "/proc/$SERVER_PID/status"; }
