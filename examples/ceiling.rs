@@ -61,9 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let images: Vec<ModelInput> = raw
         .chunks_exact(PIXELS)
-        .map(|c| ModelInput {
-            pixels: Box::new(c.try_into().expect("chunks_exact gives PIXELS bytes")),
-        })
+        .map(|c| ModelInput::from_pixels(Box::new(c.try_into().expect("chunks_exact gives PIXELS bytes"))))
         .collect();
 
     for &n in &args.batches {

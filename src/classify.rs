@@ -35,6 +35,25 @@ pub struct Models {
     pub default: String,
 }
 
+impl Models {
+    /// The model a call names (empty: the default) at the version it names (empty: the one served).
+    pub fn find(&self, name: &str, version: &str) -> Result<&LoadedModel, RequestError> {
+        let name = if name.is_empty() { self.default.as_str() } else { name };
+        let model = self.by_name.get(name).ok_or_else(|| RequestError::UnknownModel {
+            name: clip(name),
+            loaded: self.by_name.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        if !version.is_empty() && version != model.meta.version {
+            return Err(RequestError::UnknownVersion {
+                model: name.to_string(),
+                version: clip(version),
+                served: model.meta.version.clone(),
+            });
+        }
+        Ok(model)
+    }
+}
+
 /// Everything a call needs besides its own request; built once from `Config`.
 #[derive(Debug)]
 pub struct Policy {
@@ -66,6 +85,8 @@ pub enum ImageInput {
     Encoded(Vec<u8>),
     /// 28x28 8-bit grayscale, row-major, 0 = background.
     Raw(Vec<u8>),
+    /// 28x28 model-ready values (`pixel / 255`), row-major, 0 = background.
+    Scaled(Vec<f32>),
     /// The caller sent an image with no data.
     Missing,
 }
@@ -76,6 +97,8 @@ pub struct ClassifyRequest {
     pub images: Vec<ImageInput>,
     /// Empty: the default model.
     pub model: String,
+    /// Empty: the version the model serves; anything else must name it.
+    pub version: String,
     pub min_confidence: Option<f32>,
     pub max_ood_score: Option<f32>,
     /// Return the 28x28 pixels each image became.
@@ -96,6 +119,7 @@ pub struct Classifier {
     models: Arc<OnceLock<Models>>,
     policy: Arc<Policy>,
     lanes: DecodeLanes,
+    draining: Arc<AtomicBool>,
 }
 
 impl Classifier {
@@ -104,7 +128,18 @@ impl Classifier {
             models,
             lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
             policy: Arc::new(policy),
+            draining: Arc::default(),
         }
+    }
+
+    /// Ready for new work: the models are loaded and warmed up, and the server is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.models.get().is_some() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The server is shutting down: readiness turns false so balancers stop sending work; calls still run.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 
     /// The models, or `Unavailable` while they are still loading.
@@ -152,15 +187,8 @@ impl Classifier {
             }
             .into());
         }
-        let name = if req.model.is_empty() {
-            models.default.as_str()
-        } else {
-            req.model.as_str()
-        };
-        let model = models.by_name.get(name).ok_or_else(|| RequestError::UnknownModel {
-            name: clip(name),
-            loaded: models.by_name.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
+        let model = models.find(&req.model, &req.version)?;
+        let name = model.meta.name.as_str();
         let thresholds = self
             .policy
             .thresholds(&model.meta)
@@ -306,6 +334,7 @@ fn prepare(image: &ImageInput, policy: &Policy) -> Result<ModelInput, Rejection>
     let data = match image {
         ImageInput::Encoded(bytes) => ImageData::Encoded(bytes),
         ImageInput::Raw(bytes) => ImageData::Raw(bytes),
+        ImageInput::Scaled(values) => ImageData::Scaled(values),
         ImageInput::Missing => {
             return Err(Rejection {
                 reason: Reason::Undecodable,

@@ -40,6 +40,12 @@ pub enum RequestError {
     /// `name` is the client's string, clipped ([`clip`]) so it cannot blow up a log line or a header.
     #[error("unknown model {name:?}: loaded models are {loaded}")]
     UnknownModel { name: String, loaded: String },
+    #[error("model {model} has no version {version:?}: it serves version {served:?} (or leave the version empty)")]
+    UnknownVersion {
+        model: String,
+        version: String,
+        served: String,
+    },
     #[error("{field} must be between {min} and {max}, got {got}")]
     OutOfRange {
         field: &'static str,
@@ -123,6 +129,11 @@ impl ServiceError {
     /// Calls before the models are loaded and warmed up.
     pub fn loading() -> Self {
         Self::new(ErrorKind::Unavailable, "models are still loading; retry shortly")
+    }
+
+    /// A request the protocol adapter cannot read; the message says what to fix.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Invalid, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

@@ -1,6 +1,7 @@
 //! Fashion-MNIST classification service: gRPC in, ONNX Runtime with dynamic batching inside.
 //!
-//! One request flows one way: a protocol adapter (`grpc::fashion_mnist`) → `classify`, the core with no
+//! One request flows one way: a protocol adapter (`grpc::fashion_mnist`; the Open Inference Protocol's
+//! `oip` tensors over `grpc::inference` or `rest`) → `classify`, the core with no
 //! protocol in it: validate, reserve room (`admission`), `preprocess` (bytes → 28x28), `batching` (queue →
 //! inference thread owning a `model` session), `verdict` (accept/reject) → back through the adapter.
 #![forbid(unsafe_code)]
@@ -14,7 +15,9 @@ pub mod connections;
 pub mod error;
 pub mod grpc;
 pub mod model;
+pub mod oip;
 pub mod preprocess;
+pub mod rest;
 pub mod server;
 pub mod telemetry;
 pub mod verdict;
@@ -24,6 +27,12 @@ pub mod web;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb {
     tonic::include_proto!("fashion_mnist.v1");
-    /// Encoded descriptors of the proto, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("fashion_mnist_descriptor");
+    /// Encoded descriptors of both protos, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("descriptor");
+}
+
+/// Code generated from proto/inference/grpc_predict_v2.proto: the Open Inference Protocol (KServe v2).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod inference_pb {
+    tonic::include_proto!("inference");
 }

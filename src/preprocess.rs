@@ -25,6 +25,8 @@ pub enum ImageData<'a> {
     Encoded(&'a [u8]),
     /// 28x28 8-bit grayscale, row-major, 0 = background.
     Raw(&'a [u8]),
+    /// 28x28 values the model takes as they are: `pixel / 255`, in [0, 1], row-major, 0 = background.
+    Scaled(&'a [f32]),
 }
 
 /// An image that cannot be classified, with the reason and a sentence for a human.
@@ -47,16 +49,28 @@ impl Rejection {
 }
 
 /// The model's input for one image: 28x28 grayscale, 0 = background.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelInput {
+    /// The pixels the input check judged (and a client may see).
     pub pixels: Box<[u8; PIXELS]>,
+    /// The caller's own model-ready values ([`ImageData::Scaled`]), which the model runs on unrounded.
+    pub scaled: Option<Box<[f32; PIXELS]>>,
 }
 
 impl ModelInput {
+    pub fn from_pixels(pixels: Box<[u8; PIXELS]>) -> Self {
+        ModelInput { pixels, scaled: None }
+    }
+
     /// Writes the tensor values the model expects (`pixel / 255`, see models/*.json `input.scaling`).
     pub fn write_scaled(&self, out: &mut [f32]) {
-        for (o, &p) in out.iter_mut().zip(self.pixels.iter()) {
-            *o = f32::from(p) * (1.0 / 255.0);
+        match &self.scaled {
+            Some(values) => out[..PIXELS].copy_from_slice(&values[..]),
+            None => {
+                for (o, &p) in out.iter_mut().zip(self.pixels.iter()) {
+                    *o = f32::from(p) * (1.0 / 255.0);
+                }
+            }
         }
     }
 }
@@ -117,6 +131,7 @@ pub struct InputCheck {
 
 /// Turns one client image into the model's input, or says why it cannot be classified.
 pub fn preprocess(image: ImageData<'_>, limits: &DecodeLimits, check: &InputCheck) -> Result<ModelInput, Rejection> {
+    let mut scaled = None;
     let (pixels, inverted) = match image {
         ImageData::Raw(bytes) => {
             let pixels: [u8; PIXELS] = bytes.try_into().map_err(|_| {
@@ -130,6 +145,13 @@ pub fn preprocess(image: ImageData<'_>, limits: &DecodeLimits, check: &InputChec
             })?;
             (Box::new(pixels), false)
         }
+        ImageData::Scaled(values) => {
+            let values = checked_scaled(values)?;
+            // The check judges the pixels the values stand for; the model still runs on the values themselves.
+            let pixels = values.map(|v| (v * 255.0).round() as u8);
+            scaled = Some(values);
+            (Box::new(pixels), false)
+        }
         ImageData::Encoded(bytes) => {
             let gray = decode_grayscale(bytes, limits)?;
             let inverted = has_light_border(&gray);
@@ -138,12 +160,29 @@ pub fn preprocess(image: ImageData<'_>, limits: &DecodeLimits, check: &InputChec
         }
     };
     match check.check(&pixels, inverted) {
-        Ok(()) => Ok(ModelInput { pixels }),
+        Ok(()) => Ok(ModelInput { pixels, scaled }),
         Err(mut rejection) => {
             rejection.pixels = Some(pixels);
             Err(rejection)
         }
     }
+}
+
+/// Model-ready values, if there are 784 of them and each is a number in [0, 1].
+fn checked_scaled(values: &[f32]) -> Result<Box<[f32; PIXELS]>, Rejection> {
+    let values: &[f32; PIXELS] = values.try_into().map_err(|_| {
+        Rejection::new(
+            Reason::WrongSize,
+            format!("image has {} values; expected {PIXELS} (28x28)", values.len()),
+        )
+    })?;
+    if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !(0.0..=1.0).contains(*v)) {
+        return Err(Rejection::new(
+            Reason::Undecodable,
+            format!("value {v} at index {i} is outside [0, 1]: send pixel / 255, with 0 as the background"),
+        ));
+    }
+    Ok(Box::new(*values))
 }
 
 fn decode_grayscale(bytes: &[u8], limits: &DecodeLimits) -> Result<GrayImage, Rejection> {
@@ -375,7 +414,7 @@ mod tests {
     fn scaling_is_pixel_over_255() {
         let mut p = garment();
         p[0] = 255;
-        let input = ModelInput { pixels: Box::new(p) };
+        let input = ModelInput::from_pixels(Box::new(p));
         let mut out = vec![0.0; PIXELS];
         input.write_scaled(&mut out);
         assert_eq!(out[0], 1.0);

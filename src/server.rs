@@ -15,10 +15,13 @@ use crate::{
     error::ModelError,
     grpc::{
         fashion_mnist::ClassifierService,
+        inference::InferenceService,
         layers::{CallLimitsLayer, RpcLayer},
     },
     model::Model,
+    inference_pb::grpc_inference_service_server::GrpcInferenceServiceServer,
     pb::{self, classifier_server::ClassifierServer},
+    rest,
     telemetry::{self, metric},
     web,
 };
@@ -120,6 +123,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     };
     reporter.set_service_status("", status).await;
     reporter.set_service_status("fashion_mnist.v1.Classifier", status).await;
+    reporter.set_service_status("inference.GRPCInferenceService", status).await;
 }
 
 /// Serves gRPC on `listener` and metrics on `metrics_listener` until `shutdown` resolves, then drains: health
@@ -147,9 +151,14 @@ pub async fn serve(
 
     let models = Arc::new(OnceLock::new());
     let policy = policy(&config);
-    let classifier = ClassifierServer::new(ClassifierService::new(Classifier::new(models.clone(), policy)))
+    let core = Classifier::new(models.clone(), policy);
+    let classifier = ClassifierServer::new(ClassifierService::new(core.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(core.clone()))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let rest = rest::router(core.clone(), config.max_message_bytes);
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_reporter = reporter.clone();
@@ -157,6 +166,7 @@ pub async fn serve(
         shutdown.await;
         tracing::info!("shutdown requested: health NOT_SERVING, draining calls in flight");
         set_health(&shutdown_reporter, false).await;
+        core.begin_drain();
         let _ = drain_tx.send(());
     };
     let addr = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
@@ -166,7 +176,8 @@ pub async fn serve(
     let grpc = tonic::service::Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(classifier);
+        .add_service(classifier)
+        .add_service(inference);
     let incoming = connections::incoming(
         listener,
         config.connection_limits(),
@@ -183,7 +194,7 @@ pub async fn serve(
         .timeout(Duration::from_secs(config.request_timeout_s))
         .layer(RpcLayer)
         .layer(CallLimitsLayer::new(config.max_request_bytes_in_flight))
-        .add_routes(web::with_grpc_web_and_page(grpc))
+        .add_routes(web::with_grpc_web_and_page(grpc, rest))
         .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));

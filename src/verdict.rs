@@ -40,6 +40,24 @@ impl Reason {
     }
 }
 
+impl Reason {
+    /// The reason's name on the wire where a protocol has no enum for it (the Open Inference Protocol's
+    /// `reason` output): `fashion_mnist.v1`'s enum value without its `REASON_` prefix.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Accepted => "ACCEPTED",
+            Reason::LowConfidence => "LOW_CONFIDENCE",
+            Reason::MostlyDark => "MOSTLY_DARK",
+            Reason::MostlyBright => "MOSTLY_BRIGHT",
+            Reason::LowContrast => "LOW_CONTRAST",
+            Reason::Undecodable => "UNDECODABLE",
+            Reason::WrongSize => "WRONG_SIZE",
+            Reason::TooLarge => "TOO_LARGE",
+            Reason::OutOfDistribution => "OUT_OF_DISTRIBUTION",
+        }
+    }
+}
+
 /// What the model said about one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {

@@ -33,15 +33,17 @@ async fn style_css() -> Response {
     asset("text/css; charset=utf-8", STYLE_CSS)
 }
 
-/// The gRPC services, reachable from browsers through gRPC-Web, plus the page, on one HTTP/1 + HTTP/2 port.
+/// The gRPC services, reachable from browsers through gRPC-Web, plus the page and the `rest` routes, on one
+/// HTTP/1 + HTTP/2 port.
 ///
 /// The gRPC-Web layer wraps only the gRPC routes: it answers every plain HTTP/1 request with 400, so wrapping
 /// the whole server (`Server::builder().layer(..)`) would hide the page. Keeping tonic's routes as the base
 /// keeps its fallback, so a call to an unknown service still answers UNIMPLEMENTED.
-pub fn with_grpc_web_and_page(grpc: Routes) -> Routes {
+pub fn with_grpc_web_and_page(grpc: Routes, rest: axum::Router) -> Routes {
     grpc.into_axum_router()
         .layer(tonic_web::GrpcWebLayer::new())
         .merge(router())
+        .merge(rest)
         .into()
 }
 

@@ -55,6 +55,7 @@ fn from_proto(req: pb::ClassifyRequest) -> ClassifyRequest {
             })
             .collect(),
         model: req.model,
+        version: String::new(),
         min_confidence: req.min_confidence,
         max_ood_score: req.max_ood_score,
         return_model_input: req.return_model_input,

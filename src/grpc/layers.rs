@@ -21,7 +21,8 @@ use tracing::Instrument;
 
 use crate::{
     connections::ConnectionInfo,
-    error::{AdmissionError, ServiceError},
+    error::{AdmissionError, ErrorKind, ServiceError},
+    grpc, rest,
     telemetry::metric,
 };
 
@@ -62,15 +63,15 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let is_grpc = request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if !is_grpc {
+        let path = request.uri().path();
+        let rpc = if is_grpc(request.headers()) {
+            rpc_label(path)
+        } else if let Some(route) = rest_label(path) {
+            route
+        } else {
             // The page's own files: no call to count.
             return Box::pin(self.inner.call(request));
-        }
-        let rpc = rpc_label(request.uri().path());
+        };
         let id = request_id(request.headers());
         if let Some(deadline) = grpc_deadline(request.headers()) {
             request.extensions_mut().insert(Deadline(deadline));
@@ -93,8 +94,12 @@ where
             if let Ok(response) = &mut result {
                 let received = started + Duration::from_nanos(received.load(Ordering::Relaxed));
                 let elapsed = received.elapsed();
-                // A failed unary call answers "trailers-only": its status is in the headers.
-                let status = Status::from_header_map(response.headers());
+                // A failed unary call answers "trailers-only": its status is in the headers. A REST call's
+                // failure carries its kind (`rest::error_response`), counted under the same code names.
+                let status = match response.extensions().get::<ErrorKind>() {
+                    Some(&kind) => Some(Status::new(grpc::code(kind), response.status().to_string())),
+                    None => Status::from_header_map(response.headers()),
+                };
                 let code = status.as_ref().map_or(tonic::Code::Ok, Status::code);
                 let code_label = format!("{code:?}");
                 metrics::counter!(metric::REQUESTS, "rpc" => rpc, "code" => code_label.clone()).increment(1);
@@ -115,7 +120,38 @@ where
 
 /// The methods the server serves; anything else is counted as "unknown". The label must come from a closed
 /// set: a client could otherwise mint a new metric series per made-up path and grow the recorder without end.
-const RPCS: [&str; 5] = ["Classify", "GetModelInfo", "Check", "Watch", "ServerReflectionInfo"];
+const RPCS: [&str; 11] = [
+    "Classify",
+    "GetModelInfo",
+    "Check",
+    "Watch",
+    "ServerReflectionInfo",
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+];
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The Open Inference Protocol's REST routes (`rest`), each a closed label; `None` for other paths.
+fn rest_label(path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/v2")?;
+    Some(match rest {
+        "" | "/" => "v2/server_metadata",
+        "/health/live" | "/health/ready" => "v2/health",
+        _ if rest.starts_with("/models/") && rest.ends_with("/infer") => "v2/infer",
+        _ if rest.starts_with("/models/") && rest.ends_with("/ready") => "v2/model_ready",
+        _ if rest.starts_with("/models/") => "v2/model_metadata",
+        _ => "v2/unknown",
+    })
+}
 
 /// "/fashion_mnist.v1.Classifier/Classify" -> "Classify".
 fn rpc_label(path: &str) -> &'static str {
@@ -286,7 +322,12 @@ where
             Some(share) => match share.calls.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    let refusal = Status::from(ServiceError::from(AdmissionError::ConnectionCalls)).into_http();
+                    let refused = ServiceError::from(AdmissionError::ConnectionCalls);
+                    let refusal = if is_grpc(request.headers()) {
+                        Status::from(refused).into_http()
+                    } else {
+                        rest::error_response(refused).map(Body::new)
+                    };
                     return Box::pin(async move { Ok(refusal) });
                 }
             },

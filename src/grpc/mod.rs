@@ -1,7 +1,9 @@
-//! The gRPC side of the service: one adapter per protocol (only `fashion_mnist.v1` so far), the layers every
+//! The gRPC side of the service: one adapter per protocol (`fashion_mnist.v1`, and the Open Inference
+//! Protocol's `inference`), the layers every
 //! call goes through, and the one place that turns an [`ErrorKind`] into a gRPC code.
 
 pub mod fashion_mnist;
+pub mod inference;
 pub mod layers;
 
 use tonic::{Code, Status};

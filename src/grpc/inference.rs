@@ -1,0 +1,196 @@
+//! The `inference.GRPCInferenceService` adapter: the Open Inference Protocol over gRPC. It reads tensors out
+//! of the proto (typed `contents` or `raw_input_contents`) and writes them back (always as
+//! `raw_output_contents`, the form tritonclient's `as_numpy` reads); `oip` and the core do the rest.
+
+use tonic::{Request, Response, Status};
+
+use crate::{
+    classify::Classifier,
+    connections::ConnectionInfo,
+    error::{ServiceError, clip},
+    grpc::layers::Deadline,
+    inference_pb as pb,
+    oip::{self, InferRequest, InputTensor, Param, TensorData},
+};
+
+#[derive(Debug, Clone)]
+pub struct InferenceService {
+    core: Classifier,
+}
+
+impl InferenceService {
+    pub fn new(core: Classifier) -> Self {
+        InferenceService { core }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.core.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        // As Triton answers: an unknown model or version is simply not ready.
+        let ready = self.core.is_ready()
+            && self
+                .core
+                .models()
+                .is_ok_and(|m| !r.name.is_empty() && m.find(&r.name, &r.version).is_ok());
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: oip::SERVER_NAME.into(),
+            version: oip::SERVER_VERSION.into(),
+            extensions: oip::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        if r.name.is_empty() {
+            return Err(ServiceError::invalid("name is empty: name the model to describe").into());
+        }
+        let model = self.core.models()?.find(&r.name, &r.version).map_err(ServiceError::from)?;
+        let tensors = |specs: &[oip::TensorSpec]| {
+            specs
+                .iter()
+                .map(|s| pb::model_metadata_response::TensorMetadata {
+                    name: s.name.into(),
+                    datatype: s.datatype.into(),
+                    shape: s.shape.to_vec(),
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: model.meta.name.clone(),
+            versions: vec![model.meta.version.clone()],
+            platform: oip::PLATFORM.into(),
+            inputs: tensors(&oip::INPUTS),
+            outputs: tensors(&oip::OUTPUTS),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
+        let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
+        let request = request.into_inner();
+        let id = request.id.clone();
+        let call = oip::read_call(from_proto(request)?)?;
+        let response = self.core.classify(call.request, share, deadline).await?;
+        let outputs = oip::outputs(&response, &call.outputs);
+        Ok(Response::new(pb::ModelInferResponse {
+            model_name: response.model,
+            model_version: response.model_version,
+            id,
+            parameters: Default::default(),
+            raw_output_contents: outputs.iter().map(|o| o.data.to_raw()).collect(),
+            outputs: outputs
+                .into_iter()
+                .map(|o| pb::model_infer_response::InferOutputTensor {
+                    name: o.spec.name.into(),
+                    datatype: o.spec.datatype.into(),
+                    shape: o.shape,
+                    parameters: Default::default(),
+                    contents: None,
+                })
+                .collect(),
+        }))
+    }
+}
+
+fn from_proto(request: pb::ModelInferRequest) -> Result<InferRequest, ServiceError> {
+    let raw = request.raw_input_contents;
+    if !raw.is_empty() && raw.len() != request.inputs.len() {
+        return Err(ServiceError::invalid(format!(
+            "raw_input_contents has {} entries for {} inputs: send one per input, in order",
+            raw.len(),
+            request.inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    let inputs = request
+        .inputs
+        .into_iter()
+        .map(|input| {
+            let data = match (raw.next(), input.contents) {
+                (Some(_), Some(_)) => {
+                    return Err(ServiceError::invalid(format!(
+                        "input {} has both contents and raw_input_contents: send one of them",
+                        clip(&input.name)
+                    )));
+                }
+                (Some(bytes), None) => TensorData::from_raw(&input.name, &input.datatype, &bytes)?,
+                (None, contents) => typed(&input.name, &input.datatype, contents.unwrap_or_default())?,
+            };
+            Ok(InputTensor {
+                name: input.name,
+                datatype: input.datatype,
+                shape: input.shape,
+                data,
+            })
+        })
+        .collect::<Result<_, ServiceError>>()?;
+    Ok(InferRequest {
+        model_name: request.model_name,
+        model_version: request.model_version,
+        inputs,
+        outputs: request.outputs.into_iter().map(|o| o.name).collect(),
+        parameters: request
+            .parameters
+            .into_iter()
+            .filter_map(|(key, value)| Some((key, param(value.parameter_choice?))))
+            .collect(),
+    })
+}
+
+/// A tensor's typed `contents`, read from the field its datatype uses.
+fn typed(name: &str, datatype: &str, contents: pb::InferTensorContents) -> Result<TensorData, ServiceError> {
+    match datatype {
+        "UINT8" => contents
+            .uint_contents
+            .iter()
+            .map(|&v| u8::try_from(v))
+            .collect::<Result<Vec<u8>, _>>()
+            .map(TensorData::Uint8)
+            .map_err(|_| ServiceError::invalid(format!("input {} is UINT8: every value must be 0..=255", clip(name)))),
+        "FP32" => Ok(TensorData::Fp32(contents.fp32_contents)),
+        "BYTES" => Ok(TensorData::Bytes(contents.bytes_contents)),
+        other => Err(oip::unsupported_datatype(name, other)),
+    }
+}
+
+fn param(choice: pb::infer_parameter::ParameterChoice) -> Param {
+    use pb::infer_parameter::ParameterChoice as P;
+    match choice {
+        P::BoolParam(b) => Param::Bool(b),
+        P::Int64Param(i) => Param::Int(i),
+        P::StringParam(s) => Param::Str(s),
+        P::DoubleParam(d) => Param::Double(d),
+        P::Uint64Param(u) => Param::Int(i64::try_from(u).unwrap_or(i64::MAX)),
+    }
+}

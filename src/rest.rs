@@ -1,0 +1,447 @@
+//! The Open Inference Protocol over HTTP/JSON (KServe v2 REST), on the gRPC port beside the page, so `curl`
+//! works with no tools. Tensors travel as JSON arrays (flat or nested), or, with the binary tensor extension
+//! that tritonclient uses by default, as raw bytes after the JSON header. `oip` and the core do the rest.
+//!
+//! Routes: `GET /v2`, `GET /v2/health/live`, `GET /v2/health/ready`, and per model (optionally
+//! `/versions/{version}` after the name) `GET /v2/models/{name}`, `GET .../ready`, `POST .../infer`.
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{Path, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    classify::Classifier,
+    connections::ConnectionInfo,
+    error::{ErrorKind, ServiceError, clip},
+    oip::{self, InferRequest, InputTensor, OutputData, OutputTensor, Param, TensorData, TensorSpec},
+};
+
+/// The header that says how long the JSON part of a binary-extension body is.
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The HTTP status of each kind of failure.
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+        ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A failure as the protocol answers it, `{"error": "..."}`; the kind rides along in the response's
+/// extensions for the call metrics.
+pub fn error_response(e: ServiceError) -> Response {
+    let mut response = (status(e.kind), Json(json!({ "error": e.message }))).into_response();
+    response.extensions_mut().insert(e.kind);
+    response
+}
+
+struct Failed(ServiceError);
+
+impl From<ServiceError> for Failed {
+    fn from(e: ServiceError) -> Self {
+        Failed(e)
+    }
+}
+
+impl IntoResponse for Failed {
+    fn into_response(self) -> Response {
+        error_response(self.0)
+    }
+}
+
+#[derive(Clone)]
+struct Rest {
+    core: Classifier,
+    max_body_bytes: usize,
+}
+
+/// The routes; `max_body_bytes` bounds a request body as the gRPC message limit bounds a call.
+pub fn router(core: Classifier, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer))
+        .with_state(Rest { core, max_body_bytes })
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelPath {
+    name: String,
+    #[serde(default)]
+    version: String,
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": oip::SERVER_NAME,
+        "version": oip::SERVER_VERSION,
+        "extensions": oip::EXTENSIONS,
+    }))
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(rest): State<Rest>) -> StatusCode {
+    if rest.core.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn model_metadata(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<Json<Value>, Failed> {
+    let model = rest
+        .core
+        .models()?
+        .find(&path.name, &path.version)
+        .map_err(ServiceError::from)?;
+    let tensors = |specs: &[TensorSpec]| -> Vec<Value> {
+        specs
+            .iter()
+            .map(|s| json!({ "name": s.name, "datatype": s.datatype, "shape": s.shape }))
+            .collect()
+    };
+    Ok(Json(json!({
+        "name": model.meta.name,
+        "versions": [model.meta.version],
+        "platform": oip::PLATFORM,
+        "inputs": tensors(&oip::INPUTS),
+        "outputs": tensors(&oip::OUTPUTS),
+    })))
+}
+
+async fn model_ready(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<StatusCode, Failed> {
+    rest.core.models()?.find(&path.name, &path.version).map_err(ServiceError::from)?;
+    Ok(if rest.core.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
+}
+
+async fn infer(State(rest): State<Rest>, Path(path): Path<ModelPath>, request: Request) -> Result<Response, Failed> {
+    let (parts, body) = request.into_parts();
+    let share = parts.extensions.get::<ConnectionInfo>().map(|c| c.share.clone());
+    let body = read_body(body, rest.max_body_bytes).await?;
+    let (json_part, binary) = split_binary(&parts.headers, &body)?;
+    let request: JsonInferRequest = serde_json::from_slice(json_part)
+        .map_err(|e| ServiceError::invalid(format!("request body is not an inference request: {e}")))?;
+    let binary_by_default = request
+        .parameters
+        .get("binary_data_output")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let binary_outputs: Vec<(String, bool)> = request
+        .outputs
+        .iter()
+        .map(|o| {
+            let binary = o.parameters.get("binary_data").and_then(Value::as_bool);
+            (o.name.clone(), binary.unwrap_or(binary_by_default))
+        })
+        .collect();
+    let id = request.id.clone();
+    let call = oip::read_call(from_json(request, path, binary)?)?;
+    let response = rest.core.classify(call.request, share, None).await?;
+    let outputs = oip::outputs(&response, &call.outputs);
+    let wants_binary = |name: &str| {
+        binary_outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(binary_by_default, |(_, b)| *b)
+    };
+    let mut tail = Vec::new();
+    let outputs: Vec<Value> = outputs
+        .iter()
+        .map(|o| {
+            if wants_binary(o.spec.name) {
+                let raw = o.data.to_raw();
+                let size = raw.len();
+                tail.extend_from_slice(&raw);
+                json!({ "name": o.spec.name, "datatype": o.spec.datatype, "shape": o.shape,
+                        "parameters": { "binary_data_size": size } })
+            } else {
+                json!({ "name": o.spec.name, "datatype": o.spec.datatype, "shape": o.shape, "data": data(o) })
+            }
+        })
+        .collect();
+    let mut head = Map::new();
+    head.insert("model_name".into(), response.model.into());
+    head.insert("model_version".into(), response.model_version.into());
+    if let Some(id) = id {
+        head.insert("id".into(), id.into());
+    }
+    head.insert("outputs".into(), outputs.into());
+    let mut body = serde_json::to_vec(&head).map_err(|e| ServiceError::internal(e.to_string()))?;
+    if tail.is_empty() {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+    }
+    let json_length = HeaderValue::from(body.len());
+    body.extend_from_slice(&tail);
+    let mut response = ([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response();
+    response.headers_mut().insert(HEADER_LENGTH, json_length);
+    Ok(response)
+}
+
+/// The whole body, at most `limit` bytes. A body the call limits refused mid-way (the connection's or the
+/// server's request bytes are taken) is `Overloaded`, as the same refusal is over gRPC.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ServiceError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let refused = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<tonic::Status>())
+            .filter(|s| s.code() == tonic::Code::ResourceExhausted);
+        match refused {
+            Some(status) => ServiceError::new(ErrorKind::Overloaded, status.message()),
+            None if e.to_string().contains("length limit") => {
+                ServiceError::invalid(format!("request body is over {limit} bytes: send fewer images per call"))
+            }
+            None => ServiceError::invalid(format!("cannot read the request body: {e}")),
+        }
+    })
+}
+
+/// The JSON part of the body and the binary tensors after it (the binary tensor extension).
+fn split_binary<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<(&'a [u8], &'a [u8]), ServiceError> {
+    let Some(value) = headers.get(HEADER_LENGTH) else {
+        return Ok((body, &[]));
+    };
+    let length = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n <= body.len())
+        .ok_or_else(|| {
+            ServiceError::invalid(format!(
+                "{HEADER_LENGTH} must be the byte length of the JSON part, at most the body's {} bytes",
+                body.len()
+            ))
+        })?;
+    Ok(body.split_at(length))
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonInferRequest {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<JsonInput>,
+    #[serde(default)]
+    outputs: Vec<JsonOutput>,
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct JsonOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+fn from_json(request: JsonInferRequest, path: ModelPath, binary: &[u8]) -> Result<InferRequest, ServiceError> {
+    let mut binary = binary;
+    let mut inputs = Vec::with_capacity(request.inputs.len());
+    for input in request.inputs {
+        let name = clip(&input.name);
+        let data = match input.parameters.get("binary_data_size") {
+            Some(size) => {
+                let size = size
+                    .as_u64()
+                    .and_then(|s| usize::try_from(s).ok())
+                    .filter(|&s| s <= binary.len())
+                    .ok_or_else(|| {
+                        ServiceError::invalid(format!(
+                            "input {name}: binary_data_size must be a byte count within the {} binary bytes left",
+                            binary.len()
+                        ))
+                    })?;
+                let (raw, rest) = binary.split_at(size);
+                binary = rest;
+                TensorData::from_raw(&input.name, &input.datatype, raw)?
+            }
+            None => {
+                let base64 = input.parameters.get("content_type").and_then(Value::as_str) == Some("base64");
+                let mut elements = Vec::new();
+                flatten(input.data.unwrap_or(Value::Null), &mut elements);
+                json_elements(&input.name, &input.datatype, elements, base64)?
+            }
+        };
+        inputs.push(InputTensor {
+            name: input.name,
+            datatype: input.datatype,
+            shape: input.shape,
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(ServiceError::invalid(format!(
+            "{} binary bytes follow the JSON that no input's binary_data_size claims",
+            binary.len()
+        )));
+    }
+    Ok(InferRequest {
+        model_name: path.name,
+        model_version: path.version,
+        inputs,
+        outputs: request.outputs.into_iter().map(|o| o.name).collect(),
+        parameters: request
+            .parameters
+            .into_iter()
+            .map(|(key, value)| {
+                let param = match value {
+                    Value::Bool(b) => Param::Bool(b),
+                    Value::Number(n) => n.as_i64().map_or_else(|| Param::Double(n.as_f64().unwrap_or(f64::NAN)), Param::Int),
+                    Value::String(s) => Param::Str(s),
+                    other => Param::Str(other.to_string()),
+                };
+                (key, param)
+            })
+            .collect(),
+    })
+}
+
+/// Tensor data may come flat or nested in rows; either way it is read row-major.
+fn flatten(value: Value, out: &mut Vec<Value>) {
+    match value {
+        Value::Array(items) => items.into_iter().for_each(|v| flatten(v, out)),
+        Value::Null => {}
+        other => out.push(other),
+    }
+}
+
+fn json_elements(name: &str, datatype: &str, elements: Vec<Value>, base64: bool) -> Result<TensorData, ServiceError> {
+    let bad = |what: &str, v: &Value| {
+        ServiceError::invalid(format!(
+            "input {}: every element must be {what}, got {}",
+            clip(name),
+            clip(&v.to_string())
+        ))
+    };
+    match datatype {
+        "UINT8" => elements
+            .iter()
+            .map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()).ok_or_else(|| bad("an integer 0..=255", v)))
+            .collect::<Result<_, _>>()
+            .map(TensorData::Uint8),
+        "FP32" => elements
+            .iter()
+            .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| bad("a number", v)))
+            .collect::<Result<_, _>>()
+            .map(TensorData::Fp32),
+        "BYTES" => elements
+            .iter()
+            .map(|v| {
+                let s = v.as_str().ok_or_else(|| bad("a string", v))?;
+                if base64 {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(s)
+                        .map_err(|e| ServiceError::invalid(format!("input {}: not base64: {e}", clip(name))))
+                } else {
+                    Ok(s.as_bytes().to_vec())
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(TensorData::Bytes),
+        other => Err(oip::unsupported_datatype(name, other)),
+    }
+}
+
+/// An output's rows as a flat JSON array; NaN (an image the model never saw) is `null`.
+fn data(output: &OutputTensor) -> Value {
+    match &output.data {
+        OutputData::Fp32(v) => json!(v),
+        OutputData::Int64(v) => json!(v),
+        OutputData::Bool(v) => json!(v),
+        OutputData::Bytes(v) => json!(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_failure_has_its_http_status() {
+        assert_eq!(status(ErrorKind::Invalid), StatusCode::BAD_REQUEST);
+        assert_eq!(status(ErrorKind::Overloaded), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(status(ErrorKind::Deadline), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(status(ErrorKind::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(ErrorKind::Internal), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    #[test]
+    fn nested_and_flat_data_read_the_same() {
+        let mut nested = Vec::new();
+        flatten(json!([[1, 2], [3, 4]]), &mut nested);
+        let mut flat = Vec::new();
+        flatten(json!([1, 2, 3, 4]), &mut flat);
+        assert_eq!(nested, flat);
+        assert_eq!(
+            json_elements("raw", "UINT8", flat, false).unwrap(),
+            TensorData::Uint8(vec![1, 2, 3, 4])
+        );
+    }
+
+    #[test]
+    fn json_elements_are_checked_against_the_datatype() {
+        assert!(json_elements("raw", "UINT8", vec![json!(256)], false).is_err());
+        assert!(json_elements("image", "FP32", vec![json!("x")], false).is_err());
+        assert_eq!(
+            json_elements("encoded", "BYTES", vec![json!("aGk=")], true).unwrap(),
+            TensorData::Bytes(vec![b"hi".to_vec()])
+        );
+        assert_eq!(
+            json_elements("encoded", "BYTES", vec![json!("hi")], false).unwrap(),
+            TensorData::Bytes(vec![b"hi".to_vec()])
+        );
+    }
+
+    #[test]
+    fn the_binary_extension_splits_the_body_at_the_header_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("2"));
+        assert_eq!(split_binary(&headers, b"{}abc").unwrap(), (&b"{}"[..], &b"abc"[..]));
+        headers.insert(HEADER_LENGTH, HeaderValue::from_static("9"));
+        assert!(split_binary(&headers, b"{}abc").is_err());
+        assert_eq!(split_binary(&HeaderMap::new(), b"{}").unwrap(), (&b"{}"[..], &b""[..]));
+    }
+
+    #[test]
+    fn nan_is_written_as_null() {
+        let spec = &oip::OUTPUTS[2];
+        let output = OutputTensor {
+            spec,
+            shape: vec![2],
+            data: OutputData::Fp32(vec![f32::NAN, 1.5]),
+        };
+        assert_eq!(data(&output), json!([null, 1.5]));
+    }
+}
