@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Maps are read into BTreeMap so parameters are walked in a stable order.
         .btree_map(".")
         .compile_protos(
-            &["proto/fashion_mnist/v1/classifier.proto", "proto/inference/grpc_predict_v2.proto"],
+            &[
+                "proto/fashion_mnist/v1/classifier.proto",
+                "proto/inference/grpc_predict_v2.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -277,9 +277,8 @@ fn images(input: InputTensor) -> Result<Vec<ImageInput>, ServiceError> {
             clip(&input.datatype)
         )));
     }
-    let shape_fits = input.shape.len() == spec.shape.len()
-        && input.shape[0] >= 0
-        && input.shape[1..] == spec.shape[1..];
+    let shape_fits =
+        input.shape.len() == spec.shape.len() && input.shape[0] >= 0 && input.shape[1..] == spec.shape[1..];
     if !shape_fits {
         return Err(ServiceError::invalid(format!(
             "input {name} is {}, got shape {:?}",
@@ -300,7 +299,10 @@ fn images(input: InputTensor) -> Result<Vec<ImageInput>, ServiceError> {
     }
     Ok(match input.data {
         TensorData::Bytes(files) => files.into_iter().map(ImageInput::Encoded).collect(),
-        TensorData::Uint8(pixels) => pixels.chunks_exact(PIXELS).map(|c| ImageInput::Raw(c.to_vec())).collect(),
+        TensorData::Uint8(pixels) => pixels
+            .chunks_exact(PIXELS)
+            .map(|c| ImageInput::Raw(c.to_vec()))
+            .collect(),
         TensorData::Fp32(values) => values
             .chunks_exact(PIXELS)
             .map(|c| ImageInput::Scaled(c.to_vec()))
@@ -428,13 +430,28 @@ mod tests {
 
     #[test]
     fn each_input_form_becomes_its_images() {
-        let raw = call(tensor("raw", "UINT8", &[2, 28, 28], TensorData::Uint8(vec![7; 2 * PIXELS]))).unwrap();
+        let raw = call(tensor(
+            "raw",
+            "UINT8",
+            &[2, 28, 28],
+            TensorData::Uint8(vec![7; 2 * PIXELS]),
+        ))
+        .unwrap();
         assert_eq!(raw.request.images, vec![ImageInput::Raw(vec![7; PIXELS]); 2]);
-        let scaled = call(tensor("image", "FP32", &[1, 1, 28, 28], TensorData::Fp32(vec![0.5; PIXELS]))).unwrap();
+        let scaled = call(tensor(
+            "image",
+            "FP32",
+            &[1, 1, 28, 28],
+            TensorData::Fp32(vec![0.5; PIXELS]),
+        ))
+        .unwrap();
         assert_eq!(scaled.request.images, vec![ImageInput::Scaled(vec![0.5; PIXELS])]);
         let files = vec![b"png".to_vec(), b"jpeg".to_vec()];
         let encoded = call(tensor("encoded", "BYTES", &[2], TensorData::Bytes(files.clone()))).unwrap();
-        assert_eq!(encoded.request.images, files.into_iter().map(ImageInput::Encoded).collect::<Vec<_>>());
+        assert_eq!(
+            encoded.request.images,
+            files.into_iter().map(ImageInput::Encoded).collect::<Vec<_>>()
+        );
         assert_eq!(encoded.outputs.len(), OUTPUTS.len(), "no outputs named: all of them");
     }
 
@@ -446,7 +463,12 @@ mod tests {
         assert!(invalid_message(wrong_type).contains("got datatype FP32"));
         let short = call(tensor("raw", "UINT8", &[2, 28, 28], TensorData::Uint8(vec![0; PIXELS])));
         assert!(invalid_message(short).contains("784 elements; expected 1568"));
-        let unknown = call(tensor("pixels", "UINT8", &[1, 28, 28], TensorData::Uint8(vec![0; PIXELS])));
+        let unknown = call(tensor(
+            "pixels",
+            "UINT8",
+            &[1, 28, 28],
+            TensorData::Uint8(vec![0; PIXELS]),
+        ));
         assert!(invalid_message(unknown).contains("encoded BYTES [N], or raw UINT8 [N,28,28], or image FP32"));
         let negative = call(tensor("encoded", "BYTES", &[-1], TensorData::Bytes(vec![])));
         assert!(invalid_message(negative).contains("got shape [-1]"));
@@ -473,7 +495,12 @@ mod tests {
             outputs: vec!["reason".into(), "class_id".into()],
             ..InferRequest::default()
         };
-        let names: Vec<&str> = read_call(request.clone()).unwrap().outputs.iter().map(|o| o.name).collect();
+        let names: Vec<&str> = read_call(request.clone())
+            .unwrap()
+            .outputs
+            .iter()
+            .map(|o| o.name)
+            .collect();
         assert_eq!(names, ["reason", "class_id"]);
         request.outputs = vec!["logits".into()];
         assert!(invalid_message(read_call(request.clone())).contains("unknown output logits"));

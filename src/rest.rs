@@ -130,7 +130,10 @@ async fn model_metadata(State(rest): State<Rest>, Path(path): Path<ModelPath>) -
 }
 
 async fn model_ready(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<StatusCode, Failed> {
-    rest.core.models()?.find(&path.name, &path.version).map_err(ServiceError::from)?;
+    rest.core
+        .models()?
+        .find(&path.name, &path.version)
+        .map_err(ServiceError::from)?;
     Ok(if rest.core.is_ready() {
         StatusCode::OK
     } else {
@@ -210,9 +213,9 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Servic
             .filter(|s| s.code() == tonic::Code::ResourceExhausted);
         match refused {
             Some(status) => ServiceError::new(ErrorKind::Overloaded, status.message()),
-            None if e.to_string().contains("length limit") => {
-                ServiceError::invalid(format!("request body is over {limit} bytes: send fewer images per call"))
-            }
+            None if e.to_string().contains("length limit") => ServiceError::invalid(format!(
+                "request body is over {limit} bytes: send fewer images per call"
+            )),
             None => ServiceError::invalid(format!("cannot read the request body: {e}")),
         }
     })
@@ -318,7 +321,9 @@ fn from_json(request: JsonInferRequest, path: ModelPath, binary: &[u8]) -> Resul
             .map(|(key, value)| {
                 let param = match value {
                     Value::Bool(b) => Param::Bool(b),
-                    Value::Number(n) => n.as_i64().map_or_else(|| Param::Double(n.as_f64().unwrap_or(f64::NAN)), Param::Int),
+                    Value::Number(n) => n
+                        .as_i64()
+                        .map_or_else(|| Param::Double(n.as_f64().unwrap_or(f64::NAN)), Param::Int),
                     Value::String(s) => Param::Str(s),
                     other => Param::Str(other.to_string()),
                 };
@@ -348,7 +353,11 @@ fn json_elements(name: &str, datatype: &str, elements: Vec<Value>, base64: bool)
     match datatype {
         "UINT8" => elements
             .iter()
-            .map(|v| v.as_u64().and_then(|n| u8::try_from(n).ok()).ok_or_else(|| bad("an integer 0..=255", v)))
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u8::try_from(n).ok())
+                    .ok_or_else(|| bad("an integer 0..=255", v))
+            })
             .collect::<Result<_, _>>()
             .map(TensorData::Uint8),
         "FP32" => elements

@@ -18,8 +18,8 @@ use crate::{
         inference::InferenceService,
         layers::{CallLimitsLayer, RpcLayer},
     },
-    model::Model,
     inference_pb::grpc_inference_service_server::GrpcInferenceServiceServer,
+    model::Model,
     pb::{self, classifier_server::ClassifierServer},
     rest,
     telemetry::{self, metric},
@@ -123,7 +123,9 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     };
     reporter.set_service_status("", status).await;
     reporter.set_service_status("fashion_mnist.v1.Classifier", status).await;
-    reporter.set_service_status("inference.GRPCInferenceService", status).await;
+    reporter
+        .set_service_status("inference.GRPCInferenceService", status)
+        .await;
 }
 
 /// Serves gRPC on `listener` and metrics on `metrics_listener` until `shutdown` resolves, then drains: health

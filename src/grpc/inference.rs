@@ -72,7 +72,11 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         if r.name.is_empty() {
             return Err(ServiceError::invalid("name is empty: name the model to describe").into());
         }
-        let model = self.core.models()?.find(&r.name, &r.version).map_err(ServiceError::from)?;
+        let model = self
+            .core
+            .models()?
+            .find(&r.name, &r.version)
+            .map_err(ServiceError::from)?;
         let tensors = |specs: &[oip::TensorSpec]| {
             specs
                 .iter()

@@ -345,6 +345,13 @@ pub async fn classify_all(
     results
 }
 
+/// The model's version from models/<name>.json.
+pub fn model_version(model: &str) -> String {
+    let text = std::fs::read_to_string(repo().join(format!("models/{model}.json"))).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    meta["version"].as_str().unwrap().to_string()
+}
+
 /// The model's measured test accuracy from models/<name>.json.
 pub fn metadata_accuracy(model: &str) -> f64 {
     let text = std::fs::read_to_string(repo().join(format!("models/{model}.json"))).unwrap();
