@@ -11,7 +11,7 @@ PY_VENV := .venv-tools
 run: build
 	$(BIN) serve
 
-## test: every test (format, lints, unit, integration against real servers, grpcurl, Python client, browser page in headless Chromium, manifests)
+## test: every test (format, lints, unit, integration against real servers, grpcurl, tritonclient and the kserve SDK, Python client, browser page in headless Chromium, manifests)
 test: test-deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --release --all-targets -- -D warnings
@@ -19,6 +19,7 @@ test: test-deps
 	bash tests/grpcurl.sh
 	bash deploy/validate.sh
 	bash tests/python_client.sh
+	bash tests/oip_clients.sh
 	bash tests/web.sh
 
 # Everything the tests download, first: a registry hiccup then fails the run before any compile, and every

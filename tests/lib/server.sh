@@ -1,10 +1,13 @@
 # Sourced by the shell tests: starts the release server on ephemeral ports and exports GRPC_ADDR and
-# METRICS_ADDR (read back from its log, so no port is ever guessed). Stops it on exit.
+# METRICS_ADDR (read back from its log, so no port is ever guessed). Stops it on exit. Called again, it starts
+# another server (its own log and addresses) and stops them all on exit.
 start_server() {
   SERVER_LOG=$(mktemp)
   RUST_LOG=info ./target/release/fmnist serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 "$@" >"$SERVER_LOG" 2>&1 &
   SERVER_PID=$!
-  trap 'kill $SERVER_PID 2>/dev/null; wait $SERVER_PID 2>/dev/null; rm -f "$SERVER_LOG"' EXIT
+  ALL_SERVER_PIDS="${ALL_SERVER_PIDS:-} $SERVER_PID"
+  ALL_SERVER_LOGS="${ALL_SERVER_LOGS:-} $SERVER_LOG"
+  trap 'kill $ALL_SERVER_PIDS 2>/dev/null; wait $ALL_SERVER_PIDS 2>/dev/null; rm -f $ALL_SERVER_LOGS' EXIT
   for _ in $(seq 1 600); do
     if grep -q 'serving' "$SERVER_LOG"; then break; fi
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then echo "server exited:"; cat "$SERVER_LOG"; return 1; fi
