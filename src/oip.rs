@@ -102,7 +102,7 @@ impl TensorData {
         match datatype {
             "UINT8" => Ok(TensorData::Uint8(raw.to_vec())),
             "FP32" => {
-                if raw.len() % 4 != 0 {
+                if !raw.len().is_multiple_of(4) {
                     return Err(ServiceError::invalid(format!(
                         "input {} is FP32 but its raw contents are {} bytes, not a multiple of 4",
                         clip(name),

@@ -451,7 +451,7 @@ async fn health_readiness_and_metadata_describe_the_real_model() {
         .unwrap()
         .into_inner();
     let version = common::model_version("cnn");
-    assert_eq!(meta.versions, [version.clone()]);
+    assert_eq!(meta.versions, std::slice::from_ref(&version));
     assert_eq!(meta.platform, "onnxruntime_onnx");
     let inputs: Vec<(&str, &str, &[i64])> = meta
         .inputs
