@@ -2,7 +2,8 @@
 # The Open Inference Protocol with clients nobody here wrote, against real servers:
 #  - tritonclient (gRPC and HTTP) and the kserve SDK (tests/oip_clients.py), in their own virtual environment
 #    (.venv-oip, tests/requirements-oip.txt: they need protobuf < 7);
-#  - the README's curl example, run as written.
+#  - the README's curl example, run as written;
+#  - deploy/kserve/ loaded into the kserve SDK's model classes (deploy/kserve_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-oip
@@ -19,6 +20,8 @@ STUBS=$(mktemp -d)
 "$VENV/bin/python" -m grpc_tools.protoc -I proto --python_out="$STUBS" --grpc_python_out="$STUBS" \
   proto/fashion_mnist/v1/classifier.proto
 export PYTHONPATH=$STUBS
+
+"$VENV/bin/python" deploy/kserve_check.py deploy/kserve/servingruntime.yaml deploy/kserve/inferenceservice.yaml
 
 source tests/lib/server.sh
 # A server whose queue holds one call of 64 images, for RESOURCE_EXHAUSTED.
