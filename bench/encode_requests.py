@@ -3,7 +3,8 @@ big-endian length, protobuf message), each written as a record (u32 little-endia
 
 For each model, from the committed test-set fixture (1,000 real Fashion-MNIST test images):
   fmnist-<model>-{raw,png,multi16}.bin   fashion_mnist.v1.ClassifyRequest (our server and the Python peer)
-  oip-<model>-{raw,png,multi16}.bin      inference.ModelInferRequest (MLServer, Open Inference Protocol)
+  oip-<model>-{raw,png,multi16}.bin      inference.ModelInferRequest (Open Inference Protocol: the same bodies go
+                                         to our server's GRPCInferenceService and to MLServer)
 raw: one image as 784 raw bytes; png: one image as a PNG file; multi16: 16 raw images per call.
 
     bench/.venv/bin/python bench/encode_requests.py --out bench/results/tmp/bodies --model cnn
@@ -69,7 +70,9 @@ def main() -> None:
               (ours([pb.Image(raw=img.tobytes()) for img in g]) for g in groups))
 
         def infer(datatype: str, shape: list[int], raw: bytes):
-            tensor = oip.ModelInferRequest.InferInputTensor(name="image", datatype=datatype, shape=shape)
+            # Our server's input names (README "Open Inference Protocol"); the MLServer runtime goes by datatype.
+            name = {"UINT8": "raw", "BYTES": "encoded"}[datatype]
+            tensor = oip.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
             return oip.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[raw])
 
         write(a.out / f"oip-{model}-raw.bin", (infer("UINT8", [1, 28, 28], img.tobytes()) for img in images))

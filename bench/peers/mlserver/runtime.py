@@ -1,6 +1,6 @@
 """Peer (b): a small custom MLServer runtime serving the ONNX model with onnxruntime. MLServer's adaptive
 batching (max_batch_size / max_batch_time in model-settings.json) merges concurrent requests before `predict`.
-Input "image": UINT8 [n, 28, 28] raw pixels, or BYTES [n] encoded image files. Output "probabilities" FP32
+Input (by datatype, whatever its name): UINT8 [n, 28, 28] raw pixels, or BYTES [n] encoded image files. Output "probabilities" FP32
 [n, 10]. Each predict call records its batch size in the histogram fmnist_batch_images on MLServer's Prometheus
 endpoint, so the harness can report the average formed batch as it does for the Rust service."""
 
