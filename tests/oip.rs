@@ -140,7 +140,7 @@ async fn every_input_form_gives_the_probabilities_classify_gives() {
     // pixel / 255 is what the server computes from raw pixels, so the FP32 path must land on the same values.
     let scaled: Vec<u8> = pixels
         .iter()
-        .flat_map(|&p| (f32::from(p) * (1.0 / 255.0)).to_le_bytes())
+        .flat_map(|&p| (f32::from(p) / 255.0).to_le_bytes())
         .collect();
     let by_fp32 = oip
         .model_infer(infer_raw(input("image", "FP32", &[n, 1, 28, 28]), scaled))
@@ -672,7 +672,7 @@ async fn rest_binary_tensors_follow_the_json_header() {
     let values: Vec<u8> = images
         .concat()
         .iter()
-        .flat_map(|&p| (f32::from(p) * (1.0 / 255.0)).to_le_bytes())
+        .flat_map(|&p| (f32::from(p) / 255.0).to_le_bytes())
         .collect();
     let header = json!({
         "inputs": [{"name": "image", "datatype": "FP32", "shape": [3, 1, 28, 28],

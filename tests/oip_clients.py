@@ -116,7 +116,7 @@ def test_tritonclient_grpc():
     assert (r.as_numpy("class_id") == want.argmax(axis=1)).all(), "class_id is the most probable class"
     assert r.get_response().model_version == json.loads((REPO / "models/cnn.json").read_text())["version"]
 
-    scaled = (images.astype(np.float32) * np.float32(1 / 255)).reshape(-1, 1, 28, 28)
+    scaled = (images.astype(np.float32) / np.float32(255)).reshape(-1, 1, 28, 28)
     r = client.infer("cnn", [triton_input("image", scaled, "FP32")])
     assert_close(r.as_numpy("probabilities"), want, "tritonclient gRPC FP32 [32,1,28,28]")
 
@@ -218,7 +218,7 @@ def test_tritonclient_http():
     r = client.infer("cnn", [tensor])
     assert_close(r.as_numpy("probabilities"), want, "tritonclient HTTP UINT8, binary tensors")
     # And plain JSON both ways.
-    scaled = (images.astype(np.float32) * np.float32(1 / 255)).reshape(-1, 1, 28, 28)
+    scaled = (images.astype(np.float32) / np.float32(255)).reshape(-1, 1, 28, 28)
     tensor = thttp.InferInput("image", list(scaled.shape), "FP32")
     tensor.set_data_from_numpy(scaled, binary_data=False)
     r = client.infer("cnn", [tensor], outputs=[thttp.InferRequestedOutput("probabilities", binary_data=False),
@@ -251,7 +251,7 @@ async def kserve_checks():
         r = await client.infer(InferRequest("cnn", [typed]))
         got = {o.name: o for o in r.outputs}
         assert_close(got["probabilities"].as_numpy(), want, "kserve UINT8 typed contents")
-        scaled = (images.astype(np.float32) * np.float32(1 / 255)).reshape(-1, 1, 28, 28)
+        scaled = (images.astype(np.float32) / np.float32(255)).reshape(-1, 1, 28, 28)
         raw = InferInput("image", list(scaled.shape), "FP32")
         raw.set_data_from_numpy(scaled, binary_data=True)
         r = await client.infer(InferRequest("cnn", [raw]))

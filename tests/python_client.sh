@@ -21,22 +21,39 @@ rc=0; err=$(classify --addr "127.0.0.1:$free_port" --timeout 5 tests/fixtures/pn
   || fail "unreachable server message: $err"
 pass "an unreachable server exits 3 with one line: ${err:0:80}..."
 
-# The busy stand-in lives only inside this subshell, so its EXIT trap cannot clash with start_server's.
-(
+# The busy stand-in lives only inside a subshell, so its EXIT trap cannot clash with start_server's.
+# with_busy_server ARGS... -- CMD: runs CMD with BUSY_PORT set to a stand-in started with ARGS.
+with_busy_server() (
+  args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
   busy_out=$(mktemp)
-  "$PYTHON" tests/lib/busy_server.py >"$busy_out" 2>&1 &
+  "$PYTHON" tests/lib/busy_server.py "${args[@]}" >"$busy_out" 2>&1 &
   busy_pid=$!
   trap 'kill $busy_pid 2>/dev/null; rm -f "$busy_out"' EXIT
   for _ in $(seq 1 100); do [ -s "$busy_out" ] && break; sleep 0.1; done
-  port=$(head -1 "$busy_out")
-  [[ "$port" =~ ^[0-9]+$ ]] || fail "busy server did not start: $(cat "$busy_out")"
-  rc=0; err=$(classify --addr "127.0.0.1:$port" --retries 2 tests/fixtures/png/trouser-2.png 2>&1 >/dev/null) || rc=$?
+  BUSY_PORT=$(head -1 "$busy_out")
+  [[ "$BUSY_PORT" =~ ^[0-9]+$ ]] || fail "busy server did not start: $(cat "$busy_out")"
+  "$@"
+)
+always_busy() {
+  rc=0; err=$(classify --addr "127.0.0.1:$BUSY_PORT" --retries 2 tests/fixtures/png/trouser-2.png 2>&1 >/dev/null) || rc=$?
   [ "$rc" -eq 5 ] || fail "busy server: exit $rc, want 5: $err"
   [ "$(grep -c '^server busy, retrying' <<<"$err")" -eq 2 ] || fail "busy server: want 2 retries: $err"
   grep -q '^error: the server is busy (RESOURCE_EXHAUSTED) after 3 attempts.*(call 3)' <<<"$err" \
     || fail "busy server message: $err"
-)
+}
+with_busy_server -- always_busy
 pass "RESOURCE_EXHAUSTED is retried with backoff, then exits 5 saying the server is busy"
+
+busy_then_free() {
+  rc=0; out=$(classify --addr "127.0.0.1:$BUSY_PORT" --retries 3 tests/fixtures/png/trouser-2.png 2>/tmp/busy-err.$$) || rc=$?
+  err=$(cat /tmp/busy-err.$$); rm -f /tmp/busy-err.$$
+  [ "$rc" -eq 0 ] || fail "busy, then free: exit $rc, want 0: $err"
+  [ "$(grep -c '^server busy, retrying' <<<"$err")" -eq 2 ] || fail "busy, then free: want 2 retries: $err"
+  grep -Eq '^tests/fixtures/png/trouser-2.png +Ankle boot +0\.9900 +yes +REASON_ACCEPTED ' <<<"$out" \
+    || fail "busy, then free: the third call's answer is not printed: $out"
+}
+with_busy_server --free-after 2 -- busy_then_free
+pass "a server busy for 2 calls, then free: the client retries twice and prints the third call's answer"
 
 source tests/lib/server.sh
 start_server

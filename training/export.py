@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 
 from data import CLASS_NAMES, load_split
+from reference import reference_dir, write_reference
 from models import Exported, count_macs, count_parameters
 
 # One line per class, shown by the service's model-info RPC and the web page (the reference's "Infos").
@@ -164,6 +165,7 @@ def export_and_evaluate(model, *, cfg: dict, history: list[dict], best: dict, tr
                      "onnxruntime": ort.__version__, "numpy": np.__version__, "opset": 17},
     }
     (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_reference(onnx_path, name, reference_dir(out_dir))
     print(f"{name}: ONNX test accuracy {metrics['test_accuracy'] * 100:.2f}% loss {metrics['test_loss']:.4f} "
           f"(reference {REFERENCE[name]['test_accuracy'] * 100:.2f}% / {REFERENCE[name]['test_loss']:.4f}); "
           f"parity {parity:.1e}; {meta['parameters']} params, {meta['macs_per_image'] / 1e6:.1f}M MACs/image "

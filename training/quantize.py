@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from reference import reference_dir, write_reference
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -180,6 +181,7 @@ def main() -> int:
         else:
             q.pop("ood")
     (a.models_dir / f"{name}.json").write_text(json.dumps(q, indent=2) + "\n")
+    write_reference(out, name, reference_dir(a.models_dir))
 
     verdict = "within" if drop <= MAX_ACCURACY_DROP else "NOT within"
     print(f"{name}: test accuracy {metrics['test_accuracy'] * 100:.2f}% vs FP32 "

@@ -31,6 +31,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub client: ClassifierClient<Channel>,
+    /// The client's channel, for other services' clients on the same connection.
+    pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
 }
@@ -50,7 +52,45 @@ impl TestServer {
         Self::start_with(config, Some(tls)).await
     }
 
+    /// Starts a server without waiting for its models: it listens at once and loads them meanwhile.
+    pub async fn start_loading(config: Config) -> TestServer {
+        Self::spawn(config, None).await
+    }
+
     async fn start_with(config: Config, tls: Option<ClientTlsConfig>) -> TestServer {
+        let mut server = Self::spawn(config, tls).await;
+        server.wait_serving().await;
+        server
+    }
+
+    /// Returns once health reports SERVING.
+    pub async fn wait_serving(&mut self) {
+        let mut health = HealthClient::new(self.channel.clone());
+        let started = std::time::Instant::now();
+        loop {
+            let request = HealthCheckRequest {
+                service: "fashion_mnist.v1.Classifier".into(),
+            };
+            if let Ok(r) = health.check(request).await
+                && r.into_inner().status == ServingStatus::Serving as i32
+            {
+                return;
+            }
+            let task = self.task.as_ref().expect("the server runs");
+            assert!(
+                !task.is_finished(),
+                "server stopped during start-up: {:?}",
+                self.task.take().unwrap().await
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "server not SERVING after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn spawn(config: Config, tls: Option<ClientTlsConfig>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind an ephemeral port");
         let (addr, metrics_addr) = (listener.local_addr().unwrap(), metrics.local_addr().unwrap());
@@ -66,31 +106,14 @@ impl TestServer {
                 .unwrap()
                 .connect_lazy(),
         };
-        let mut health = HealthClient::new(channel.clone());
-        let started = std::time::Instant::now();
-        loop {
-            let request = HealthCheckRequest {
-                service: "fashion_mnist.v1.Classifier".into(),
-            };
-            if let Ok(r) = health.check(request).await
-                && r.into_inner().status == ServingStatus::Serving as i32
-            {
-                break;
-            }
-            assert!(!task.is_finished(), "server stopped during start-up: {:?}", task.await);
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "server not SERVING after 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let client = ClassifierClient::new(channel)
+        let client = ClassifierClient::new(channel.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         TestServer {
             addr,
             metrics_addr,
             client,
+            channel,
             shutdown: Some(tx),
             task: Some(task),
         }
