@@ -4,8 +4,9 @@ CARGO ?= cargo
 BIN := target/release/fmnist
 TRAIN_VENV := .venv-train
 PY_VENV := .venv-tools
+OIP_VENV := .venv-oip
 
-.PHONY: run test test-deps check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fixtures clean
+.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fixtures clean
 
 ## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
 run: build
@@ -14,19 +15,27 @@ run: build
 ## test: every test (format, lints, unit, integration against real servers, grpcurl, tritonclient and the kserve SDK, Python client, browser page in headless Chromium, manifests)
 test: test-deps
 	$(CARGO) fmt --check
-	$(CARGO) clippy --locked --release --all-targets -- -D warnings
-	$(CARGO) test --locked --release
+	$(CARGO) clippy --locked --offline --release --all-targets -- -D warnings
+	$(CARGO) test --locked --offline --release
 	bash tests/grpcurl.sh
 	bash deploy/validate.sh
 	bash tests/python_client.sh
 	bash tests/oip_clients.sh
 	bash tests/web.sh
 
-# Everything the tests download, first: a registry hiccup then fails the run before any compile, and every
-# later step works offline.
-test-deps: ort tools
-	bash scripts/setup-system.sh chromium
-	$(CARGO) fetch --locked
+# Everything the tests download, first and in this order: a registry hiccup then fails the run before any
+# compile, and every later step works offline (.ci/run runs them without a network). Each step skips what is
+# already there, so test-deps itself also works offline once it has run.
+test-deps:
+	bash scripts/setup-system.sh chromium python3-venv
+	$(MAKE) --no-print-directory rust-components ort tools oip-venv
+	$(CARGO) fetch --locked --offline 2>/dev/null || $(CARGO) fetch --locked
+
+# rustfmt and clippy, which `make test` runs, through rustup when the toolchain came from it.
+rust-components:
+	@if command -v rustup >/dev/null; then \
+	  for c in rustfmt clippy; do rustup component list --installed | grep -q "^$$c" || rustup component add $$c; done; \
+	fi
 
 setup:
 	bash scripts/setup-system.sh
@@ -50,7 +59,14 @@ lint-deploy: tools
 tools: $(PY_VENV)/.installed
 $(PY_VENV)/.installed: requirements-tools.txt
 	python3 -m venv $(PY_VENV)
-	$(PY_VENV)/bin/pip install --quiet --retries 10 -r requirements-tools.txt
+	$(PY_VENV)/bin/pip install --quiet --retries 10 --require-hashes -r requirements-tools.txt
+	touch $@
+
+# tritonclient and the kserve SDK for tests/oip_clients.sh: their own environment, as they need protobuf < 7.
+oip-venv: $(OIP_VENV)/.installed
+$(OIP_VENV)/.installed: tests/requirements-oip.txt
+	python3 -m venv $(OIP_VENV)
+	$(OIP_VENV)/bin/pip install --quiet --retries 10 --require-hashes -r tests/requirements-oip.txt
 	touch $@
 
 $(TRAIN_VENV)/.installed: training/requirements.txt

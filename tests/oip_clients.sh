@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Open Inference Protocol with clients nobody here wrote, against real servers:
 #  - tritonclient (gRPC and HTTP) and the kserve SDK (tests/oip_clients.py), in their own virtual environment
-#    (.venv-oip, tests/requirements-oip.txt: they need protobuf < 7);
+#    (.venv-oip, `make oip-venv` from the hashed tests/requirements-oip.txt: they need protobuf < 7);
 #  - the README's curl example, run as written;
 #  - deploy/kserve/ loaded into the kserve SDK's model classes (deploy/kserve_check.py).
 set -euo pipefail
@@ -10,11 +10,7 @@ VENV=.venv-oip
 fail() { echo "FAIL: $*"; exit 1; }
 pass() { echo "ok - $*"; }
 
-if [ ! -f "$VENV/.installed" ] || [ tests/requirements-oip.txt -nt "$VENV/.installed" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --retries 10 -r tests/requirements-oip.txt
-  touch "$VENV/.installed"
-fi
+[ -f "$VENV/.installed" ] || fail "$VENV missing: run \`make oip-venv\` (make test does)"
 # Classify's stubs, only for the reference answers, generated with this environment's protobuf (< 7).
 STUBS=$(mktemp -d)
 "$VENV/bin/python" -m grpc_tools.protoc -I proto --python_out="$STUBS" --grpc_python_out="$STUBS" \
