@@ -47,7 +47,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 WORKDIR /app
 # Least-changing first: the runtime library, then the models, then the binary.
 COPY --from=ort /src/.ort/libonnxruntime.so.1.31.1 /app/lib/
-COPY models/*.onnx models/*.json /app/models/
+# The model repository as it is: models/<name>/<version>/model.{onnx,json} (plots are left out by .dockerignore).
+COPY models/ /app/models/
 COPY --from=build /src/target/release/fmnist /app/fmnist
 ENV ORT_DYLIB_PATH=/app/lib/libonnxruntime.so.1.31.1 \
     FMNIST_MODELS_DIR=/app/models \

@@ -146,7 +146,7 @@ class PythonPeer(Server):
         port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, str(BENCH / "peers/python_server.py"), "--port", str(port), "--model",
-             str(REPO / "models/cnn.onnx"), "--workers", str(self.workers)],
+             str(REPO / "models/cnn/1/model.onnx"), "--workers", str(self.workers)],
             cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
         wait_for(lambda: "serving" in log.read_text(), "python peer", self.proc, log)
         self.addr = f"127.0.0.1:{port}"
@@ -173,7 +173,7 @@ class MLServerPeer(Server):
         (root / "cnn/model-settings.json").write_text(json.dumps({
             "name": "cnn", "implementation": "runtime.OnnxClassifier",
             "max_batch_size": self.max_batch_size, "max_batch_time": self.max_batch_time,
-            "parameters": {"uri": str(REPO / "models/cnn.onnx")},
+            "parameters": {"uri": str(REPO / "models/cnn/1/model.onnx")},
         }))
         log = TMP / "mlserver.log"
         env = {**os.environ, "PYTHONPATH": f"{BENCH / 'peers/mlserver'}:{BENCH / 'peers'}"}
@@ -425,7 +425,7 @@ def main() -> int:
     started = time.time()
 
     cpu = lscpu()
-    has_int8 = (REPO / "models/cnn-int8.json").exists()
+    has_int8 = (REPO / "models/cnn-int8/1/model.json").exists()
     models = ["cnn"] + (["cnn-int8"] if has_int8 else [])
     subprocess.run([sys.executable, str(BENCH / "encode_requests.py"), "--out", str(TMP / "bodies"),
                     *sum((["--model", m] for m in models), [])], check=True)

@@ -5,12 +5,7 @@
 //!
 //!     cargo bench --bench preprocess               (make bench runs it with shorter timings)
 
-use std::{
-    hint::black_box,
-    io::Cursor,
-    path::PathBuf,
-    sync::{Arc, OnceLock},
-};
+use std::{hint::black_box, io::Cursor, path::PathBuf};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use fmnist_serve::{
@@ -120,9 +115,7 @@ fn validation(c: &mut Criterion) {
             return;
         }
     };
-    let cell = Arc::new(OnceLock::new());
-    cell.set(models).expect("a fresh cell");
-    let service = ClassifierService::new(Classifier::new(cell, server::policy(&config)));
+    let service = ClassifierService::new(Classifier::new(models, server::policy(&config)));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -53,7 +53,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.ort_optimization = args.optimization;
     let options = config.runtime_options();
     let largest = args.batches.iter().copied().max().unwrap_or(1);
-    let mut model = Model::load(&args.models_dir, &args.model, &options, largest)?;
+    // The newest version of the model in the repository, as the server would serve it by default.
+    let versions = fmnist_serve::repository::scan(&args.models_dir, &args.model);
+    let (_, newest) = versions
+        .versions
+        .last_key_value()
+        .ok_or_else(|| format!("no version of {} in {}", args.model, args.models_dir.display()))?;
+    let mut model = Model::load(&newest.path, &options, largest)?;
 
     let raw = std::fs::read(&args.images)?;
     if raw.len() < PIXELS || raw.len() % PIXELS != 0 {

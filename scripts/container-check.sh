@@ -188,7 +188,7 @@ done_step
 
 step "run as Kubernetes will: uid 65532, read-only root, no capabilities, 768 MiB limit"
 extra_env=()
-if [ ! -f models/cnn.onnx ]; then extra_env=(-e FMNIST_MODELS=dense -e FMNIST_DEFAULT_MODEL=dense); fi
+if [ ! -f models/cnn/1/model.onnx ]; then extra_env=(-e FMNIST_MODELS=dense -e FMNIST_DEFAULT_MODEL=dense); fi
 cleanup() { [ "${KEEP:-0}" = 1 ] || podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 "${PODMAN[@]}" run -d --name "$NAME" \

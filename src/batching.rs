@@ -107,18 +107,25 @@ impl std::fmt::Debug for Batcher {
 impl Batcher {
     /// Starts the inference thread for `model`. The thread ends once every `Batcher` clone is dropped and the
     /// queue is empty, so dropping the server drains the queue instead of losing it.
-    pub fn spawn(model: Model, config: BatchConfig) -> Result<(Batcher, thread::JoinHandle<()>), ModelError> {
-        let name: Arc<str> = model.meta.name.as_str().into();
+    /// Its metrics are labelled with the model's `name` and `version`.
+    pub fn spawn(
+        model: Model,
+        config: BatchConfig,
+        name: &str,
+        version: u64,
+    ) -> Result<(Batcher, thread::JoinHandle<()>), ModelError> {
+        let name: Arc<str> = name.into();
+        let version: Arc<str> = version.to_string().into();
         let (sender, receiver) = mpsc::channel();
         let thread = thread::Builder::new()
-            .name(format!("infer-{name}"))
+            .name(format!("infer-{name}-{version}"))
             .spawn({
-                let name = name.clone();
-                move || InferenceLoop::new(model, config, name).run(receiver)
+                let (name, version) = (name.clone(), version.clone());
+                move || InferenceLoop::new(model, config, name, version).run(receiver)
             })
             .map_err(|e| ModelError::Environment(format!("cannot start inference thread: {e}")))?;
         let batcher = Batcher {
-            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => name.to_string()),
+            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => name.to_string(), "version" => version.to_string()),
             model: name,
             sender,
             permits: Arc::new(Semaphore::new(config.max_queued_images)),
@@ -210,18 +217,22 @@ struct LoopMetrics {
     queue_wait: metrics::Histogram,
     inference_time: metrics::Histogram,
     carried: metrics::Counter,
+    dropped_cancelled: metrics::Counter,
+    dropped_deadline: metrics::Counter,
 }
 
 impl InferenceLoop {
-    fn new(model: Model, config: BatchConfig, name: Arc<str>) -> Self {
+    fn new(model: Model, config: BatchConfig, name: Arc<str>, version: Arc<str>) -> Self {
         let input = Vec::with_capacity(config.max_batch_size * PIXELS);
-        let label = || name.to_string();
+        let (m, v) = (|| name.to_string(), || version.to_string());
         let metrics = LoopMetrics {
-            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => label()),
-            batch_size: metrics::histogram!(metric::BATCH_SIZE, "model" => label()),
-            queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => label()),
-            inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => label()),
-            carried: metrics::counter!(metric::CARRIED_JOBS, "model" => label()),
+            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => m(), "version" => v()),
+            batch_size: metrics::histogram!(metric::BATCH_SIZE, "model" => m(), "version" => v()),
+            queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => m(), "version" => v()),
+            inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => m(), "version" => v()),
+            carried: metrics::counter!(metric::CARRIED_JOBS, "model" => m(), "version" => v()),
+            dropped_cancelled: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "cancelled"),
+            dropped_deadline: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "deadline"),
         };
         InferenceLoop {
             model,
@@ -294,8 +305,12 @@ impl InferenceLoop {
         };
         let n = job.inputs.len() as f64;
         self.metrics.queue_depth.decrement(n);
-        metrics::counter!(metric::DROPPED_IMAGES, "model" => self.name.to_string(), "cause" => cause)
-            .increment(n as u64);
+        let dropped = if cause == "deadline" {
+            &self.metrics.dropped_deadline
+        } else {
+            &self.metrics.dropped_cancelled
+        };
+        dropped.increment(n as u64);
         if cause == "deadline" {
             job.answer(Err(QueueError::DeadlineExceeded));
         }

@@ -3,9 +3,8 @@
 //! [`ClassifyRequest`] and a [`ClassifyResponse`] back, and map a [`ServiceError`]'s kind to their codes.
 
 use std::{
-    collections::BTreeMap,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::Instant,
@@ -13,46 +12,14 @@ use std::{
 
 use crate::{
     admission::{ConnectionShare, DecodeLanes},
-    batching::{BatchConfig, Batcher, Reservation},
-    error::{QueueError, RequestError, ServiceError, clip},
+    batching::{BatchConfig, Reservation},
+    error::{QueueError, RequestError, ServiceError},
     model::ModelMetadata,
     preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, Rejection},
+    registry::{Registry, Snapshot},
     telemetry::metric,
     verdict::{self, Reason, Thresholds, Verdict},
 };
-
-/// A model ready to serve: its metadata and its queue.
-#[derive(Debug, Clone)]
-pub struct LoadedModel {
-    pub meta: ModelMetadata,
-    pub batcher: Batcher,
-}
-
-/// The models, once loaded. Until then calls answer `Unavailable` (and health says NOT_SERVING).
-#[derive(Debug)]
-pub struct Models {
-    pub by_name: BTreeMap<String, LoadedModel>,
-    pub default: String,
-}
-
-impl Models {
-    /// The model a call names (empty: the default) at the version it names (empty: the one served).
-    pub fn find(&self, name: &str, version: &str) -> Result<&LoadedModel, RequestError> {
-        let name = if name.is_empty() { self.default.as_str() } else { name };
-        let model = self.by_name.get(name).ok_or_else(|| RequestError::UnknownModel {
-            name: clip(name),
-            loaded: self.by_name.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
-        if !version.is_empty() && version != model.meta.version {
-            return Err(RequestError::UnknownVersion {
-                model: name.to_string(),
-                version: clip(version),
-                served: model.meta.version.clone(),
-            });
-        }
-        Ok(model)
-    }
-}
 
 /// Everything a call needs besides its own request; built once from `Config`.
 #[derive(Debug)]
@@ -97,7 +64,7 @@ pub struct ClassifyRequest {
     pub images: Vec<ImageInput>,
     /// Empty: the default model.
     pub model: String,
-    /// Empty: the version the model serves; anything else must name it.
+    /// Empty: the model's newest ready version; else a version number or a label.
     pub version: String,
     pub min_confidence: Option<f32>,
     pub max_ood_score: Option<f32>,
@@ -116,14 +83,14 @@ pub struct ClassifyResponse {
 /// The pipeline; cheap to clone, shared by every adapter.
 #[derive(Debug, Clone)]
 pub struct Classifier {
-    models: Arc<OnceLock<Models>>,
+    models: Arc<Registry>,
     policy: Arc<Policy>,
     lanes: DecodeLanes,
     draining: Arc<AtomicBool>,
 }
 
 impl Classifier {
-    pub fn new(models: Arc<OnceLock<Models>>, policy: Policy) -> Self {
+    pub fn new(models: Arc<Registry>, policy: Policy) -> Self {
         Classifier {
             models,
             lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
@@ -134,7 +101,7 @@ impl Classifier {
 
     /// Ready for new work: the models are loaded and warmed up, and the server is not draining.
     pub fn is_ready(&self) -> bool {
-        self.models.get().is_some() && !self.draining.load(Ordering::Relaxed)
+        self.models.snapshot().is_some() && !self.draining.load(Ordering::Relaxed)
     }
 
     /// The server is shutting down: readiness turns false so balancers stop sending work; calls still run.
@@ -142,9 +109,14 @@ impl Classifier {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// The models, or `Unavailable` while they are still loading.
-    pub fn models(&self) -> Result<&Models, ServiceError> {
-        self.models.get().ok_or_else(ServiceError::loading)
+    /// The models as they are now, or `Unavailable` while they are still loading.
+    pub fn models(&self) -> Result<Arc<Snapshot>, ServiceError> {
+        self.models.snapshot().ok_or_else(ServiceError::loading)
+    }
+
+    /// The registry, for the adapters that load and unload models on request.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.models
     }
 
     pub fn policy(&self) -> &Policy {
@@ -175,7 +147,7 @@ impl Classifier {
         share: Option<Arc<ConnectionShare>>,
         deadline: Option<Instant>,
     ) -> Result<ClassifyResponse, ServiceError> {
-        let models = self.models()?;
+        let snapshot = self.models()?;
         let max = self.policy.max_images_per_request;
         if req.images.is_empty() {
             return Err(RequestError::NoImages { max }.into());
@@ -187,8 +159,11 @@ impl Classifier {
             }
             .into());
         }
-        let model = models.find(&req.model, &req.version)?;
-        let name = model.meta.name.as_str();
+        // The call keeps its version (and that version's queue) until it is answered, whatever swaps meanwhile.
+        let model = snapshot.find(&req.model, &req.version)?.clone();
+        drop(snapshot);
+        let name = model.name.as_str();
+        let version = model.version_label();
         let thresholds = self
             .policy
             .thresholds(&model.meta)
@@ -241,7 +216,7 @@ impl Classifier {
                     }
                 };
                 let outcome = if verdict.accepted() { "accepted" } else { "rejected" };
-                metrics::counter!(metric::IMAGES, "model" => name.to_string(), "outcome" => outcome, "reason" => verdict.reason.label())
+                metrics::counter!(metric::IMAGES, "model" => name.to_string(), "version" => version.clone(), "outcome" => outcome, "reason" => verdict.reason.label())
                     .increment(1);
                 verdict
             })
@@ -249,7 +224,7 @@ impl Classifier {
         Ok(ClassifyResponse {
             verdicts,
             model: name.to_string(),
-            model_version: model.meta.version.clone(),
+            model_version: version,
         })
     }
 

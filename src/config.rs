@@ -22,9 +22,15 @@ pub struct Config {
     #[arg(long, env = "FMNIST_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: SocketAddr,
 
-    /// Directory holding <model>.onnx and <model>.json.
+    /// The model repository: <dir>/<model>/<version>/{model.onnx, model.json}, with an optional
+    /// <dir>/<model>/config.json (version policy, labels). README "Updating a model".
     #[arg(long, env = "FMNIST_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
+
+    /// How often (seconds) the server looks in --models-dir for new, changed or removed versions and swaps
+    /// them in without a failed call; 0 = never (then SIGHUP or the RepositoryModelLoad call reloads).
+    #[arg(long, env = "FMNIST_MODEL_POLL_S", default_value_t = 10)]
+    pub model_poll_s: u64,
 
     /// Models to load, by name (comma-separated). cnn-int8 is the CNN statically quantized to INT8 (within 0.3
     /// accuracy points of cnn, about twice as fast on CPUs with VNNI; see bench/README.md).
@@ -360,6 +366,22 @@ impl Config {
 
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_micros(self.max_batch_delay_us)
+    }
+
+    /// How the registry finds, loads and batches model versions.
+    pub fn registry_settings(&self) -> crate::registry::RegistrySettings {
+        crate::registry::RegistrySettings {
+            dir: self.models_dir.clone(),
+            models: self.models.clone(),
+            default: self.default_model.clone(),
+            runtime: self.runtime_options(),
+            batch: crate::server::batch_config(self),
+            warmup_batch: self.max_batch_size,
+        }
+    }
+
+    pub fn model_poll(&self) -> Option<Duration> {
+        (self.model_poll_s > 0).then(|| Duration::from_secs(self.model_poll_s))
     }
 
     pub fn drain_timeout(&self) -> Duration {

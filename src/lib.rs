@@ -17,6 +17,8 @@ pub mod grpc;
 pub mod model;
 pub mod oip;
 pub mod preprocess;
+pub mod registry;
+pub mod repository;
 pub mod rest;
 pub mod server;
 pub mod telemetry;

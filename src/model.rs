@@ -18,7 +18,7 @@ use crate::{error::ModelError, preprocess::PIXELS};
 /// Number of classes every model predicts.
 pub const CLASSES: usize = 10;
 
-/// `models/<name>.json`, as written by `training/export.py` (fields the server uses).
+/// `models/<name>/<version>/model.json`, as written by `training/export.py` (fields the server uses).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelMetadata {
     pub name: String,
@@ -128,14 +128,15 @@ fn environment(options: &RuntimeOptions) -> Result<Environment, ModelError> {
 }
 
 impl Model {
-    /// Loads `<dir>/<name>.json` and the ONNX file it names, checks the file's sha256 and the graph's signature,
-    /// and warms the session up at batch sizes 1 and `warmup_batch`.
-    pub fn load(dir: &Path, name: &str, options: &RuntimeOptions, warmup_batch: usize) -> Result<Model, ModelError> {
-        let meta_path = dir.join(format!("{name}.json"));
+    /// Loads a version directory: its `model.json` and the ONNX file it names. Checks the file's sha256 and
+    /// the graph's signature, and warms the session up at batch sizes 1 and `warmup_batch`.
+    pub fn load(dir: &Path, options: &RuntimeOptions, warmup_batch: usize) -> Result<Model, ModelError> {
+        let meta_path = dir.join(crate::repository::METADATA_FILE);
         let meta_text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Metadata {
             path: meta_path.clone(),
             reason: format!(
-                "{e} (models are made by `make train`; the repository ships models/cnn.json and models/dense.json)"
+                "{e} (a version is <models-dir>/<name>/<version>/model.json + model.onnx, as `make train` writes \
+                 them; the repository ships models/cnn/1, models/cnn-int8/1 and models/dense/1)"
             ),
         })?;
         let meta: ModelMetadata = serde_json::from_str(&meta_text).map_err(|e| ModelError::Metadata {

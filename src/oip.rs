@@ -6,7 +6,7 @@
 //! A call sends exactly one input, N images in one of three forms, and gets up to six outputs of N rows.
 
 use crate::{
-    classify::{ClassifyRequest, ClassifyResponse, ImageInput},
+    classify::{Classifier, ClassifyRequest, ClassifyResponse, ImageInput},
     error::{ServiceError, clip},
     model::CLASSES,
     preprocess::{PIXELS, SIDE},
@@ -86,6 +86,63 @@ pub const OUTPUTS: [TensorSpec; 6] = [
         shape: &[-1],
     },
 ];
+
+/// What `ModelMetadata` says of a model: its name, the versions that serve, and the tensors above.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelDescription {
+    pub name: String,
+    pub versions: Vec<String>,
+}
+
+/// `ModelMetadata` for the model a call names (the version it names must be ready, as for `ModelInfer`).
+pub fn describe_model(core: &Classifier, name: &str, version: &str) -> Result<ModelDescription, ServiceError> {
+    if name.is_empty() {
+        return Err(ServiceError::invalid(
+            "the model name is empty: name the model to describe",
+        ));
+    }
+    let snapshot = core.models()?;
+    let model = snapshot.find(name, version)?;
+    let versions = snapshot.models[&model.name].ready.keys().map(u64::to_string).collect();
+    Ok(ModelDescription {
+        name: model.name.clone(),
+        versions,
+    })
+}
+
+/// `ModelReady`: the server takes calls, and the model has the version named (or any, when none is named).
+/// As Triton answers it, an unknown model or version is simply not ready.
+pub fn model_ready(core: &Classifier, name: &str, version: &str) -> bool {
+    core.is_ready() && !name.is_empty() && core.models().is_ok_and(|m| m.find(name, version).is_ok())
+}
+
+/// `RepositoryModelLoad`: reads the model's folder now and swaps in what is new or changed. It answers once
+/// that is done; a version that failed to load is an error naming it and why (the versions serving before
+/// keep serving).
+pub async fn load_model(core: &Classifier, name: &str) -> Result<(), ServiceError> {
+    let registry = core.registry();
+    if !registry.is_configured(name) {
+        return Err(ServiceError::invalid(format!(
+            "model {} is not served here: the server serves {} (--models)",
+            clip(name),
+            registry.configured().join(", ")
+        )));
+    }
+    let report = registry.reload(Some(name.to_string())).await;
+    match report.failed.into_iter().next() {
+        None => Ok(()),
+        Some((_, version, e)) => Err(ServiceError::invalid(format!(
+            "model {} version {version} failed to load, and the versions serving before keep serving: {e}",
+            clip(name)
+        ))),
+    }
+}
+
+/// `RepositoryModelUnload`: stops serving every version of the model; calls in flight finish.
+pub fn unload_model(core: &Classifier, name: &str) -> Result<(), ServiceError> {
+    core.registry().unload(name)?;
+    Ok(())
+}
 
 /// An input tensor's elements, as its transport read them.
 #[derive(Debug, Clone, PartialEq)]

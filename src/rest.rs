@@ -2,8 +2,10 @@
 //! works with no tools. Tensors travel as JSON arrays (flat or nested), or, with the binary tensor extension
 //! that tritonclient uses by default, as raw bytes after the JSON header. `oip` and the core do the rest.
 //!
-//! Routes: `GET /v2`, `GET /v2/health/live`, `GET /v2/health/ready`, and per model (optionally
-//! `/versions/{version}` after the name) `GET /v2/models/{name}`, `GET .../ready`, `POST .../infer`.
+//! Routes: `GET /v2`, `GET /v2/health/live`, `GET /v2/health/ready`, per model (optionally
+//! `/versions/{version}` after the name) `GET /v2/models/{name}`, `GET .../ready`, `POST .../infer`, and
+//! Triton's repository extension: `POST /v2/repository/index`, `POST /v2/repository/models/{name}/load` and
+//! `.../unload`.
 
 use axum::{
     Json, Router,
@@ -78,6 +80,9 @@ pub fn router(core: Classifier, max_body_bytes: usize) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(load))
+        .route("/v2/repository/models/{name}/unload", post(unload))
         .with_state(Rest { core, max_body_bytes })
 }
 
@@ -109,11 +114,7 @@ async fn ready(State(rest): State<Rest>) -> StatusCode {
 }
 
 async fn model_metadata(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<Json<Value>, Failed> {
-    let model = rest
-        .core
-        .models()?
-        .find(&path.name, &path.version)
-        .map_err(ServiceError::from)?;
+    let model = oip::describe_model(&rest.core, &path.name, &path.version)?;
     let tensors = |specs: &[TensorSpec]| -> Vec<Value> {
         specs
             .iter()
@@ -121,8 +122,8 @@ async fn model_metadata(State(rest): State<Rest>, Path(path): Path<ModelPath>) -
             .collect()
     };
     Ok(Json(json!({
-        "name": model.meta.name,
-        "versions": [model.meta.version],
+        "name": model.name,
+        "versions": model.versions,
         "platform": oip::PLATFORM,
         "inputs": tensors(&oip::INPUTS),
         "outputs": tensors(&oip::OUTPUTS),
@@ -130,15 +131,50 @@ async fn model_metadata(State(rest): State<Rest>, Path(path): Path<ModelPath>) -
 }
 
 async fn model_ready(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<StatusCode, Failed> {
+    // An unknown model or version is a client error with a message; a known one not ready (loading,
+    // draining) is 503.
     rest.core
         .models()?
         .find(&path.name, &path.version)
         .map_err(ServiceError::from)?;
-    Ok(if rest.core.is_ready() {
+    Ok(if oip::model_ready(&rest.core, &path.name, &path.version) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     })
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+async fn repository_index(State(rest): State<Rest>, body: axum::body::Bytes) -> Result<Json<Value>, Failed> {
+    // The body is optional: `{}`, `{"ready": true}`, or nothing.
+    let request: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ServiceError::invalid(format!("index request: {e}")))?
+    };
+    let entries: Vec<Value> = rest
+        .core
+        .registry()
+        .index(request.ready)
+        .into_iter()
+        .map(|e| json!({ "name": e.name, "version": e.version, "state": e.state, "reason": e.reason }))
+        .collect();
+    Ok(Json(Value::Array(entries)))
+}
+
+async fn load(State(rest): State<Rest>, Path(name): Path<String>) -> Result<Json<Value>, Failed> {
+    oip::load_model(&rest.core, &name).await?;
+    Ok(Json(json!({})))
+}
+
+async fn unload(State(rest): State<Rest>, Path(name): Path<String>) -> Result<Json<Value>, Failed> {
+    oip::unload_model(&rest.core, &name)?;
+    Ok(Json(json!({})))
 }
 
 async fn infer(State(rest): State<Rest>, Path(path): Path<ModelPath>, request: Request) -> Result<Response, Failed> {

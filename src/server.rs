@@ -1,15 +1,15 @@
 //! Wires the pieces into a running server: models and their inference threads, the gRPC services (classifier,
 //! health, reflection, gRPC-Web), the metrics endpoint, and graceful shutdown.
 
-use std::{collections::BTreeMap, future::Future, sync::Arc, sync::OnceLock, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic_health::server::HealthReporter;
 
 use crate::{
     admission::MemoryBudget,
-    batching::{BatchConfig, Batcher},
-    classify::{Classifier, LoadedModel, Models, Policy},
+    batching::BatchConfig,
+    classify::{Classifier, Policy},
     config::Config,
     connections,
     error::ModelError,
@@ -19,11 +19,9 @@ use crate::{
         layers::{CallLimitsLayer, RpcLayer},
     },
     inference_pb::grpc_inference_service_server::GrpcInferenceServiceServer,
-    model::Model,
     pb::{self, classifier_server::ClassifierServer},
-    rest,
-    telemetry::{self, metric},
-    web,
+    registry::Registry,
+    rest, telemetry, web,
 };
 
 /// Why the server could not start or stopped abnormally.
@@ -43,7 +41,7 @@ pub enum ServeError {
     Config(String),
 }
 
-fn batch_config(config: &Config) -> BatchConfig {
+pub fn batch_config(config: &Config) -> BatchConfig {
     BatchConfig {
         max_batch_size: config.max_batch_size,
         max_batch_delay: config.max_batch_delay(),
@@ -70,29 +68,53 @@ pub fn policy(config: &Config) -> Policy {
     }
 }
 
-/// Loads and warms up every configured model and starts its inference thread. Blocking: call it off the
-/// async runtime.
-pub fn load_models(config: &Config) -> Result<Models, ServeError> {
+/// Loads and warms up every configured model's versions and starts their inference threads: the registry
+/// the server serves from. Blocking: call it off the async runtime.
+pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
     if !config.models.contains(&config.default_model) {
         return Err(ServeError::DefaultModel {
             default: config.default_model.clone(),
             loaded: config.models.clone(),
         });
     }
-    let runtime = config.runtime_options();
-    let mut by_name = BTreeMap::new();
-    for name in &config.models {
-        let model = Model::load(&config.models_dir, name, &runtime, config.max_batch_size)?;
-        let meta = model.meta.clone();
-        tracing::info!(model = %meta.name, version = %meta.version, test_accuracy = meta.metrics.test_accuracy, "model loaded and warmed up");
-        metrics::gauge!(metric::MODEL_INFO, "model" => meta.name.clone(), "version" => meta.version.clone()).set(1.0);
-        let (batcher, _thread) = Batcher::spawn(model, batch_config(config))?;
-        by_name.insert(name.clone(), LoadedModel { meta, batcher });
+    let registry = Registry::new(config.registry_settings());
+    registry.load_at_start()?;
+    Ok(registry)
+}
+
+/// Reloads at every poll interval, and at once on SIGHUP.
+async fn watch_repository(registry: Arc<Registry>, poll: Option<Duration>) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloads come from polling and the API only");
+            None
+        }
+    };
+    let mut ticks = poll.map(|p| {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval
+    });
+    loop {
+        let hup = async {
+            match hangup.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let tick = async {
+            match ticks.as_mut() {
+                Some(interval) => interval.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = hup => tracing::info!("SIGHUP: reloading the model repository"),
+            _ = tick => {}
+        }
+        registry.reload(None).await;
     }
-    Ok(Models {
-        by_name,
-        default: config.default_model.clone(),
-    })
 }
 
 /// TLS (and mutual TLS when a client CA is given) from the configured PEM files; `None` for plaintext.
@@ -151,9 +173,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let models = Arc::new(OnceLock::new());
+    if !config.models.contains(&config.default_model) {
+        return Err(ServeError::DefaultModel {
+            default: config.default_model.clone(),
+            loaded: config.models.clone(),
+        });
+    }
+    // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile.
+    let registry = Registry::new(config.registry_settings());
     let policy = policy(&config);
-    let core = Classifier::new(models.clone(), policy);
+    let core = Classifier::new(registry.clone(), policy);
     let classifier = ClassifierServer::new(ClassifierService::new(core.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -202,22 +231,18 @@ pub async fn serve(
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
     tracing::info!(grpc = %addr, metrics = %metrics_addr, memory_budget = %MemoryBudget::of(&config), "listening; loading models");
 
-    let load_config = config.clone();
-    let loaded = tokio::task::spawn_blocking(move || load_models(&load_config))
+    let loading = registry.clone();
+    let loaded = tokio::task::spawn_blocking(move || loading.load_at_start())
         .await
         .expect("model loading does not panic");
-    match loaded {
-        Ok(loaded) => {
-            let _ = models.set(loaded);
-            set_health(&reporter, true).await;
-            tracing::info!("serving");
-        }
-        Err(e) => {
-            server.abort();
-            metrics_task.abort();
-            return Err(e);
-        }
+    if let Err(e) = loaded {
+        server.abort();
+        metrics_task.abort();
+        return Err(e.into());
     }
+    set_health(&reporter, true).await;
+    tracing::info!(poll_s = config.model_poll_s, "serving");
+    let watcher = tokio::spawn(watch_repository(registry.clone(), config.model_poll()));
 
     let drain_timeout = config.drain_timeout();
     let result = tokio::select! {
@@ -232,6 +257,7 @@ pub async fn serve(
         }
     };
     metrics_task.abort();
+    watcher.abort();
     match result {
         Ok(r) => r.map_err(ServeError::from),
         Err(join) if join.is_cancelled() => Ok(()),

@@ -20,25 +20,27 @@ use crate::config::LogFormat;
 pub mod metric {
     /// Calls by `rpc` and gRPC `code`.
     pub const REQUESTS: &str = "fmnist_requests_total";
-    /// Images by `model`, `outcome` (accepted/rejected) and `reason`.
+    /// Images by `model`, `version`, `outcome` (accepted/rejected) and `reason`.
     pub const IMAGES: &str = "fmnist_images_total";
-    /// Images dropped before inference, by `model` and `cause` (cancelled/deadline).
+    /// Images dropped before inference, by `model`, `version` and `cause` (cancelled/deadline).
     pub const DROPPED_IMAGES: &str = "fmnist_dropped_images_total";
     /// Handling time of a call, from its request's last byte to its response, by `rpc` and gRPC `code` (how
     /// fast refusals are, too).
     pub const REQUEST_DURATION: &str = "fmnist_request_duration_seconds";
-    /// Time a call's images waited in the queue before their batch started, by `model`.
+    /// Time a call's images waited in the queue before their batch started, by `model` and `version`.
     pub const QUEUE_WAIT: &str = "fmnist_queue_wait_seconds";
-    /// ONNX Runtime time per batch (including input fill and output split), by `model`.
+    /// ONNX Runtime time per batch (including input fill and output split), by `model` and `version`.
     pub const INFERENCE_TIME: &str = "fmnist_inference_duration_seconds";
-    /// Images per ONNX Runtime run, by `model`.
+    /// Images per ONNX Runtime run, by `model` and `version`.
     pub const BATCH_SIZE: &str = "fmnist_batch_size_images";
-    /// Calls that did not fit in the batch being formed and opened the next one, by `model`.
+    /// Calls that did not fit in the batch being formed and opened the next one, by `model` and `version`.
     pub const CARRIED_JOBS: &str = "fmnist_batch_carried_calls_total";
-    /// Images queued or running, by `model`.
+    /// Images queued or running, by `model` and `version`.
     pub const QUEUE_DEPTH: &str = "fmnist_queue_depth_images";
-    /// 1 for each loaded model, labelled with `model` and `version`.
+    /// 1 for each version serving, 0 once it has left, labelled with `model` and `version`.
     pub const MODEL_INFO: &str = "fmnist_model_info";
+    /// Version loads and unloads, by `model` and `outcome` (loaded, failed, unloaded).
+    pub const MODEL_RELOADS: &str = "fmnist_model_reloads_total";
     /// Connections open on the gRPC port.
     pub const CONNECTIONS_OPEN: &str = "fmnist_connections_open";
     /// Connections the server closed, by `cause` (idle_timeout, tls_handshake_timeout, tls_handshake_failed).

@@ -78,7 +78,12 @@ async fn every_image_gets_its_own_answer_however_calls_are_batched_and_carried_o
         let m = server.metrics().await;
         DEFAULT_MODELS
             .iter()
-            .map(|model| metric(&m, &format!("fmnist_batch_carried_calls_total{{model=\"{model}\"}}")))
+            .map(|model| {
+                metric(
+                    &m,
+                    &format!("fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"1\"}}"),
+                )
+            })
             .collect()
     };
 
@@ -135,7 +140,10 @@ async fn every_image_gets_its_own_answer_however_calls_are_batched_and_carried_o
 
     let m = server.metrics().await;
     for (model, before) in DEFAULT_MODELS.iter().zip(carried_before) {
-        let carried = metric(&m, &format!("fmnist_batch_carried_calls_total{{model=\"{model}\"}}")) - before;
+        let carried = metric(
+            &m,
+            &format!("fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"1\"}}"),
+        ) - before;
         assert!(carried >= 1.0, "{model}: no call was carried over to the next batch");
     }
 }

@@ -329,8 +329,11 @@ async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T
 /// (batches of size 1, all batches) for the cnn, from the batch-size histogram.
 fn histogram_count_le1(metrics: &str) -> (f64, f64) {
     (
-        metric(metrics, "fmnist_batch_size_images_bucket{model=\"cnn\",le=\"1\"}"),
-        metric(metrics, "fmnist_batch_size_images_count{model=\"cnn\"}"),
+        metric(
+            metrics,
+            "fmnist_batch_size_images_bucket{model=\"cnn\",version=\"1\",le=\"1\"}",
+        ),
+        metric(metrics, "fmnist_batch_size_images_count{model=\"cnn\",version=\"1\"}"),
     )
 }
 

@@ -40,7 +40,11 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
         })
         .collect();
     let waiting = Instant::now();
-    while metric(&server.metrics().await, "fmnist_queue_depth_images{model=\"cnn\"}") < 1024.0 {
+    while metric(
+        &server.metrics().await,
+        "fmnist_queue_depth_images{model=\"cnn\",version=\"1\"}",
+    ) < 1024.0
+    {
         assert!(waiting.elapsed() < Duration::from_secs(10), "the backlog never queued");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -74,9 +78,7 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
 
     // What the server itself answers, without a client-side timer: the core called directly.
     use fmnist_serve::classify::{Classifier, ClassifyRequest, ImageInput};
-    let models = std::sync::Arc::new(std::sync::OnceLock::new());
-    models.set(server::load_models(&config).unwrap()).unwrap();
-    let core = Classifier::new(models, server::policy(&config));
+    let core = Classifier::new(server::load_models(&config).unwrap(), server::policy(&config));
     let call = |n: usize| ClassifyRequest {
         images: images[..n]
             .iter()

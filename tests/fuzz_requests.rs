@@ -49,14 +49,17 @@ fn arbitrary_request() -> impl Strategy<Value = pb::ClassifyRequest> {
         option::of(threshold()),
         option::of(threshold()),
         any::<bool>(),
+        // Every shipped model has version 1 and no labels.
+        prop_oneof![Just(String::new()), Just("1".to_string()), ".{0,4}"],
     )
         .prop_map(
-            |(images, model, min_confidence, max_ood_score, return_model_input)| pb::ClassifyRequest {
+            |(images, model, min_confidence, max_ood_score, return_model_input, version)| pb::ClassifyRequest {
                 images,
                 model,
                 min_confidence,
                 max_ood_score,
                 return_model_input,
+                version,
             },
         )
 }
@@ -64,9 +67,10 @@ fn arbitrary_request() -> impl Strategy<Value = pb::ClassifyRequest> {
 /// What the README's rules say a request gets, without asking the server.
 fn request_is_valid(req: &pb::ClassifyRequest) -> bool {
     let known_model = ["", "cnn", "cnn-int8", "dense"].contains(&req.model.as_str());
+    let known_version = ["", "1"].contains(&req.version.as_str());
     let confidence_ok = req.min_confidence.is_none_or(|c| (0.0..=1.0).contains(&c));
     let ood_ok = req.max_ood_score.is_none_or(f32::is_finite);
-    (1..=64).contains(&req.images.len()) && known_model && confidence_ok && ood_ok
+    (1..=64).contains(&req.images.len()) && known_model && known_version && confidence_ok && ood_ok
 }
 
 /// The reason an image's data alone decides, if it does: no data or no bytes cannot be decoded, raw data of

@@ -15,7 +15,7 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 
 const SERVICES: [&str; 3] = ["", "fashion_mnist.v1.Classifier", "inference.GRPCInferenceService"];
 
-/// A models folder whose cnn.json is a FIFO: the server's load blocks reading it until the test writes it.
+/// A repository whose cnn/1/model.json is a FIFO: the server's load blocks reading it until the test writes it.
 fn gated_models_dir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "fmnist-gated-{}-{:?}",
@@ -23,11 +23,22 @@ fn gated_models_dir() -> std::path::PathBuf {
         std::thread::current().id()
     ));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::os::unix::fs::symlink(repo().join("models/cnn.onnx"), dir.join("cnn.onnx")).unwrap();
-    let status = Command::new("mkfifo").arg(dir.join("cnn.json")).status().unwrap();
+    let version = dir.join("cnn/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::os::unix::fs::symlink(repo().join("models/cnn/1/model.onnx"), version.join("model.onnx")).unwrap();
+    let status = Command::new("mkfifo").arg(version.join("model.json")).status().unwrap();
     assert!(status.success(), "mkfifo");
     dir
+}
+
+async fn assert_every_service(health: &mut HealthClient<tonic::transport::Channel>, want: ServingStatus, when: &str) {
+    for service in SERVICES {
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let status = health.check(request).await.unwrap().into_inner().status;
+        assert_eq!(status, want as i32, "health of {service:?} {when}");
+    }
 }
 
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
@@ -53,21 +64,7 @@ async fn while_models_load_every_protocol_says_not_ready_then_all_turn_ready() {
     let (pixels, _) = fixture()[0];
 
     // The server is up (it answers), but loading: not ready anywhere, and calls are UNAVAILABLE.
-    for service in SERVICES {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            status,
-            ServingStatus::NotServing as i32,
-            "health of {service:?} while loading"
-        );
-    }
+    assert_every_service(&mut health, ServingStatus::NotServing, "while loading").await;
     assert!(
         !oip.server_ready(ServerReadyRequest {})
             .await
@@ -86,28 +83,14 @@ async fn while_models_load_every_protocol_says_not_ready_then_all_turn_ready() {
     assert!(refused.message().contains("loading"), "{}", refused.message());
 
     // Let the load finish: everything turns ready, and calls are served.
-    let meta = std::fs::read(repo().join("models/cnn.json")).unwrap();
-    let fifo = dir.join("cnn.json");
+    let meta = std::fs::read(repo().join("models/cnn/1/model.json")).unwrap();
+    let fifo = dir.join("cnn/1/model.json");
     tokio::task::spawn_blocking(move || std::fs::write(fifo, meta))
         .await
         .unwrap()
         .unwrap();
     server.wait_serving().await;
-    for service in SERVICES {
-        let status = health
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            status,
-            ServingStatus::Serving as i32,
-            "health of {service:?} once loaded"
-        );
-    }
+    assert_every_service(&mut health, ServingStatus::Serving, "once loaded").await;
     assert!(
         oip.server_ready(ServerReadyRequest {})
             .await

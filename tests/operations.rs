@@ -25,21 +25,23 @@ async fn metrics_count_calls_images_reasons_and_batches() {
     let delta = |prefix: &str| metric(&after, prefix) - metric(&before, prefix);
     assert!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"Ok\"}") >= 1.0);
     assert!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"InvalidArgument\"}") >= 1.0);
-    assert!(delta("fmnist_images_total{model=\"cnn\",outcome=\"rejected\",reason=\"low_contrast\"}") >= 1.0);
-    let accepted = delta("fmnist_images_total{model=\"cnn\",outcome=\"accepted\",reason=\"accepted\"}")
-        + delta("fmnist_images_total{model=\"cnn\",outcome=\"rejected\",reason=\"low_confidence\"}")
-        + delta("fmnist_images_total{model=\"cnn\",outcome=\"rejected\",reason=\"out_of_distribution\"}");
+    assert!(
+        delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"low_contrast\"}") >= 1.0
+    );
+    let accepted = delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"accepted\",reason=\"accepted\"}")
+        + delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"low_confidence\"}")
+        + delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"out_of_distribution\"}");
     assert!(accepted >= 2.0, "two images reached the model");
-    assert!(delta("fmnist_batch_size_images_sum{model=\"cnn\"}") >= 2.0);
-    assert!(delta("fmnist_inference_duration_seconds_count{model=\"cnn\"}") >= 1.0);
-    assert!(delta("fmnist_queue_wait_seconds_count{model=\"cnn\"}") >= 1.0);
+    assert!(delta("fmnist_batch_size_images_sum{model=\"cnn\",version=\"1\"}") >= 2.0);
+    assert!(delta("fmnist_inference_duration_seconds_count{model=\"cnn\",version=\"1\"}") >= 1.0);
+    assert!(delta("fmnist_queue_wait_seconds_count{model=\"cnn\",version=\"1\"}") >= 1.0);
     assert!(delta("fmnist_request_duration_seconds_count{rpc=\"Classify\",code=\"Ok\"}") >= 1.0);
     assert!(
         after.contains("fmnist_model_info{model=\"cnn\",version=\""),
         "model info gauge"
     );
     assert!(
-        after.contains("fmnist_queue_depth_images{model=\"cnn\"}"),
+        after.contains("fmnist_queue_depth_images{model=\"cnn\",version=\"1\"}"),
         "queue depth gauge"
     );
     assert!(

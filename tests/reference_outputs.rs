@@ -15,9 +15,13 @@ fn reference(model: &str) -> Vec<[f32; 10]> {
     let dir = repo().join("tests/fixtures/reference");
     let header: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{model}.json"))).unwrap()).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(repo().join(format!("models/{model}.json"))).unwrap()).unwrap();
-    let onnx = std::fs::read(repo().join("models").join(meta["file"].as_str().unwrap())).unwrap();
+    let meta = common::shipped_metadata(model);
+    let onnx = std::fs::read(
+        repo()
+            .join(format!("models/{model}/1"))
+            .join(meta["file"].as_str().unwrap()),
+    )
+    .unwrap();
     assert_eq!(
         header["onnx_sha256"].as_str().unwrap(),
         format!("{:x}", Sha256::digest(&onnx)),

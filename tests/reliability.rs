@@ -24,7 +24,7 @@ fn startup_error(config: &fmnist_serve::config::Config) -> String {
 fn a_missing_model_fails_start_up_naming_the_file() {
     let message = startup_error(&fault_config(&["absent"]));
     assert!(
-        message.contains("absent.json") && message.contains("No such file"),
+        message.contains("absent/<version>/model.json") && message.contains("no version of model absent"),
         "{message}"
     );
 }
@@ -32,34 +32,36 @@ fn a_missing_model_fails_start_up_naming_the_file() {
 #[test]
 fn a_corrupt_model_file_fails_start_up_naming_the_file_and_why() {
     let dir = tempdir();
-    for ext in ["onnx", "json"] {
+    let version = dir.join("faulty/1");
+    std::fs::create_dir_all(&version).unwrap();
+    for file in ["model.onnx", "model.json"] {
         std::fs::copy(
-            repo().join(format!("tests/fixtures/models/faulty.{ext}")),
-            dir.join(format!("faulty.{ext}")),
+            repo().join("tests/fixtures/models/faulty/1").join(file),
+            version.join(file),
         )
         .unwrap();
     }
     let mut config = fault_config(&["faulty"]);
     config.models_dir = dir.clone();
-    let onnx = dir.join("faulty.onnx");
+    let onnx = version.join("model.onnx");
     let mut bytes = std::fs::read(&onnx).unwrap();
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&onnx, &bytes).unwrap();
     let message = startup_error(&config);
     assert!(
-        message.contains("faulty.onnx") && message.contains("sha256"),
+        message.contains("faulty/1/model.onnx") && message.contains("sha256"),
         "{message}"
     );
 
     // Same corruption with a metadata checksum that matches: ONNX Runtime itself refuses the file.
-    let meta_path = dir.join("faulty.json");
+    let meta_path = version.join("model.json");
     let mut meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
     use sha2::Digest;
     meta["sha256"] = format!("{:x}", sha2::Sha256::digest(&bytes)).into();
     std::fs::write(&meta_path, meta.to_string()).unwrap();
     let message = startup_error(&config);
     assert!(
-        message.contains("faulty.onnx") && message.contains("not a loadable ONNX model"),
+        message.contains("faulty/1/model.onnx") && message.contains("not a loadable ONNX model"),
         "{message}"
     );
 }
@@ -68,7 +70,7 @@ fn a_corrupt_model_file_fails_start_up_naming_the_file_and_why() {
 fn a_model_with_the_wrong_input_shape_fails_start_up() {
     let message = startup_error(&fault_config(&["wrong-shape"]));
     assert!(
-        message.contains("wrong-shape.onnx") && message.contains("expected float32 [batch, 1, 28, 28]"),
+        message.contains("wrong-shape/1/model.onnx") && message.contains("expected float32 [batch, 1, 28, 28]"),
         "{message}"
     );
 }
@@ -339,7 +341,7 @@ async fn calls_before_the_models_are_loaded_are_unavailable() {
     use fmnist_serve::classify::{Classifier, ClassifyRequest, ImageInput};
     // The server listens (and answers health NOT_SERVING) while its models load; the core says why.
     let core = Classifier::new(
-        std::sync::Arc::new(std::sync::OnceLock::new()),
+        fmnist_serve::registry::Registry::new(config().registry_settings()),
         server::policy(&config()),
     );
     let (pixels, _) = fixture()[0];

@@ -73,7 +73,7 @@ class BrowserPage(unittest.TestCase):
 
     def test_model_info_fills_the_model_choice(self):
         model = self.default_model()
-        self.assertTrue((REPO / "models" / f"{model}.json").exists(), model)
+        self.assertTrue((REPO / "models" / model / "1" / "model.json").exists(), model)
         expect(self.page.locator("#server")).to_contain_text("test accuracy")
 
     def test_a_test_set_ankle_boot_is_classified_and_accepted_with_its_description(self):
@@ -90,7 +90,7 @@ class BrowserPage(unittest.TestCase):
         self.assertEqual(max(shown), shown[9])
 
         model = self.page.locator("#answered-by").text_content().split()[1]
-        meta = json.loads((REPO / "models" / f"{model}.json").read_text())
+        meta = json.loads((REPO / "models" / model / "1" / "model.json").read_text())
         expect(self.page.locator("#description")).to_have_text(meta["classes"][9]["description"])
 
         # The fixture is already a 28x28 test-set image on a dark background, so the model sees it unchanged.

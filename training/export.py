@@ -1,5 +1,6 @@
 """Export a trained model to ONNX, check it against PyTorch, evaluate the ONNX file itself on the untouched
-test set, and write the metadata the service loads (models/<name>.json)."""
+test set, and write the metadata the service loads, into one version folder of the repository
+(models/<name>/<version>/model.onnx + model.json)."""
 
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def sha256(path: Path) -> str:
 def export_and_evaluate(model, *, cfg: dict, history: list[dict], best: dict, train_seconds: float,
                         x_val: torch.Tensor, out_dir: Path, data_dir: Path) -> dict:
     name = cfg["model"]
-    onnx_path = out_dir / f"{name}.onnx"
+    onnx_path = out_dir / "model.onnx"
     export_onnx(model, onnx_path)
     sess = onnx_session(onnx_path)
 
@@ -138,7 +139,7 @@ def export_and_evaluate(model, *, cfg: dict, history: list[dict], best: dict, tr
     x_test = (test_images.astype(np.float32) / 255.0)[:, None]
     parity = check_parity(model, sess, x_test[:1000])
     metrics = evaluate_onnx(sess, x_test, test_labels)
-    plot_confusion(metrics["confusion_matrix"], out_dir / f"{name}.confusion.png",
+    plot_confusion(metrics["confusion_matrix"], out_dir / "confusion.png",
                    f"{name}: ONNX test accuracy {metrics['test_accuracy'] * 100:.2f}%")
 
     digest = sha256(onnx_path)
@@ -164,7 +165,7 @@ def export_and_evaluate(model, *, cfg: dict, history: list[dict], best: dict, tr
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": ort.__version__, "numpy": np.__version__, "opset": 17},
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_reference(onnx_path, name, reference_dir(out_dir))
     print(f"{name}: ONNX test accuracy {metrics['test_accuracy'] * 100:.2f}% loss {metrics['test_loss']:.4f} "
           f"(reference {REFERENCE[name]['test_accuracy'] * 100:.2f}% / {REFERENCE[name]['test_loss']:.4f}); "

@@ -10,7 +10,8 @@ The threshold is the 99.5th percentile of the score on the validation split (hel
 in-distribution validation images are rejected: half the 1% budget, because a quantile of 5,000 validation
 images does not carry over exactly (calibrated at 1%, the outlier-exposed CNN rejected 1.21% of the test set).
 The test set and the OOD set are only measured.
-The chosen method and its parameters go to models/<name>.ood.json, referenced from models/<name>.json.
+The chosen method and its parameters go to ood.json in the model's newest version folder, referenced from its
+model.json (models/<name>/<version>/).
 
     python training/ood.py --model cnn --ood-dir build/ood    # after training/ood_data.py + examples/preprocess
 """
@@ -29,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import DEFAULT_DATA_DIR, load_split  # noqa: E402
+from repository import latest_version_dir  # noqa: E402
 from train import split_train_val  # noqa: E402
 
 GROUPS = ["photos", "digits", "noise", "shapes", "text"]
@@ -77,11 +79,11 @@ def main() -> None:
                    help="method to ship (the server computes energy); all are measured and reported")
     a = p.parse_args()
 
-    models_dir = Path(a.models_dir)
-    meta_path = models_dir / f"{a.model}.json"
+    version_dir = latest_version_dir(Path(a.models_dir), a.model)
+    meta_path = version_dir / "model.json"
     meta = json.loads(meta_path.read_text())
     cfg = meta["training"]["config"]
-    sess = ort.InferenceSession(str(models_dir / meta["file"]), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(version_dir / meta["file"]), providers=["CPUExecutionProvider"])
 
     train_x, train_y = load_split("train", Path(a.data_dir))
     train_idx, val_idx = split_train_val(train_x, train_y, cfg["val_size"], cfg["seed"])  # the training run's split
@@ -114,7 +116,7 @@ def main() -> None:
               + " ".join(f"{g} {v * 100:.0f}%" for g, v in r["ood_rejected_by_group"].items()))
 
     method = a.method if a.method != "auto" else max(report, key=lambda m: (report[m]["ood_rejected"], report[m]["auroc_test_vs_ood"]))
-    ood_file = models_dir / f"{a.model}.ood.json"
+    ood_file = version_dir / "ood.json"
     params = {"method": method, "threshold": report[method]["threshold"], "evaluation": report,
               "calibration": f"{(1 - TARGET_VAL_REJECTION) * 100:g}th percentile of the score on the "
                              f"{len(val_idx)}-image validation split"}

@@ -3,7 +3,7 @@ split (the same 5,000 training images train.py holds out: split_train_val(images
 on all 10,000 test images through the INT8 ONNX file, and written beside the FP32 model with the same metadata
 schema:
 
-    models/cnn-int8.onnx, models/cnn-int8.json
+    models/cnn-int8/<next version>/model.onnx + model.json, from the newest version of models/cnn
 
     .venv-train/bin/python training/quantize.py                 # QDQ, per-channel weights, MinMax calibration
     .venv-train/bin/python training/quantize.py --compare       # also try the other formats/calibrations, print
@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from reference import reference_dir, write_reference
+from repository import latest_version_dir, new_version_dir
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -109,11 +110,13 @@ def main() -> int:
     ap.add_argument("--compare", action="store_true", help="also measure the other format/calibration choices")
     a = ap.parse_args()
 
-    meta_path = a.models_dir / f"{a.model}.json"
+    source_dir = latest_version_dir(a.models_dir, a.model)
+    meta_path = source_dir / "model.json"
     meta = json.loads(meta_path.read_text())
-    fp32 = a.models_dir / meta["file"]
+    fp32 = source_dir / meta["file"]
     name = f"{a.model}-int8"
-    out = a.models_dir / f"{name}.onnx"
+    out_dir = new_version_dir(a.models_dir, name)
+    out = out_dir / "model.onnx"
 
     images, labels = load_split("train", a.data_dir)
     _, val_idx = split_train_val(images, labels, VAL_SIZE, SEED)
@@ -132,7 +135,7 @@ def main() -> int:
     print(f"FP32 {fp32.name}: test accuracy {fp32_metrics['test_accuracy'] * 100:.2f}%, "
           f"{images_per_second(fp32, x_test, 64):.0f} img/s at batch 64 (2 threads)", flush=True)
     for fmt, method in variants:
-        path = out if (fmt, method) == variants[0] else out.with_name(f"{name}.{fmt}.{method}.onnx")
+        path = out if (fmt, method) == variants[0] else out.with_name(f"model.{fmt}.{method}.onnx")
         quantize(fp32, path, x_val, fmt, method)
         m = evaluate_onnx(session(path), x_test, test_labels)
         print(f"INT8 {fmt:9} {method:10}: test accuracy {m['test_accuracy'] * 100:.2f}% "
@@ -180,8 +183,8 @@ def main() -> int:
                         "note": "recalibrated on the validation split for the INT8 model (99th percentile)"}
         else:
             q.pop("ood")
-    (a.models_dir / f"{name}.json").write_text(json.dumps(q, indent=2) + "\n")
-    write_reference(out, name, reference_dir(a.models_dir))
+    (out_dir / "model.json").write_text(json.dumps(q, indent=2) + "\n")
+    write_reference(out, name, reference_dir(out_dir))
 
     verdict = "within" if drop <= MAX_ACCURACY_DROP else "NOT within"
     print(f"{name}: test accuracy {metrics['test_accuracy'] * 100:.2f}% vs FP32 "

@@ -2,7 +2,7 @@
 images (tests/fixtures/test-images.u8, 1,000 test-set images), computed here with Python onnxruntime from the
 ONNX file alone. The service must reproduce them per image (tests/reference_outputs.rs).
 
-Written by the export step (export.py, quantize.py) for every model it makes; for models already shipped:
+Written by the export step (export.py, quantize.py) for every model it makes; for the newest shipped versions:
 
     bench/.venv/bin/python training/reference.py --model cnn --model cnn-int8 --model dense
 
@@ -20,15 +20,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from repository import latest_version_dir
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests/fixtures/test-images.u8"
 OUT = REPO / "tests/fixtures/reference"
 
 
-def reference_dir(models_dir: Path) -> Path:
-    """Where the export step writes references: the committed fixtures for the shipped models/, and beside any
-    other output folder (a smoke test's temporary one) so the committed references stay those of models/."""
-    return OUT if models_dir.resolve() == (REPO / "models").resolve() else models_dir / "reference"
+def reference_dir(version_dir: Path) -> Path:
+    """Where the export step writes references: the committed fixtures for a version of the shipped repository
+    (models/<name>/<version>), and beside any other output folder (a smoke test's temporary one) so the
+    committed references stay those of models/."""
+    shipped = version_dir.resolve().parent.parent == (REPO / "models").resolve()
+    return OUT if shipped else version_dir / "reference"
 
 
 def write_reference(onnx_path: Path, name: str, out_dir: Path = OUT) -> Path:
@@ -61,8 +65,9 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=REPO / "models")
     a = ap.parse_args()
     for name in a.model:
-        meta = json.loads((a.models_dir / f"{name}.json").read_text())
-        write_reference(a.models_dir / meta["file"], name)
+        version_dir = latest_version_dir(a.models_dir, name)
+        meta = json.loads((version_dir / "model.json").read_text())
+        write_reference(version_dir / meta["file"], name)
 
 
 if __name__ == "__main__":

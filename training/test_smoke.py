@@ -20,7 +20,8 @@ class SmokeTraining(unittest.TestCase):
                 started = time.time()
                 subprocess.run([sys.executable, str(HERE / "train.py"), "--model", model, "--smoke", "--out-dir", out], check=True)
                 self.assertLess(time.time() - started, 120)
-                meta = json.loads((Path(out) / f"{model}.json").read_text())
+                version_dir = Path(out) / model / "1"  # the first version of a new repository
+                meta = json.loads((version_dir / "model.json").read_text())
                 self.assertEqual(meta["metrics"]["test_images"], 10_000)
                 self.assertLessEqual(meta["onnx_parity_max_abs_diff"], 1e-4)
                 # One epoch on 2,500 images is far from the target but far above chance (10%).
@@ -29,8 +30,8 @@ class SmokeTraining(unittest.TestCase):
                 self.assertEqual(len(meta["metrics"]["confusion_matrix"]), 10)
                 phases = [row.get("phase", "main") for row in meta["training"]["history"]]
                 self.assertEqual(phases, ["main", "exposure"] if model == "cnn" else ["main"])
-                for suffix in [".onnx", ".curves.png", ".confusion.png"]:
-                    self.assertTrue((Path(out) / f"{model}{suffix}").stat().st_size > 0)
+                for file in ["model.onnx", "curves.png", "confusion.png"]:
+                    self.assertTrue((version_dir / file).stat().st_size > 0)
 
     def test_a_wrong_data_dir_fails_with_a_clear_message(self):
         with tempfile.TemporaryDirectory() as empty:

@@ -1,6 +1,6 @@
 """Train, select, export and evaluate the Fashion-MNIST models.
 
-    python training/train.py --model cnn                # full run: writes models/cnn.onnx + cnn.json + plots
+    python training/train.py --model cnn                # full run: writes models/cnn/<next version>/ (model.onnx, model.json, plots)
     python training/train.py --model dense --folds 5    # k-fold cross-validation estimate, test set untouched
     python training/train.py --model cnn --smoke --out-dir /tmp/x   # one short epoch on a subset
 
@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import DEFAULT_DATA_DIR, DatasetError, load_split  # noqa: E402
+from repository import new_version_dir  # noqa: E402
 from models import ARCHITECTURES  # noqa: E402
 
 # Defaults per architecture, chosen to fit `make train` (both models) in well under 90 minutes on 2 cores.
@@ -388,12 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         # What ships is the exposed model: its validation figures replace the checkpoint's.
         best = {"epoch": exposure[-1]["epoch"], "val_loss": exposure[-1]["val_loss"], "val_acc": exposure[-1]["val_acc"]}
     train_seconds = time.time() - t0
-    plot_curves(history, out_dir / f"{cfg.model}.curves.png", f"{cfg.model}: best epoch {best['epoch']}")
+    # The next version in the repository: a serving server picks it up, the previous one stays for rollback.
+    version_dir = new_version_dir(out_dir, cfg.model)
+    plot_curves(history, version_dir / "curves.png", f"{cfg.model}: best epoch {best['epoch']}")
 
     from export import export_and_evaluate  # imported late: onnx/onnxruntime are only needed here
 
     export_and_evaluate(model, cfg=asdict(cfg), history=history, best=best, train_seconds=train_seconds,
-                        x_val=x_val, out_dir=out_dir, data_dir=Path(cfg.data_dir))
+                        x_val=x_val, out_dir=version_dir, data_dir=Path(cfg.data_dir))
     return 0
 
 

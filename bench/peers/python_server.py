@@ -3,7 +3,7 @@ ThreadPoolExecutor, onnxruntime called once per request (all of the request's im
 across requests. Same proto, same model file, same preprocessing steps and the same response fields as the Rust
 service (minus its input check details), so the load generator sends both the very same bytes.
 
-    bench/.venv/bin/python bench/peers/python_server.py --port 50061 --model models/cnn.onnx
+    bench/.venv/bin/python bench/peers/python_server.py --port 50061 --model models/cnn/1/model.onnx
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ fn from_proto(req: pb::ClassifyRequest) -> ClassifyRequest {
             })
             .collect(),
         model: req.model,
-        version: String::new(),
+        version: req.version,
         min_confidence: req.min_confidence,
         max_ood_score: req.max_ood_score,
         return_model_input: req.return_model_input,
@@ -105,15 +105,27 @@ impl ClassifierService {
         let models = self.core.models()?;
         let p = self.core.policy();
         let info = models
-            .by_name
-            .values()
-            .map(|m| {
+            .models
+            .iter()
+            .filter_map(|(name, served)| Some((name, served, served.default_version()?)))
+            .map(|(name, served, m)| {
                 let meta = &m.meta;
                 pb::ModelInfo {
-                    name: meta.name.clone(),
-                    version: meta.version.clone(),
+                    name: name.clone(),
+                    version: m.version_label(),
+                    build: meta.version.clone(),
+                    versions: served
+                        .states
+                        .iter()
+                        .map(|(v, s)| pb::VersionStatus {
+                            version: v.to_string(),
+                            state: s.state.name().into(),
+                            reason: s.reason.clone(),
+                        })
+                        .collect(),
+                    labels: served.labels.iter().map(|(l, v)| (l.clone(), v.to_string())).collect(),
                     sha256: meta.sha256.clone(),
-                    is_default: meta.name == models.default,
+                    is_default: *name == models.default,
                     input: Some(pb::InputSpec {
                         name: meta.input.name.clone(),
                         shape: vec![-1, 1, 28, 28],

@@ -44,12 +44,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        // As Triton answers: an unknown model or version is simply not ready.
-        let ready = self.core.is_ready()
-            && self
-                .core
-                .models()
-                .is_ok_and(|m| !r.name.is_empty() && m.find(&r.name, &r.version).is_ok());
+        let ready = oip::model_ready(&self.core, &r.name, &r.version);
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -69,14 +64,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        if r.name.is_empty() {
-            return Err(ServiceError::invalid("name is empty: name the model to describe").into());
-        }
-        let model = self
-            .core
-            .models()?
-            .find(&r.name, &r.version)
-            .map_err(ServiceError::from)?;
+        let model = oip::describe_model(&self.core, &r.name, &r.version)?;
         let tensors = |specs: &[oip::TensorSpec]| {
             specs
                 .iter()
@@ -88,12 +76,46 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
                 .collect()
         };
         Ok(Response::new(pb::ModelMetadataResponse {
-            name: model.meta.name.clone(),
-            versions: vec![model.meta.version.clone()],
+            name: model.name,
+            versions: model.versions,
             platform: oip::PLATFORM.into(),
             inputs: tensors(&oip::INPUTS),
             outputs: tensors(&oip::OUTPUTS),
         }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let index = self.core.registry().index(request.into_inner().ready);
+        Ok(Response::new(pb::RepositoryIndexResponse {
+            models: index
+                .into_iter()
+                .map(|e| pb::repository_index_response::ModelIndex {
+                    name: e.name,
+                    version: e.version,
+                    state: e.state.into(),
+                    reason: e.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        oip::load_model(&self.core, &request.into_inner().model_name).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        oip::unload_model(&self.core, &request.into_inner().model_name)?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
     async fn model_infer(

@@ -1,6 +1,7 @@
-//! The layers every gRPC call goes through, whatever its service (classifier, health, reflection, and
-//! gRPC-Web calls of the page): [`RpcLayer`] gives it a request id, a span, duration and status metrics and
-//! its deadline; [`CallLimitsLayer`] holds it to its connection's share of calls and request bytes.
+//! The layers every call goes through, whatever its service (classifier, OIP, health, reflection, gRPC-Web
+//! calls of the page, and the OIP's REST routes): [`RpcLayer`] gives it a request id, a span, duration and
+//! status metrics and its deadline; [`CallLimitsLayer`] holds it to its connection's share of calls and
+//! request bytes. A REST call is refused in its own protocol (JSON, an HTTP status), a gRPC call with a status.
 
 use std::{
     pin::Pin,
@@ -120,7 +121,7 @@ where
 
 /// The methods the server serves; anything else is counted as "unknown". The label must come from a closed
 /// set: a client could otherwise mint a new metric series per made-up path and grow the recorder without end.
-const RPCS: [&str; 11] = [
+const RPCS: [&str; 14] = [
     "Classify",
     "GetModelInfo",
     "Check",
@@ -132,6 +133,9 @@ const RPCS: [&str; 11] = [
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 ];
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -143,12 +147,15 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// The Open Inference Protocol's REST routes (`rest`), each a closed label; `None` for other paths.
 fn rest_label(path: &str) -> Option<&'static str> {
     let rest = path.strip_prefix("/v2")?;
-    Some(match rest {
-        "" | "/" => "v2/server_metadata",
-        "/health/live" | "/health/ready" => "v2/health",
-        _ if rest.starts_with("/models/") && rest.ends_with("/infer") => "v2/infer",
-        _ if rest.starts_with("/models/") && rest.ends_with("/ready") => "v2/model_ready",
-        _ if rest.starts_with("/models/") => "v2/model_metadata",
+    let segments: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+    Some(match segments.as_slice() {
+        [""] => "v2/server_metadata",
+        ["health", "live" | "ready"] => "v2/health",
+        ["models", _] | ["models", _, "versions", _] => "v2/model_metadata",
+        ["models", _, "ready"] | ["models", _, "versions", _, "ready"] => "v2/model_ready",
+        ["models", _, "infer"] | ["models", _, "versions", _, "infer"] => "v2/infer",
+        ["repository", "index"] => "v2/repository_index",
+        ["repository", "models", _, "load" | "unload"] => "v2/repository_load",
         _ => "v2/unknown",
     })
 }
@@ -436,6 +443,20 @@ mod tests {
         assert_eq!(rpc_label("/grpc.health.v1.Health/Watch"), "Watch");
         assert_eq!(rpc_label("/made.up.Service/Method12345"), "unknown");
         assert_eq!(rpc_label(""), "unknown");
+        assert_eq!(rpc_label("/inference.GRPCInferenceService/ModelInfer"), "ModelInfer");
+    }
+
+    #[test]
+    fn rest_labels_name_the_route_not_the_model() {
+        assert_eq!(rest_label("/v2"), Some("v2/server_metadata"));
+        assert_eq!(rest_label("/v2/health/ready"), Some("v2/health"));
+        assert_eq!(rest_label("/v2/models/cnn"), Some("v2/model_metadata"));
+        // A model may be called "infer": the route, not the last word, decides.
+        assert_eq!(rest_label("/v2/models/infer"), Some("v2/model_metadata"));
+        assert_eq!(rest_label("/v2/models/cnn/versions/3/ready"), Some("v2/model_ready"));
+        assert_eq!(rest_label("/v2/models/any-name-at-all/infer"), Some("v2/infer"));
+        assert_eq!(rest_label("/v2/whatever/else"), Some("v2/unknown"));
+        assert_eq!(rest_label("/app.js"), None);
     }
 
     #[test]

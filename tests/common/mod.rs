@@ -368,16 +368,13 @@ pub async fn classify_all(
     results
 }
 
-/// The model's version from models/<name>.json.
-pub fn model_version(model: &str) -> String {
-    let text = std::fs::read_to_string(repo().join(format!("models/{model}.json"))).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
-    meta["version"].as_str().unwrap().to_string()
+/// The shipped metadata of a model: models/<name>/1/model.json.
+pub fn shipped_metadata(model: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo().join(format!("models/{model}/1/model.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
 }
 
-/// The model's measured test accuracy from models/<name>.json.
+/// The model's measured test accuracy from its shipped metadata.
 pub fn metadata_accuracy(model: &str) -> f64 {
-    let text = std::fs::read_to_string(repo().join(format!("models/{model}.json"))).unwrap();
-    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
-    meta["metrics"]["test_accuracy"].as_f64().unwrap()
+    shipped_metadata(model)["metrics"]["test_accuracy"].as_f64().unwrap()
 }

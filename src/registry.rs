@@ -1,0 +1,522 @@
+//! The model versions being served, and the swaps between them. A call resolves its model and version against
+//! the current [`Snapshot`] and keeps that version (an `Arc`) until it is answered; a reload builds the next
+//! snapshot beside the current one and publishes it in one step. So:
+//! - a new version takes traffic only once it is loaded, checked (sha256, graph signature) and warmed up;
+//! - a version that fails any of that never replaces a working one: it is reported as FAILED with the reason,
+//!   and is not tried again until its files change;
+//! - a version that leaves stops taking new calls, finishes the ones it has (a call pinned to it completes on
+//!   it), then its inference thread ends, is joined, and its session's memory is returned;
+//! - the last version of a model is never taken away by a reload that has nothing better: only an explicit
+//!   unload does that.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock, Weak},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{
+    batching::{BatchConfig, Batcher},
+    error::{ModelError, RequestError, clip},
+    model::{Model, ModelMetadata, RuntimeOptions},
+    repository::{self, Fingerprint},
+    telemetry::metric,
+};
+
+/// A version ready to serve: its metadata and its queue.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The model's name in the repository (its directory).
+    pub name: String,
+    pub version: u64,
+    pub meta: ModelMetadata,
+    pub batcher: Batcher,
+}
+
+impl LoadedModel {
+    pub fn version_label(&self) -> String {
+        self.version.to_string()
+    }
+}
+
+/// Where a version is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Loading,
+    Ready,
+    /// Out of the snapshot: finishing the calls it has, then its thread is joined.
+    Draining,
+    /// Could not be loaded; the reason says why. The versions serving before keep serving.
+    Failed,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Loading => "LOADING",
+            State::Ready => "READY",
+            State::Draining => "DRAINING",
+            State::Failed => "FAILED",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionStatus {
+    pub state: State,
+    pub reason: String,
+}
+
+/// One model: the versions that take calls, its labels, and the state of every version the server knows of.
+#[derive(Debug, Clone, Default)]
+pub struct ServedModel {
+    pub ready: BTreeMap<u64, Arc<LoadedModel>>,
+    pub labels: BTreeMap<String, u64>,
+    pub states: BTreeMap<u64, VersionStatus>,
+}
+
+impl ServedModel {
+    /// The version a call gets when it names none: the newest ready one.
+    pub fn default_version(&self) -> Option<&Arc<LoadedModel>> {
+        self.ready.values().next_back()
+    }
+
+    fn describe_versions(&self) -> String {
+        let mut names: Vec<String> = self.ready.keys().map(u64::to_string).collect();
+        names.extend(
+            self.labels
+                .iter()
+                .filter(|(_, v)| self.ready.contains_key(v))
+                .map(|(label, v)| format!("{label} (= {v})")),
+        );
+        if names.is_empty() {
+            "none is ready".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// Every model as calls see it at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub models: BTreeMap<String, ServedModel>,
+    /// The model a call gets when it names none.
+    pub default: String,
+}
+
+impl Snapshot {
+    /// The model a call names (empty: the default) at the version it names: empty for the newest ready one,
+    /// a number, or a label.
+    pub fn find(&self, name: &str, version: &str) -> Result<&Arc<LoadedModel>, RequestError> {
+        let name = if name.is_empty() { self.default.as_str() } else { name };
+        let served = self.models.get(name).ok_or_else(|| RequestError::UnknownModel {
+            name: clip(name),
+            loaded: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        let found = if version.is_empty() {
+            served.default_version()
+        } else {
+            // "3" names version 3; "03" or "+3" name nothing (a label could be spelt so).
+            let number = version
+                .parse::<u64>()
+                .ok()
+                .filter(|v| v.to_string() == version)
+                .or_else(|| served.labels.get(version).copied());
+            number.and_then(|v| served.ready.get(&v))
+        };
+        found.ok_or_else(|| RequestError::UnknownVersion {
+            model: name.to_string(),
+            version: clip(version),
+            served: served.describe_versions(),
+        })
+    }
+}
+
+/// What the registry needs to load a version.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    pub dir: PathBuf,
+    /// The models to serve, by name: `<dir>/<name>/`.
+    pub models: Vec<String>,
+    pub default: String,
+    pub runtime: RuntimeOptions,
+    pub batch: BatchConfig,
+    pub warmup_batch: usize,
+}
+
+/// The live set of models; see the module documentation.
+#[derive(Debug)]
+pub struct Registry {
+    settings: RegistrySettings,
+    current: RwLock<Option<Arc<Snapshot>>>,
+    /// One reload at a time, with what it must remember between reloads.
+    reload: Mutex<Book>,
+}
+
+/// What reloads remember.
+#[derive(Debug, Default)]
+struct Book {
+    /// The files each ready version was loaded from: a change loads it again.
+    loaded: BTreeMap<(String, u64), Fingerprint>,
+    /// Versions that failed, with the files they failed with: not retried until those change.
+    failed: BTreeMap<(String, u64), Fingerprint>,
+    /// Models unloaded on request: reloads leave them alone until they are loaded on request.
+    unloaded: BTreeSet<String>,
+    threads: BTreeMap<(String, u64), JoinHandle<()>>,
+    draining: Vec<Draining>,
+}
+
+#[derive(Debug)]
+struct Draining {
+    name: String,
+    version: u64,
+    model: Weak<LoadedModel>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One line of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// What one reload did, for logs, metrics and the caller that asked for it.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub loaded: Vec<(String, u64)>,
+    pub unloaded: Vec<(String, u64)>,
+    pub failed: Vec<(String, u64, ModelError)>,
+}
+
+impl Registry {
+    pub fn new(settings: RegistrySettings) -> Arc<Registry> {
+        Arc::new(Registry {
+            settings,
+            current: RwLock::new(None),
+            reload: Mutex::new(Book::default()),
+        })
+    }
+
+    /// The models as calls see them now; `None` until the first load has finished.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn publish(&self, next: Snapshot) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(next));
+    }
+
+    /// The first load, at start-up: every configured model must have a version that serves, or the server
+    /// does not start (the error names the file and why).
+    pub fn load_at_start(self: &Arc<Self>) -> Result<ReloadReport, ModelError> {
+        let mut report = self.reload_now(None);
+        for name in &self.settings.models {
+            let snapshot = self.snapshot().unwrap_or_default();
+            if snapshot.models.get(name).is_some_and(|m| !m.ready.is_empty()) {
+                continue;
+            }
+            if let Some(i) = report.failed.iter().position(|(n, _, _)| n == name) {
+                return Err(report.failed.swap_remove(i).2);
+            }
+            let dir = self.settings.dir.join(name);
+            return Err(ModelError::Metadata {
+                path: dir.join("<version>").join(repository::METADATA_FILE),
+                reason: format!(
+                    "no version of model {name} found: a model is {}/<version>/{{model.onnx, {}}} with a \
+                     positive integer version (`make train` writes them)",
+                    dir.display(),
+                    repository::METADATA_FILE
+                ),
+            });
+        }
+        Ok(report)
+    }
+
+    /// Reads the repository and brings the served versions in line with it: loads what is new or changed,
+    /// retires what the policy no longer selects. `only`: one model (an explicit load of it, which also
+    /// undoes an explicit unload).
+    pub fn reload_now(self: &Arc<Self>, only: Option<&str>) -> ReloadReport {
+        let mut book = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = ReloadReport::default();
+        let mut next = self.snapshot().map(|s| (*s).clone()).unwrap_or_default();
+        next.default = self.settings.default.clone();
+        for name in &self.settings.models {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            if only.is_some() {
+                book.unloaded.remove(name);
+            } else if book.unloaded.contains(name) {
+                continue;
+            }
+            self.reload_model(name, &mut next, &mut book, &mut report);
+        }
+        self.publish(next);
+        if !book.draining.is_empty() {
+            drop(book);
+            self.spawn_reaper();
+        }
+        report
+    }
+
+    fn reload_model(self: &Arc<Self>, name: &str, next: &mut Snapshot, book: &mut Book, report: &mut ReloadReport) {
+        let dir = repository::scan(&self.settings.dir, name);
+        if let Some(error) = &dir.config_error {
+            // A broken config must not unload anything: keep serving, and say why nothing changed.
+            tracing::warn!(model = %name, error = %error, "model config unreadable; its versions stay as they are");
+            return;
+        }
+        let wanted = dir.wanted();
+        let served = next.models.entry(name.to_string()).or_default();
+        served.labels = dir.config.labels.clone();
+        for &version in &wanted {
+            let files = &dir.versions[&version];
+            let key = (name.to_string(), version);
+            let unchanged = book.loaded.get(&key) == Some(&files.fingerprint);
+            if (served.ready.contains_key(&version) && unchanged) || book.failed.get(&key) == Some(&files.fingerprint) {
+                continue;
+            }
+            served.states.insert(
+                version,
+                VersionStatus {
+                    state: State::Loading,
+                    reason: String::new(),
+                },
+            );
+            match self.load_version(name, version, &files.path) {
+                Ok((model, thread)) => {
+                    tracing::info!(model = %name, version, build = %model.meta.version, "version loaded, checked and warmed up; taking calls");
+                    metrics::counter!(metric::MODEL_RELOADS, "model" => name.to_string(), "outcome" => "loaded")
+                        .increment(1);
+                    metrics::gauge!(metric::MODEL_INFO, "model" => name.to_string(), "version" => version.to_string())
+                        .set(1.0);
+                    if let Some(replaced) = served.ready.insert(version, Arc::new(model)) {
+                        // The same version number with new files: the old build drains like any other.
+                        self.retire(book, name, version, replaced);
+                    }
+                    book.threads.insert(key.clone(), thread);
+                    book.loaded.insert(key.clone(), files.fingerprint.clone());
+                    book.failed.remove(&key);
+                    served.states.insert(
+                        version,
+                        VersionStatus {
+                            state: State::Ready,
+                            reason: String::new(),
+                        },
+                    );
+                    report.loaded.push(key);
+                }
+                Err(e) => {
+                    tracing::warn!(model = %name, version, error = %e, "version failed to load; the versions serving keep serving");
+                    metrics::counter!(metric::MODEL_RELOADS, "model" => name.to_string(), "outcome" => "failed")
+                        .increment(1);
+                    book.failed.insert(key.clone(), files.fingerprint.clone());
+                    let status = if served.ready.contains_key(&version) {
+                        VersionStatus {
+                            state: State::Ready,
+                            reason: format!("changed files failed to load, serving the previous ones: {e}"),
+                        }
+                    } else {
+                        VersionStatus {
+                            state: State::Failed,
+                            reason: e.to_string(),
+                        }
+                    };
+                    served.states.insert(version, status);
+                    report.failed.push((name.to_string(), version, e));
+                }
+            }
+        }
+        // Retire what the policy no longer selects, but never the last ready version for nothing.
+        let wanted_ready = served.ready.keys().any(|v| wanted.contains(v));
+        if wanted_ready {
+            let leaving: Vec<u64> = served.ready.keys().filter(|v| !wanted.contains(v)).copied().collect();
+            for version in leaving {
+                let model = served.ready.remove(&version).expect("listed above");
+                self.retire(book, name, version, model);
+                served.states.insert(
+                    version,
+                    VersionStatus {
+                        state: State::Draining,
+                        reason: String::new(),
+                    },
+                );
+                report.unloaded.push((name.to_string(), version));
+            }
+        } else if !served.ready.is_empty() {
+            tracing::warn!(model = %name, serving = ?served.ready.keys().collect::<Vec<_>>(), "no version the policy selects could be loaded; the ones serving keep serving");
+        }
+        // Failed versions that left the disk are forgotten.
+        served
+            .states
+            .retain(|v, s| s.state != State::Failed || dir.versions.contains_key(v));
+        book.failed
+            .retain(|(n, v), _| n != name || dir.versions.contains_key(v));
+    }
+
+    /// [`Self::reload_now`] off the async runtime; logs what changed.
+    pub async fn reload(self: &Arc<Self>, only: Option<String>) -> ReloadReport {
+        let registry = self.clone();
+        let report = tokio::task::spawn_blocking(move || registry.reload_now(only.as_deref()))
+            .await
+            .expect("reloading does not panic");
+        if !report.loaded.is_empty() || !report.unloaded.is_empty() || !report.failed.is_empty() {
+            tracing::info!(loaded = ?report.loaded, unloaded = ?report.unloaded, failed = report.failed.len(), "model repository reloaded");
+        }
+        report
+    }
+
+    /// Whether `name` is one of the models this server serves (`--models`).
+    pub fn is_configured(&self, name: &str) -> bool {
+        self.settings.models.iter().any(|m| m == name)
+    }
+
+    pub fn configured(&self) -> &[String] {
+        &self.settings.models
+    }
+
+    /// Every version of every configured model and its state; a model unloaded on request is listed once,
+    /// with no version, as UNLOADED.
+    pub fn index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let snapshot = self.snapshot().unwrap_or_default();
+        let mut entries = Vec::new();
+        for name in &self.settings.models {
+            let Some(served) = snapshot.models.get(name) else {
+                if !ready_only {
+                    entries.push(IndexEntry {
+                        name: name.clone(),
+                        version: String::new(),
+                        state: "UNLOADED",
+                        reason: "unloaded on request: load it to serve it again".into(),
+                    });
+                }
+                continue;
+            };
+            for (version, status) in &served.states {
+                if ready_only && status.state != State::Ready {
+                    continue;
+                }
+                entries.push(IndexEntry {
+                    name: name.clone(),
+                    version: version.to_string(),
+                    state: status.state.name(),
+                    reason: status.reason.clone(),
+                });
+            }
+        }
+        entries
+    }
+
+    /// Stops serving every version of `name` until it is loaded again on request.
+    pub fn unload(self: &Arc<Self>, name: &str) -> Result<ReloadReport, RequestError> {
+        let mut book = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.snapshot().map(|s| (*s).clone()).unwrap_or_default();
+        let Some(mut served) = next.models.remove(name) else {
+            return Err(RequestError::UnknownModel {
+                name: clip(name),
+                loaded: next.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        };
+        let mut report = ReloadReport::default();
+        for (version, model) in std::mem::take(&mut served.ready) {
+            self.retire(&mut book, name, version, model);
+            report.unloaded.push((name.to_string(), version));
+        }
+        book.unloaded.insert(name.to_string());
+        self.publish(next);
+        drop(book);
+        self.spawn_reaper();
+        Ok(report)
+    }
+
+    fn load_version(
+        &self,
+        name: &str,
+        version: u64,
+        dir: &std::path::Path,
+    ) -> Result<(LoadedModel, JoinHandle<()>), ModelError> {
+        let s = &self.settings;
+        let model = Model::load(dir, &s.runtime, s.warmup_batch)?;
+        let meta = model.meta.clone();
+        let (batcher, thread) = Batcher::spawn(model, s.batch, name, version)?;
+        Ok((
+            LoadedModel {
+                name: name.to_string(),
+                version,
+                meta,
+                batcher,
+            },
+            thread,
+        ))
+    }
+
+    /// Takes a version out of service: new calls no longer find it; it drains in the background.
+    fn retire(&self, book: &mut Book, name: &str, version: u64, model: Arc<LoadedModel>) {
+        metrics::counter!(metric::MODEL_RELOADS, "model" => name.to_string(), "outcome" => "unloaded").increment(1);
+        metrics::gauge!(metric::MODEL_INFO, "model" => name.to_string(), "version" => version.to_string()).set(0.0);
+        tracing::info!(model = %name, version, "version leaves service: finishing its calls");
+        book.loaded.remove(&(name.to_string(), version));
+        book.draining.push(Draining {
+            name: name.to_string(),
+            version,
+            model: Arc::downgrade(&model),
+            thread: book.threads.remove(&(name.to_string(), version)),
+        });
+    }
+
+    /// Joins the threads of drained versions (no call holds them and their queue is empty); returns how many
+    /// are still draining.
+    pub fn reap(&self) -> usize {
+        let mut book = self.reload.lock().unwrap_or_else(|p| p.into_inner());
+        let (done, still): (Vec<Draining>, Vec<Draining>) = std::mem::take(&mut book.draining)
+            .into_iter()
+            .partition(|d| d.model.strong_count() == 0 && d.thread.as_ref().is_none_or(JoinHandle::is_finished));
+        book.draining = still;
+        if done.is_empty() {
+            return book.draining.len();
+        }
+        let mut next = self.snapshot().map(|s| (*s).clone()).unwrap_or_default();
+        for d in done {
+            if let Some(thread) = d.thread {
+                let _ = thread.join();
+            }
+            tracing::info!(model = %d.name, version = d.version, "version drained: thread joined, memory returned");
+            let draining_elsewhere = book.draining.iter().any(|o| o.name == d.name && o.version == d.version);
+            if let Some(served) = next.models.get_mut(&d.name)
+                && !draining_elsewhere
+                && served
+                    .states
+                    .get(&d.version)
+                    .is_some_and(|s| s.state == State::Draining)
+            {
+                served.states.remove(&d.version);
+            }
+        }
+        self.publish(next);
+        book.draining.len()
+    }
+
+    /// Joins drained versions in the background, as soon as their last call is answered.
+    fn spawn_reaper(self: &Arc<Self>) {
+        let registry = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("reap-models".into()).spawn(move || {
+            // A drain lasts as long as the longest call it holds (bounded by the request timeout).
+            for _ in 0..1200 {
+                std::thread::sleep(Duration::from_millis(50));
+                let Some(registry) = registry.upgrade() else { return };
+                if registry.reap() == 0 {
+                    return;
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the thread that joins drained versions; the next reload will");
+        }
+    }
+}
