@@ -28,6 +28,9 @@ pub enum ModelError {
     Signature { path: PathBuf, reason: String },
     #[error("inference failed: {0}")]
     Inference(String),
+    /// A load that failed earlier, remembered as its message (the files have not changed since).
+    #[error("{0}")]
+    Remembered(String),
 }
 
 /// Why a request as a whole cannot be served.
@@ -40,7 +43,9 @@ pub enum RequestError {
     /// `name` is the client's string, clipped ([`clip`]) so it cannot blow up a log line or a header.
     #[error("unknown model {name:?}: loaded models are {loaded}")]
     UnknownModel { name: String, loaded: String },
-    #[error("model {model} has no version {version:?}: it serves version {served:?} (or leave the version empty)")]
+    #[error(
+        "model {model} has no version {version:?} ready: it serves {served} (or leave the version empty for the newest)"
+    )]
     UnknownVersion {
         model: String,
         version: String,

@@ -30,7 +30,32 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    /// glibc: returns the free memory of every malloc arena to the operating system.
+    fn malloc_trim(pad: usize) -> i32;
+    /// glibc: sets a malloc parameter.
+    fn mallopt(param: i32, value: i32) -> i32;
+}
+
+/// glibc's `M_ARENA_MAX`.
+const M_ARENA_MAX: i32 = -8;
+
+/// ONNX Runtime allocates through the C allocator, not mimalloc: a retired model version's session is freed
+/// into glibc's arenas, which keep it resident. Trimming once a version has drained gives it back.
+fn release_c_heap() {
+    // SAFETY: malloc_trim takes no pointers and is safe to call from any thread at any time (glibc locks each
+    // arena while it trims it).
+    unsafe {
+        malloc_trim(0);
+    }
+}
+
 fn main() -> ExitCode {
+    // SAFETY: called first thing, before any other thread exists; mallopt takes no pointers.
+    unsafe {
+        mallopt(M_ARENA_MAX, 2);
+    }
+    fmnist_serve::registry::set_memory_release(release_c_heap);
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Classify(args)) => {

@@ -169,6 +169,12 @@ impl Drop for TestServer {
 
 /// Starts the real binary on ephemeral ports with `args` added; returns the child and its gRPC address (read from its log).
 pub fn spawn_binary(args: &[&str]) -> Spawned {
+    let shipped = repo().join("models");
+    let models_dir: Vec<&std::ffi::OsStr> = if args.contains(&"--models-dir") {
+        vec![]
+    } else {
+        vec!["--models-dir".as_ref(), shipped.as_os_str()]
+    };
     use std::{
         io::{BufRead, BufReader},
         process::{Command, Stdio},
@@ -182,8 +188,7 @@ pub fn spawn_binary(args: &[&str]) -> Spawned {
     }
     let mut child = command
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .arg("--models-dir")
-        .arg(repo().join("models"))
+        .args(models_dir)
         .arg("--ort-dylib")
         .arg(config().ort_dylib)
         .args(args)
