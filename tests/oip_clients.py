@@ -188,6 +188,24 @@ def test_resource_exhausted():
        f"{codes.count('StatusCode.RESOURCE_EXHAUSTED')} refused)")
 
 
+def test_repository_calls():
+    """Triton's repository extension, through tritonclient's own calls (README "Updating a model")."""
+    client = tgrpc.InferenceServerClient(ADDR)
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {(m["name"], m["version"], m["state"]) for m in index} == {
+        ("cnn", "1", "READY"), ("cnn-int8", "1", "READY"), ("dense", "1", "READY")}, index
+    client.unload_model("dense")
+    assert not client.is_model_ready("dense")
+    unloaded = [m for m in client.get_model_repository_index(as_json=True)["models"] if m["name"] == "dense"]
+    assert unloaded[0]["state"] == "UNLOADED", unloaded
+    client.load_model("dense")
+    assert client.is_model_ready("dense") and client.is_model_ready("dense", "1")
+    http = thttp.InferenceServerClient(ADDR)
+    assert {m["name"] for m in http.get_model_repository_index()} == {"cnn", "cnn-int8", "dense"}
+    http.load_model("cnn")
+    ok("tritonclient: repository index, unload_model and load_model over gRPC and HTTP")
+
+
 def test_full_test_set():
     client = tgrpc.InferenceServerClient(ADDR)
     with gzip.open(DATASET / "t10k-images-idx3-ubyte.gz") as f:
@@ -283,6 +301,7 @@ def main():
     test_invalid_argument()
     test_resource_exhausted()
     test_tritonclient_http()
+    test_repository_calls()
     test_full_test_set()
 
 
