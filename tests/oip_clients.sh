@@ -3,7 +3,9 @@
 #  - tritonclient (gRPC and HTTP) and the kserve SDK (tests/oip_clients.py), in their own virtual environment
 #    (.venv-oip, `make oip-venv` from the hashed tests/requirements-oip.txt: they need protobuf < 7);
 #  - the README's curl example, run as written;
-#  - deploy/kserve/ loaded into the kserve SDK's model classes (deploy/kserve_check.py).
+#  - deploy/kserve/ loaded into the kserve SDK's model classes (deploy/kserve_check.py);
+#  - preprocessing parity with an independent Pillow/numpy reference (tests/preprocess_parity.py), which needs
+#    the same environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv-oip
@@ -26,6 +28,7 @@ BUSY_ADDR=$GRPC_ADDR
 start_server
 "$VENV/bin/python" tests/oip_clients.py triton "$GRPC_ADDR" "$BUSY_ADDR"
 "$VENV/bin/python" tests/oip_clients.py kserve "$GRPC_ADDR"
+"$VENV/bin/python" tests/preprocess_parity.py "$GRPC_ADDR"
 
 # README "Open Inference Protocol": the curl call between the markers, with the server's real address.
 example=$(sed -n '/<!-- curl-example -->/,/<!-- \/curl-example -->/p' README.md | sed '/^```/d;/<!--/d')
