@@ -325,12 +325,11 @@ impl Registry {
             return;
         }
         let wanted = dir.wanted();
-        let served = next.models.entry(name.to_string()).or_default();
-        served.labels = dir.config.labels.clone();
+        next.models.entry(name.to_string()).or_default().labels = dir.config.labels.clone();
         for &version in &wanted {
             let files = &dir.versions[&version];
             let key = (name.to_string(), version);
-            if served.ready.contains_key(&version) && book.loaded.get(&key) == Some(&files.fingerprint) {
+            if next.models[name].ready.contains_key(&version) && book.loaded.get(&key) == Some(&files.fingerprint) {
                 continue;
             }
             if let Some((fingerprint, reason)) = book.failed.get(&key)
@@ -343,13 +342,21 @@ impl Registry {
                 }
                 continue;
             }
-            served.states.insert(
-                version,
-                VersionStatus {
-                    state: State::Loading,
-                    reason: String::new(),
-                },
-            );
+            let loading = VersionStatus {
+                state: State::Loading,
+                reason: String::new(),
+            };
+            next.models
+                .get_mut(name)
+                .expect("inserted above")
+                .states
+                .insert(version, loading);
+            // While serving, LOADING shows in model info as it happens; the first load shows nothing until every
+            // model is in (calls are UNAVAILABLE until then).
+            if self.snapshot().is_some() {
+                self.publish(next.clone());
+            }
+            let served = next.models.get_mut(name).expect("inserted above");
             match self.load_version(name, version, &files.path) {
                 Ok((model, thread)) => {
                     tracing::info!(model = %name, version, build = %model.meta.version, "version loaded, checked and warmed up; taking calls");
@@ -396,6 +403,7 @@ impl Registry {
             }
         }
         // Retire what the policy no longer selects, but never the last ready version for nothing.
+        let served = next.models.get_mut(name).expect("inserted above");
         let wanted_ready = served.ready.keys().any(|v| wanted.contains(v));
         if wanted_ready {
             let leaving: Vec<u64> = served.ready.keys().filter(|v| !wanted.contains(v)).copied().collect();
