@@ -8,47 +8,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestServer, config, fixture, metric, raw, request};
+use common::{TestServer, config, fixture, raw, request};
 use fmnist_serve::pb::{self, classifier_client::ClassifierClient};
-
-#[tokio::test]
-async fn metrics_count_calls_images_reasons_and_batches() {
-    let mut server = TestServer::start(config()).await;
-    let before = server.metrics().await;
-    let (pixels, _) = fixture()[0];
-    let images = vec![raw(&pixels), raw(&pixels), raw(&[0u8; 784])];
-    server.client.classify(request(images)).await.unwrap();
-    let status = server.client.classify(request(vec![])).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    let after = server.metrics().await;
-
-    let delta = |prefix: &str| metric(&after, prefix) - metric(&before, prefix);
-    assert!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"Ok\"}") >= 1.0);
-    assert!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"InvalidArgument\"}") >= 1.0);
-    assert!(
-        delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"low_contrast\"}") >= 1.0
-    );
-    let accepted = delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"accepted\",reason=\"accepted\"}")
-        + delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"low_confidence\"}")
-        + delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"out_of_distribution\"}");
-    assert!(accepted >= 2.0, "two images reached the model");
-    assert!(delta("fmnist_batch_size_images_sum{model=\"cnn\",version=\"1\"}") >= 2.0);
-    assert!(delta("fmnist_inference_duration_seconds_count{model=\"cnn\",version=\"1\"}") >= 1.0);
-    assert!(delta("fmnist_queue_wait_seconds_count{model=\"cnn\",version=\"1\"}") >= 1.0);
-    assert!(delta("fmnist_request_duration_seconds_count{rpc=\"Classify\",code=\"Ok\"}") >= 1.0);
-    assert!(
-        after.contains("fmnist_model_info{model=\"cnn\",version=\""),
-        "model info gauge"
-    );
-    assert!(
-        after.contains("fmnist_queue_depth_images{model=\"cnn\",version=\"1\"}"),
-        "queue depth gauge"
-    );
-    assert!(
-        after.contains("fmnist_request_duration_seconds_bucket{rpc=\"Classify\",code=\"Ok\",le=\"0.0001\"}"),
-        "sub-ms buckets"
-    );
-}
 
 #[tokio::test]
 async fn the_request_id_header_is_echoed_back() {
