@@ -1,6 +1,7 @@
-//! The classification pipeline, with no protocol in it: validate → reserve queue room → preprocess → batch →
-//! verdict. Adapters (`grpc::fashion_mnist`, and any later protocol) turn their wire types into a
-//! [`ClassifyRequest`] and a [`ClassifyResponse`] back, and map a [`ServiceError`]'s kind to their codes.
+//! The classification pipeline, with no protocol in it: validate → resolve the model version → reserve queue
+//! room → preprocess → batch → verdict. Adapters (`grpc::fashion_mnist`, and the Open Inference Protocol's
+//! `oip` over gRPC and REST) turn their wire types into a [`ClassifyRequest`] and a [`ClassifyResponse`] back,
+//! and map a [`ServiceError`]'s kind to their codes.
 
 use std::{
     sync::{
@@ -83,16 +84,16 @@ pub struct ClassifyResponse {
 /// The pipeline; cheap to clone, shared by every adapter.
 #[derive(Debug, Clone)]
 pub struct Classifier {
-    models: Arc<Registry>,
+    registry: Arc<Registry>,
     policy: Arc<Policy>,
     lanes: DecodeLanes,
     draining: Arc<AtomicBool>,
 }
 
 impl Classifier {
-    pub fn new(models: Arc<Registry>, policy: Policy) -> Self {
+    pub fn new(registry: Arc<Registry>, policy: Policy) -> Self {
         Classifier {
-            models,
+            registry,
             lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
             policy: Arc::new(policy),
             draining: Arc::default(),
@@ -101,7 +102,7 @@ impl Classifier {
 
     /// Ready for new work: the models are loaded and warmed up, and the server is not draining.
     pub fn is_ready(&self) -> bool {
-        self.models.snapshot().is_some() && !self.draining.load(Ordering::Relaxed)
+        self.registry.snapshot().is_some() && !self.draining.load(Ordering::Relaxed)
     }
 
     /// The server is shutting down: readiness turns false so balancers stop sending work; calls still run.
@@ -111,12 +112,12 @@ impl Classifier {
 
     /// The models as they are now, or `Unavailable` while they are still loading.
     pub fn models(&self) -> Result<Arc<Snapshot>, ServiceError> {
-        self.models.snapshot().ok_or_else(ServiceError::loading)
+        self.registry.snapshot().ok_or_else(ServiceError::loading)
     }
 
     /// The registry, for the adapters that load and unload models on request.
     pub fn registry(&self) -> &Arc<Registry> {
-        &self.models
+        &self.registry
     }
 
     pub fn policy(&self) -> &Policy {

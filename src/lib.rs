@@ -2,8 +2,10 @@
 //!
 //! One request flows one way: a protocol adapter (`grpc::fashion_mnist`; the Open Inference Protocol's
 //! `oip` tensors over `grpc::inference` or `rest`) → `classify`, the core with no
-//! protocol in it: validate, reserve room (`admission`), `preprocess` (bytes → 28x28), `batching` (queue →
-//! inference thread owning a `model` session), `verdict` (accept/reject) → back through the adapter.
+//! protocol in it: validate, resolve the model version (`registry`), reserve room (`admission`), `preprocess`
+//! (bytes → 28x28), `batching` (queue → inference thread owning a `model` session), `verdict` (accept/reject)
+//! → back through the adapter. The `registry` keeps the versions the `repository` on disk asks for, and swaps
+//! them while serving.
 #![forbid(unsafe_code)]
 
 pub mod admission;

@@ -1,5 +1,6 @@
-//! Wires the pieces into a running server: models and their inference threads, the gRPC services (classifier,
-//! health, reflection, gRPC-Web), the metrics endpoint, and graceful shutdown.
+//! Wires the pieces into a running server: the model registry and what reloads it (polling, SIGHUP), the gRPC
+//! services (classifier, Open Inference Protocol, health, reflection, gRPC-Web), the REST routes and the page,
+//! the metrics endpoint, and graceful shutdown.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
