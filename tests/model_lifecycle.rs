@@ -368,9 +368,13 @@ async fn twenty_swaps_and_three_broken_versions_under_load_fail_no_call() {
     let retired = log.matches("version leaves service").count();
     let joined = log.matches("version drained: thread joined").count();
     assert_eq!((retired, joined), (21, 21), "retired vs joined versions");
+    // A swap that kept its old version's memory grew RSS from 77 to 255 MiB over 20 swaps (README "Updating a
+    // model"). Under the test's own C=64 load one settled reading still moves by up to ±15% (a 60-swap trace
+    // stayed between 98 and 110 MiB, with no trend), so the bound here is 25%: it catches a leak of that kind,
+    // not the load's noise.
     let growth = rss_after_all as f64 / rss_after_first as f64;
     assert!(
-        growth <= 1.10,
+        growth <= 1.25,
         "RSS grew {:.0}% over 20 swaps ({} -> {} MiB)",
         (growth - 1.0) * 100.0,
         rss_after_first >> 20,
