@@ -18,8 +18,10 @@ test: test-deps
 	$(CARGO) clippy --locked --offline --release --all-targets -- -D warnings
 	$(CARGO) test --locked --offline --release
 	bash tests/grpcurl.sh
+	bash tests/prometheus.sh
 	bash deploy/validate.sh
 	bash tests/python_client.sh
+	bash tests/scale_out.sh
 	bash tests/oip_clients.sh
 	bash tests/web.sh
 
@@ -27,7 +29,7 @@ test: test-deps
 # compile, and every later step works offline (.ci/run runs them without a network). Each step skips what is
 # already there, so test-deps itself also works offline once it has run.
 test-deps:
-	bash scripts/setup-system.sh chromium python3-venv
+	bash scripts/setup-system.sh chromium python3-venv prometheus
 	$(MAKE) --no-print-directory rust-components ort tools oip-venv
 	$(CARGO) fetch --locked --offline 2>/dev/null || $(CARGO) fetch --locked
 

@@ -175,6 +175,23 @@ pub struct Config {
     #[arg(long, env = "FMNIST_HTTP2_KEEPALIVE_S", default_value_t = 10)]
     pub http2_keepalive_s: u64,
 
+    /// A connection older than this (seconds) is sent an HTTP/2 GOAWAY: calls in flight finish (each within
+    /// --request-timeout-s) and the client opens a new connection, which a Kubernetes Service may place on
+    /// another replica, so load spreads to replicas added since (gRFC A9). Each process draws its own age within
+    /// +-10% of this, so replicas started together do not send their clients away at the same moment. 0 = never.
+    #[arg(long, env = "FMNIST_MAX_CONNECTION_AGE_S", default_value_t = 300)]
+    pub max_connection_age_s: u64,
+
+    /// Export a span per call (RPC, preprocessing, queue wait, batch inference) over OTLP/gRPC to this
+    /// collector, e.g. http://otel-collector:4317. A W3C `traceparent` in the request makes the call a child of
+    /// the caller's span. Off when unset, and then tracing costs nothing extra.
+    #[arg(long, env = "FMNIST_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The service.name resource attribute of exported spans.
+    #[arg(long, env = "FMNIST_OTLP_SERVICE_NAME", default_value = "fmnist-serve")]
+    pub otlp_service_name: String,
+
     /// A TLS handshake not finished within this many seconds is abandoned.
     #[arg(long, env = "FMNIST_TLS_HANDSHAKE_TIMEOUT_S", default_value_t = 10)]
     pub tls_handshake_timeout_s: u64,
@@ -325,6 +342,13 @@ impl Config {
         if self.max_ood_score.is_some_and(|s| !s.is_finite()) {
             return Err("--max-ood-score must be a finite number".into());
         }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "--otlp-endpoint must be an http:// or https:// URL of an OTLP/gRPC collector, got {endpoint:?}"
+            ));
+        }
         if self.http2_keepalive_s >= self.idle_timeout_s {
             return Err(format!(
                 "--http2-keepalive-s ({}) must be below --idle-timeout-s ({}): the pings are what keeps an idle \
@@ -382,6 +406,13 @@ impl Config {
 
     pub fn model_poll(&self) -> Option<Duration> {
         (self.model_poll_s > 0).then(|| Duration::from_secs(self.model_poll_s))
+    }
+
+    /// This process's connection age: --max-connection-age-s scaled by `jitter` in [-1, 1] to within +-10%.
+    /// `None` when ages are off.
+    pub fn max_connection_age(&self, jitter: f64) -> Option<Duration> {
+        (self.max_connection_age_s > 0)
+            .then(|| Duration::from_secs_f64(self.max_connection_age_s as f64 * (1.0 + 0.1 * jitter.clamp(-1.0, 1.0))))
     }
 
     pub fn drain_timeout(&self) -> Duration {

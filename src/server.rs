@@ -151,6 +151,15 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
         .await;
 }
 
+/// A number in [-1, 1] that differs between processes: the connection-age jitter.
+fn process_jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per process: enough randomness for spreading timers, no extra crate.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    (hasher.finish() as f64 / u64::MAX as f64) * 2.0 - 1.0
+}
+
 /// Serves gRPC on `listener` and metrics on `metrics_listener` until `shutdown` resolves, then drains: health
 /// turns NOT_SERVING, new connections are refused, and calls already accepted finish (bounded by the drain
 /// timeout). Health is NOT_SERVING until every model is loaded and warmed up.
@@ -217,7 +226,15 @@ pub async fn serve(
         tls_acceptor(&config)?,
     );
     let keepalive = Duration::from_secs(config.http2_keepalive_s);
-    let server = tonic::transport::Server::builder()
+    let connection_age = config.max_connection_age(process_jitter());
+    // No max_connection_age_grace: in tonic 0.14.9 a grace replaces the GOAWAY with a plain close at age +
+    // grace (the graceful branch is never taken), failing the calls in flight. Without it, the GOAWAY goes out
+    // at the age and the calls in flight finish, each bounded by --request-timeout-s.
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(age) = connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    let server = builder
         .accept_http1(true)
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_keepalive_interval(Some(keepalive))
@@ -230,7 +247,13 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);
     let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
-    tracing::info!(grpc = %addr, metrics = %metrics_addr, memory_budget = %MemoryBudget::of(&config), "listening; loading models");
+    tracing::info!(
+        grpc = %addr,
+        metrics = %metrics_addr,
+        memory_budget = %MemoryBudget::of(&config),
+        max_connection_age_s = connection_age.map(|a| a.as_secs_f64()),
+        "listening; loading models"
+    );
 
     let loading = registry.clone();
     let loaded = tokio::task::spawn_blocking(move || loading.load_at_start())

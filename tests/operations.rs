@@ -129,3 +129,59 @@ async fn health_is_serving_once_models_are_loaded() {
         assert_eq!(r.status, 1, "{service:?} SERVING");
     }
 }
+
+/// gRFC A9: at --max-connection-age-s the server sends GOAWAY and lets the call in flight finish, so clients
+/// reconnect (and a Service may place them on another replica) without a failed call.
+#[tokio::test]
+async fn an_aged_connection_gets_goaway_and_its_call_in_flight_still_succeeds() {
+    use prost::Message;
+
+    let mut config = config();
+    config.max_connection_age_s = 1;
+    let server = TestServer::start(config).await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let opened = Instant::now();
+
+    // A call whose body is still being sent when the connection reaches its age: it is in flight.
+    let call = http::Request::post("/fashion_mnist.v1.Classifier/Classify")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.ready().await.unwrap().send_request(call, false).unwrap();
+    let message = request(vec![raw(&fixture()[0].0)]).encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let (head, tail) = frame.split_at(10);
+    body.send_data(bytes::Bytes::copy_from_slice(head), false).unwrap();
+    // Past the age (at most 1.1 s with the jitter): the GOAWAY is out, the call not yet finished.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    body.send_data(bytes::Bytes::copy_from_slice(tail), true).unwrap();
+
+    let mut response = response.await.expect("the call in flight is answered");
+    assert_eq!(response.status(), 200);
+    let mut answer = Vec::new();
+    while let Some(chunk) = response.body_mut().data().await {
+        answer.extend_from_slice(&chunk.unwrap());
+    }
+    let trailers = response.body_mut().trailers().await.unwrap().expect("grpc trailers");
+    assert_eq!(trailers["grpc-status"], "0", "{trailers:?}");
+    let answer = pb::ClassifyResponse::decode(&answer[5..]).unwrap();
+    assert_eq!(answer.results[0].prediction.as_ref().unwrap().class_id, fixture()[0].1);
+
+    // The server closed the connection gracefully (GOAWAY with NO_ERROR, then a clean close): a close without
+    // GOAWAY, as with tonic's max_connection_age_grace, ends the h2 driver with an error instead.
+    let closed = tokio::time::timeout(Duration::from_secs(5), driver)
+        .await
+        .expect("the aged connection closes once its call is done")
+        .unwrap();
+    assert!(closed.is_ok(), "connection ended with {closed:?}");
+    assert!(
+        opened.elapsed() >= Duration::from_millis(900),
+        "closed after {:?}",
+        opened.elapsed()
+    );
+}

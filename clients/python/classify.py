@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path, help="image files (PNG, JPEG, ...; with --raw, 784-byte pixels)")
     p.add_argument("--addr", default=os.environ.get("FMNIST_ADDR", "localhost:50051"),
-                   help="server host:port (env FMNIST_ADDR; default %(default)s)")
+                   help="server host:port; several, comma-separated, or dns:///name:port (a headless Service) to "
+                        "spread calls round-robin over the replicas (env FMNIST_ADDR; default %(default)s)")
     p.add_argument("--model", default="", help="model name; default: the server's default model")
     p.add_argument("--min-confidence", type=float, help="minimum confidence override for this call")
     p.add_argument("--raw", action="store_true", help="send the files as raw 28x28 pixels")
@@ -56,6 +58,58 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=3,
                    help="retries with exponential backoff while the server is busy (default %(default)s)")
     return p.parse_args(argv)
+
+
+# Calls are spread per call, not per connection: grpc-core's round_robin keeps a connection to every address the
+# target resolves to. A dns:/// target is resolved again whenever a connection ends, so when a replica sends
+# GOAWAY (its --max-connection-age-s, or a drain) the client learns of replicas added since. UNAVAILABLE (a
+# replica going away between resolution and the call) is retried on another replica: Classify has no side
+# effects, so a retry can never apply a call twice.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "fashion_mnist.v1.Classifier"}],
+        "retryPolicy": {
+            "maxAttempts": 4,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+
+
+def channel_target(addr: str) -> str:
+    """The grpc-core target for `addr`: one host:port, a dns:/// name, or several host:port, comma-separated
+    (each resolved once, here; grpc-core lists several addresses only as ipv4:/ipv6: literals)."""
+    parts = [a.strip() for a in addr.split(",") if a.strip()]
+    if len(parts) <= 1 or ":///" in addr:
+        return addr
+    resolved = []
+    for part in parts:
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ClientError(f"{part!r} is not host:port", EXIT_FAILED)
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise ClientError(f"cannot resolve {host}: {e.strerror}", EXIT_UNREACHABLE) from e
+        resolved.extend(f"{info[4][0]}:{info[4][1]}" for info in infos)
+    return "ipv4:" + ",".join(dict.fromkeys(resolved))
+
+
+def open_channel(addr: str, extra_options=()) -> grpc.Channel:
+    """A channel that balances calls over every replica `addr` names (see SERVICE_CONFIG)."""
+    options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.service_config", SERVICE_CONFIG),
+               *extra_options]
+    target = channel_target(addr)
+    if target.startswith("ipv4:"):
+        # Else the :authority is the whole address list, which is no valid authority: servers reset the stream.
+        options.append(("grpc.default_authority", addr.split(",")[0].strip()))
+    return grpc.insecure_channel(target, options=options)
 
 
 def read_images(args):
@@ -129,9 +183,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         images = read_images(args)
-        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        with grpc.insecure_channel(args.addr, options=options) as channel:
+        with open_channel(args.addr) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             responses = []
             for start in range(0, len(images), IMAGES_PER_CALL):
