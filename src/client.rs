@@ -4,6 +4,8 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
+use tonic::transport::{Channel, Endpoint};
+
 use crate::pb::{self, classifier_client::ClassifierClient};
 
 #[derive(Debug, Clone, Args)]
@@ -11,7 +13,8 @@ pub struct ClassifyArgs {
     /// Image files to classify (PNG, JPEG, GIF, BMP, WebP, ...; with --raw, 784-byte raw pixel files).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// Server address.
+    /// Server address; several, comma-separated, or dns:///name:port (a headless Service) to spread calls over
+    /// every replica.
     #[arg(long, env = "FMNIST_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
     /// Model name; default: the server's default model.
@@ -44,13 +47,7 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
         images.push(pb::Image { data: Some(data) });
     }
     let timeout = Duration::from_secs(args.timeout_s);
-    let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())
-        .map_err(|e| format!("invalid address {:?}: {e}", args.addr))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach the server at {}: {}", args.addr, error_chain(&e)))?;
+    let channel = channel(&args.addr, timeout).await?;
     let mut client = ClassifierClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -109,6 +106,60 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A channel to the server(s) `addr` names: one URL, several (comma-separated), or `dns:///name:port`, whose
+/// every address is used. With more than one address, each call goes to the less loaded of two replicas picked
+/// at random (tower's power of two choices), so calls spread per call, not per connection.
+pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
+    let urls = resolve(addr).await?;
+    let endpoints = urls
+        .iter()
+        .map(|url| {
+            Endpoint::from_shared(url.clone())
+                .map(|e| e.connect_timeout(timeout).timeout(timeout))
+                .map_err(|e| format!("invalid address {url:?}: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    match endpoints.as_slice() {
+        [one] => one
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach the server at {addr}: {}", error_chain(&e))),
+        _ => Ok(Channel::balance_list(endpoints.into_iter())),
+    }
+}
+
+/// The URLs behind `addr`: a `dns:///name:port` target becomes one URL per address the name has now.
+async fn resolve(addr: &str) -> Result<Vec<String>, String> {
+    let with_scheme = |a: &str| {
+        if a.contains("://") {
+            a.to_string()
+        } else {
+            format!("http://{a}")
+        }
+    };
+    if let Some(name) = addr.strip_prefix("dns:///") {
+        let addrs = tokio::net::lookup_host(name)
+            .await
+            .map_err(|e| format!("cannot resolve {name}: {e}"))?;
+        let mut urls: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
+        urls.dedup();
+        if urls.is_empty() {
+            return Err(format!("{name} has no address"));
+        }
+        return Ok(urls);
+    }
+    let urls: Vec<String> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(with_scheme)
+        .collect();
+    if urls.is_empty() {
+        return Err("no server address given".into());
+    }
+    Ok(urls)
 }
 
 /// "transport error: connection refused": the top error alone rarely says what went wrong.

@@ -99,3 +99,30 @@ async fn an_unreachable_server_exits_non_zero_with_a_one_line_message() {
         "{stderr:?}"
     );
 }
+
+/// Several replicas, listed or behind one DNS name (as a headless Service gives): the CLI answers through a
+/// channel balanced over all of them, and a dead address in the list does not fail the call.
+#[tokio::test]
+async fn several_addresses_or_a_dns_target_reach_the_replicas() {
+    let (a, b) = (TestServer::start(config()).await, TestServer::start(config()).await);
+    let trouser = png("trouser-2.png");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for addr in [
+        format!("http://{},http://{}", a.addr, b.addr),
+        format!("{},{},{dead}", a.addr, b.addr),
+        format!("dns:///localhost:{}", a.addr.port()),
+    ] {
+        let out = fmnist_classify(&["--json", &trouser, "--addr", &addr]).await;
+        assert!(
+            out.status.success(),
+            "{addr}: exit {:?}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+        let line: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+        assert_eq!(line["class"], "Trouser", "{addr}: {line}");
+    }
+}
