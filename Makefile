@@ -22,6 +22,7 @@ test: test-deps
 	bash deploy/validate.sh
 	bash tests/python_client.sh
 	bash tests/scale_out.sh
+	bash tests/traces.sh
 	bash tests/oip_clients.sh
 	bash tests/web.sh
 

@@ -25,6 +25,7 @@ use crate::{
     model::{BatchOutput, CLASSES, Model},
     preprocess::{ModelInput, PIXELS},
     telemetry::metric,
+    traces,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -54,8 +55,11 @@ struct Job {
     deadline: Option<Instant>,
     /// Released when the job is answered or dropped: the queue bound covers work in flight too.
     reservation: Reservation,
-    /// The caller's span: what the inference thread logs about this job names the caller's request id.
+    /// The caller's span: what the inference thread logs about this job names the caller's request id, and
+    /// the batch span links to it.
     span: tracing::Span,
+    /// Open while the images wait; `Span::none()` unless traces are exported.
+    queue_wait: tracing::Span,
 }
 
 impl Job {
@@ -186,6 +190,11 @@ impl Batcher {
             deadline,
             reservation,
             span: tracing::Span::current(),
+            queue_wait: if traces::enabled() {
+                tracing::info_span!("queue_wait", images = n as i64)
+            } else {
+                tracing::Span::none()
+            },
         };
         self.queue_depth.increment(n as f64);
         if self.sender.send(job).is_err() {
@@ -202,6 +211,7 @@ struct InferenceLoop {
     model: Model,
     config: BatchConfig,
     name: Arc<str>,
+    version: Arc<str>,
     /// Reused input and output buffers: no allocation per batch on the hot path.
     input: Vec<f32>,
     output: BatchOutput,
@@ -238,6 +248,7 @@ impl InferenceLoop {
             model,
             config,
             name,
+            version,
             input,
             output: BatchOutput::default(),
             carry: None,
@@ -317,9 +328,34 @@ impl InferenceLoop {
         None
     }
 
-    fn execute(&mut self, batch: Vec<Job>) {
+    /// When traces are exported: ends the calls' queue waits, and opens the batch's `inference_batch` span
+    /// (linked to every call it serves) and each call's `inference` span (linked to the batch), which end when
+    /// the returned spans are dropped.
+    fn trace(&self, batch: &mut [Job], n: usize) -> (tracing::Span, Vec<tracing::Span>) {
+        if !traces::enabled() {
+            return (tracing::Span::none(), Vec::new());
+        }
+        let batch_span = tracing::info_span!(parent: None, "inference_batch", model = %self.name, version = %self.version, images = n as i64);
+        for job in batch.iter_mut() {
+            job.queue_wait = tracing::Span::none();
+            traces::link(&batch_span, traces::span_context(&job.span));
+        }
+        let batch_context = traces::span_context(&batch_span);
+        let calls = batch
+            .iter()
+            .map(|job| {
+                let span = tracing::info_span!(parent: &job.span, "inference", images = job.inputs.len() as i64, batch_images = n as i64);
+                traces::link(&span, batch_context.clone());
+                span
+            })
+            .collect();
+        (batch_span, calls)
+    }
+
+    fn execute(&mut self, mut batch: Vec<Job>) {
         let started = Instant::now();
         let n: usize = batch.iter().map(|j| j.inputs.len()).sum();
+        let (batch_span, call_spans) = self.trace(&mut batch, n);
         self.metrics.queue_depth.decrement(n as f64);
         self.metrics.batch_size.record(n as f64);
         for job in &batch {
@@ -337,7 +373,8 @@ impl InferenceLoop {
         {
             input.write_scaled(chunk);
         }
-        let result = self.model.run_into(&self.input, n, &mut self.output);
+        let result = batch_span.in_scope(|| self.model.run_into(&self.input, n, &mut self.output));
+        drop(call_spans);
         self.metrics.inference_time.record(started.elapsed().as_secs_f64());
 
         match result {

@@ -11,6 +11,8 @@ use std::{
     time::Instant,
 };
 
+use tracing::Instrument;
+
 use crate::{
     admission::{ConnectionShare, DecodeLanes},
     batching::{BatchConfig, Reservation},
@@ -19,6 +21,7 @@ use crate::{
     preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, Rejection},
     registry::{Registry, Snapshot},
     telemetry::metric,
+    traces,
     verdict::{self, Reason, Thresholds, Verdict},
 };
 
@@ -171,7 +174,8 @@ impl Classifier {
             .overridden_by(req.min_confidence, req.max_ood_score)?;
         tracing::Span::current()
             .record("model", name)
-            .record("images", req.images.len());
+            .record("version", &version)
+            .record("images", req.images.len() as i64);
 
         // Within its connection's share a call may use any free queue room; past it, only the spare room, so
         // a greedy connection always leaves a share's worth of the queue to the others.
@@ -185,7 +189,15 @@ impl Classifier {
             }
             Some(None) => model.batcher.reserve_spare(n)?,
         };
-        let (prepared, reservation) = self.preprocess_all(req.images, share, deadline, reservation).await?;
+        let preprocessing = if traces::enabled() {
+            tracing::info_span!("preprocess", images = n as i64)
+        } else {
+            tracing::Span::none()
+        };
+        let (prepared, reservation) = self
+            .preprocess_all(req.images, share, deadline, reservation)
+            .instrument(preprocessing)
+            .await?;
         // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
         let show = req.return_model_input;
         let mut inputs = Vec::with_capacity(prepared.len());
@@ -221,7 +233,10 @@ impl Classifier {
                     .increment(1);
                 verdict
             })
-            .collect();
+            .collect::<Vec<Verdict>>();
+        if traces::enabled() {
+            record_reasons(&verdicts);
+        }
         Ok(ClassifyResponse {
             verdicts,
             model: name.to_string(),
@@ -297,6 +312,22 @@ impl Classifier {
 }
 
 /// Tells a blocking decode that its caller has gone: set when the call's future is dropped.
+/// The call's span gets `images.<reason>` = how many of its images got that reason.
+fn record_reasons(verdicts: &[Verdict]) {
+    let mut counts: Vec<(&'static str, i64)> = Vec::new();
+    for verdict in verdicts {
+        let label = verdict.reason.label();
+        match counts.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((label, 1)),
+        }
+    }
+    let span = tracing::Span::current();
+    for (label, count) in counts {
+        traces::attribute(&span, format!("images.{label}"), count);
+    }
+}
+
 #[derive(Default)]
 struct CancelOnDrop(Arc<AtomicBool>);
 

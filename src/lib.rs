@@ -24,6 +24,7 @@ pub mod repository;
 pub mod rest;
 pub mod server;
 pub mod telemetry;
+pub mod traces;
 pub mod verdict;
 pub mod web;
 

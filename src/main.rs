@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use fmnist_serve::{client, config::Config, server, telemetry};
+use fmnist_serve::{client, config::Config, server, telemetry, traces};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -86,7 +86,26 @@ fn runtime(max_blocking_threads: usize) -> tokio::runtime::Runtime {
 }
 
 async fn serve(config: Config) -> ExitCode {
-    telemetry::init_tracing(config.log_format);
+    let (provider, traces) = match &config.otlp_endpoint {
+        None => (None, None),
+        Some(endpoint) => match traces::exporter(endpoint, &config.otlp_service_name) {
+            Ok((provider, layer)) => (Some(provider), Some(layer)),
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    telemetry::init_tracing(config.log_format, traces);
+    let code = serve_logged(config).await;
+    if let Some(provider) = provider {
+        // Sends the spans still buffered (the last calls before a drain). Blocking: off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+    }
+    code
+}
+
+async fn serve_logged(config: Config) -> ExitCode {
     let bind = |addr| async move {
         TcpListener::bind(addr)
             .await

@@ -53,10 +53,15 @@ pub mod metric {
     pub const DECODES_ABANDONED: &str = "fmnist_decodes_abandoned_total";
 }
 
-/// Text logs for people, JSON lines for log pipelines; level from RUST_LOG (default info).
-pub fn init_tracing(format: LogFormat) {
+/// The span exporter's layer (`crate::traces`), when --otlp-endpoint is set.
+pub type TraceLayer =
+    tracing_opentelemetry::OpenTelemetryLayer<tracing_subscriber::Registry, opentelemetry_sdk::trace::Tracer>;
+
+/// Text logs for people, JSON lines for log pipelines; level from RUST_LOG (default info). With `traces`,
+/// spans are exported too.
+pub fn init_tracing(format: LogFormat, traces: Option<TraceLayer>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry().with(traces).with(filter);
     // A second init (tests start several servers per process) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => registry

@@ -25,6 +25,7 @@ use crate::{
     error::{AdmissionError, ErrorKind, ServiceError},
     grpc, rest,
     telemetry::metric,
+    traces,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -77,7 +78,17 @@ where
         if let Some(deadline) = grpc_deadline(request.headers()) {
             request.extensions_mut().insert(Deadline(deadline));
         }
-        let span = tracing::info_span!("rpc", rpc = %rpc, request_id = %id, model = tracing::field::Empty, images = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "rpc",
+            rpc = %rpc,
+            request_id = %id,
+            model = tracing::field::Empty,
+            version = tracing::field::Empty,
+            images = tracing::field::Empty
+        );
+        if traces::enabled() {
+            traces::continue_trace(&span, request.headers());
+        }
         // The duration counts from the request's last byte: how long a client sends its body (a slow link, a
         // connection shared with many calls) is not the server's handling time.
         let started = Instant::now();
