@@ -82,6 +82,10 @@ def check_deployment(doc, problems):
             problems.append(
                 f"{cw}: terminationGracePeriodSeconds {grace} must exceed preStop sleep {pre_stop} + drain {drain}"
             )
+        # kube-proxy balances connections: without a connection age, pods added by the HPA never get the calls
+        # of clients already connected.
+        if int(env_value(c, "FMNIST_MAX_CONNECTION_AGE_S", "300")) <= 0:
+            problems.append(f"{cw}: FMNIST_MAX_CONNECTION_AGE_S must be positive (clients must re-balance)")
         # Health is NOT_SERVING while draining: liveness must not restart a pod before its drain can end.
         live = c.get("livenessProbe", {})
         if live.get("periodSeconds", 10) * live.get("failureThreshold", 3) <= drain:
@@ -115,6 +119,9 @@ def check(docs):
         ref = hpa["spec"]["scaleTargetRef"]
         if ref.get("kind") != "Deployment" or ref.get("name") not in pod_labels:
             problems.append(f"HorizontalPodAutoscaler/{hpa['metadata']['name']}: target {ref} is not a rendered Deployment")
+    services = by_kind.get("Service", [])
+    if services and not any(svc["spec"].get("clusterIP") == "None" for svc in services):
+        problems.append("no headless Service (clusterIP: None) for clients that balance per call")
     for kind in ("Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
         if kind not in by_kind:
             problems.append(f"no {kind} rendered")
