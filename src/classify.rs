@@ -228,9 +228,7 @@ impl Classifier {
                         verdict::judge(&model.meta, &output, thresholds, shown)
                     }
                 };
-                let outcome = if verdict.accepted() { "accepted" } else { "rejected" };
-                metrics::counter!(metric::IMAGES, "model" => name.to_string(), "version" => version.clone(), "outcome" => outcome, "reason" => verdict.reason.label())
-                    .increment(1);
+                model.images.count(verdict.reason);
                 verdict
             })
             .collect::<Vec<Verdict>>();

@@ -23,6 +23,7 @@ use crate::{
     model::{Model, ModelMetadata, RuntimeOptions},
     repository::{self, Fingerprint},
     telemetry::metric,
+    verdict::Reason,
 };
 
 /// What returns freed memory to the operating system after a version has drained, when the binary has one
@@ -43,6 +44,26 @@ pub struct LoadedModel {
     pub version: u64,
     pub meta: ModelMetadata,
     pub batcher: Batcher,
+    /// `fmnist_images_total` for this version, one counter per reason, looked up once here rather than per
+    /// image on the hot path.
+    pub images: ImageCounters,
+}
+
+/// The image counters of one model version, indexed by `Reason as usize`.
+#[derive(Debug)]
+pub struct ImageCounters([metrics::Counter; Reason::ALL.len()]);
+
+impl ImageCounters {
+    fn new(name: &str, version: u64) -> Self {
+        ImageCounters(Reason::ALL.map(|reason| {
+            let outcome = if reason == Reason::Accepted { "accepted" } else { "rejected" };
+            metrics::counter!(metric::IMAGES, "model" => name.to_string(), "version" => version.to_string(), "outcome" => outcome, "reason" => reason.label())
+        }))
+    }
+
+    pub fn count(&self, reason: Reason) {
+        self.0[reason as usize].increment(1);
+    }
 }
 
 impl LoadedModel {
@@ -521,6 +542,7 @@ impl Registry {
                 version,
                 meta,
                 batcher,
+                images: ImageCounters::new(name, version),
             },
             thread,
         ))

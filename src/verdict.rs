@@ -24,6 +24,19 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [Reason; 9] = [
+        Reason::Accepted,
+        Reason::LowConfidence,
+        Reason::MostlyDark,
+        Reason::MostlyBright,
+        Reason::LowContrast,
+        Reason::Undecodable,
+        Reason::WrongSize,
+        Reason::TooLarge,
+        Reason::OutOfDistribution,
+    ];
+
     /// Stable snake_case label for metrics and logs.
     pub fn label(self) -> &'static str {
         match self {
@@ -208,5 +221,17 @@ pub fn judge(
             ood_score: score,
         }),
         model_input,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_all_is_indexed_by_the_discriminant() {
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i, "{reason:?}");
+        }
     }
 }

@@ -169,6 +169,11 @@ impl Drop for TestServer {
 
 /// Starts the real binary on ephemeral ports with `args` added; returns the child and its gRPC address (read from its log).
 pub fn spawn_binary(args: &[&str]) -> Spawned {
+    spawn_binary_logging(args, "info")
+}
+
+/// [`spawn_binary`] with the log filter `rust_log` (e.g. one that keeps the per-call DEBUG lines).
+pub fn spawn_binary_logging(args: &[&str], rust_log: &str) -> Spawned {
     let shipped = repo().join("models");
     let models_dir: Vec<&std::ffi::OsStr> = if args.contains(&"--models-dir") {
         vec![]
@@ -192,7 +197,7 @@ pub fn spawn_binary(args: &[&str]) -> Spawned {
         .arg("--ort-dylib")
         .arg(config().ort_dylib)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::piped())
         .spawn()
         .expect("server binary starts");
