@@ -100,7 +100,7 @@ train-cv: setup $(TRAIN_VENV)/.installed
 	$(TRAIN_VENV)/bin/python training/train.py --model dense --folds 5 --out-dir training/results
 	$(TRAIN_VENV)/bin/python training/train.py --model cnn --folds 5 --epochs 4 --out-dir training/results
 
-## bench: in-process ceiling, the service end to end over gRPC and two Python peers on this machine -> bench/results/<cpu>.{json,md} (about 15 min; BENCH_ARGS=--quick: a few minutes; results and design notes in bench/README.md)
+## bench: in-process ceiling, the service end to end over gRPC and three peers (a Python grpcio server, MLServer, Triton) on this machine -> bench/results/<cpu>.{json,md} (about 15 min; BENCH_ARGS=--quick: a few minutes; results and design notes in bench/README.md)
 bench: setup ort
 	bash bench/run.sh $(BENCH_ARGS)
 

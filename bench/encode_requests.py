@@ -4,7 +4,9 @@ big-endian length, protobuf message), each written as a record (u32 little-endia
 For each model, from the committed test-set fixture (1,000 real Fashion-MNIST test images):
   fmnist-<model>-{raw,png,multi16}.bin   fashion_mnist.v1.ClassifyRequest (our server and the Python peer)
   oip-<model>-{raw,png,multi16}.bin      inference.ModelInferRequest (Open Inference Protocol: the same bodies go
-                                         to our server's GRPCInferenceService and to MLServer)
+                                         to our server's GRPCInferenceService, MLServer and Triton)
+  oip-<model>-png-batched.bin            the PNG bodies with shape [1, 1] instead of [1], for Triton (a batching
+                                         Triton model's input needs dims: [batch, 1])
 raw: one image as 784 raw bytes; png: one image as a PNG file; multi16: 16 raw images per call.
 
     bench/.venv/bin/python bench/encode_requests.py --out bench/results/tmp/bodies --model cnn
@@ -79,6 +81,10 @@ def main() -> None:
         # BYTES elements in raw contents: each one prefixed by its u32 little-endian length (KServe v2 / Triton).
         write(a.out / f"oip-{model}-png.bin",
               (infer("BYTES", [1], struct.pack("<I", len(p)) + p) for p in pngs))
+        # The same PNG bodies with the shape [1, 1]: a batching Triton model cannot declare a per-image input
+        # of no dims, so its encoded input is [batch, 1] (dims [1], reshaped to [batch] for the model).
+        write(a.out / f"oip-{model}-png-batched.bin",
+              (infer("BYTES", [1, 1], struct.pack("<I", len(p)) + p) for p in pngs))
         write(a.out / f"oip-{model}-multi16.bin",
               (infer("UINT8", [MULTI, 28, 28], g.tobytes()) for g in groups))
     print(f"request bodies for {', '.join(a.model)} ({len(images)} images) in {a.out}")

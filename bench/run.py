@@ -7,14 +7,17 @@ in one run on this machine, written to bench/results/<cpu-slug>.json and .md.
                callers (1, 8, 64, 256) over 4 HTTP/2 connections, single raw images, single PNGs, 16 raw images
                per call. The average formed batch comes from the server's /metrics, CPU and peak RSS from /proc.
   3. peers     (a) bench/peers/python_server.py: grpcio + ThreadPoolExecutor, onnxruntime once per request;
-               (b) MLServer 1.7.1 with adaptive batching and a custom onnxruntime runtime (bench/peers/mlserver).
+               (b) MLServer 1.7.1 with adaptive batching and a custom onnxruntime runtime (bench/peers/mlserver);
+               (c) Triton 2.x (nvidia-pytriton 0.7.0's tritonserver) with its dynamic batcher and a Python backend
+               model calling onnxruntime (bench/peers/triton), from bench/.venv-triton; skipped, with the reason
+               printed and recorded, where run.sh could not make that venv.
                Same load generator, same images, same model file.
 
 Everything shares the machine's cores with the load generator, so compare ratios from one run. Each
 measurement also records how busy the whole machine was: a window where other processes took more than
 --max-foreign-cores is measured again (up to --retries times) and flagged if it stays disturbed.
 
-    bench/.venv/bin/python bench/run.py [--seconds 5] [--quick] [--servers fmnist,python,mlserver]
+    bench/.venv/bin/python bench/run.py [--seconds 5] [--quick] [--servers fmnist,python,mlserver,triton]
 """
 
 from __future__ import annotations
@@ -93,6 +96,14 @@ class Server:
         self.addr = ""
         self.metrics: str | None = None
         self.batch_metric = "fmnist_batch_size_images"
+
+    def unavailable(self) -> str | None:
+        """Why this server cannot run on this machine (its row is then skipped), or None."""
+        return None
+
+    def pids(self) -> list[int]:
+        """The processes whose CPU time and peak RSS are the server's."""
+        return [self.proc.pid]
 
     @property
     def path(self) -> str:
@@ -191,11 +202,150 @@ class MLServerPeer(Server):
         self.addr, self.metrics = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}"
 
 
+def children(pid: int) -> list[int]:
+    """Direct child processes of pid (from /proc/<pid>/task/*/children)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(k) for k in task.read_text().split()]
+        except OSError:
+            pass
+    return sorted(set(kids))
+
+
+class TritonPeer(Server):
+    """Peer (c): Triton Inference Server, the `tritonserver` binary of PyPI's nvidia-pytriton 0.7.0 (in its own
+    virtual environment, bench/.venv-triton, made by run.sh from pyenv's Python 3.12.1), run directly on a model
+    repository written here: bench/peers/triton/model.py (Python backend, onnxruntime) with Triton's dynamic
+    batcher. Its KServe v2 gRPC endpoint gets the same ModelInferRequest bodies as MLServer and this service's
+    GRPCInferenceService. The model runs in a separate process (the Python backend's stub), so the server's
+    CPU time and peak RSS are tritonserver's and the stub's, summed."""
+
+    LABEL = "Triton 2.x, Python backend + ORT"
+
+    def __init__(self, venv: Path, max_batch_size: int, delay_us: int, threads: int):
+        super().__init__("triton", f"{self.LABEL} (nvidia-pytriton 0.7.0's tritonserver; dynamic batcher "
+                         f"{max_batch_size} / {delay_us} µs; 1 CPU instance, {threads} intra-op threads)",
+                         "cnn", "oip")
+        self.venv, self.max_batch_size, self.delay_us, self.threads = venv, max_batch_size, delay_us, threads
+        # Images per model execution over executions: Triton's own counters.
+        self.batch_metric = "nv_inference_count/nv_inference_exec_count"
+        self.version: str | None = None
+
+    def _python(self) -> dict | None:
+        """The venv's Python: version and the folder of its libpython (the backend stub links against it)."""
+        py = self.venv / "bin/python"
+        if not py.exists():
+            return None
+        out = subprocess.run([str(py), "-c", "import json, sys, sysconfig; print(json.dumps({'version': "
+                              "'%d.%d' % sys.version_info[:2], 'libdir': sysconfig.get_config_var('LIBDIR'), "
+                              "'site': sysconfig.get_path('purelib')}))"], capture_output=True, text=True)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    def unavailable(self) -> str | None:
+        reason = self.venv / ".unavailable"
+        if reason.exists():  # run.sh could not make the venv, and wrote why
+            return reason.read_text().strip()
+        info = self._python()
+        if info is None:
+            return f"no Python in {self.venv} (bench/run.sh makes it from pyenv's 3.12.1)"
+        root = Path(info["site"]) / "pytriton/tritonserver"
+        if not (root / "bin/tritonserver").exists():
+            return f"no tritonserver in {root} (nvidia-pytriton 0.7.0 not installed in {self.venv})"
+        if not (root / "python_backend_stubs" / info["version"] / "triton_python_backend_stub").exists():
+            return f"nvidia-pytriton has no Python backend stub for Python {info['version']}"
+        if not (Path(info["libdir"]) / f"libpython{info['version']}.so.1.0").exists():
+            return f"no libpython{info['version']}.so.1.0 in {info['libdir']} (the backend stub needs it)"
+        self._info, self._root = info, root
+        return None
+
+    def start(self) -> None:
+        why = self.unavailable()
+        if why:
+            raise RuntimeError(f"Triton peer unavailable: {why}")
+        info, root = self._info, self._root
+        work = TMP / "triton"
+        shutil.rmtree(work, ignore_errors=True)
+        # The backend directory pytriton itself assembles: the Python backend plus the stub built for the venv's
+        # Python version.
+        backend = work / "backends/python"
+        backend.mkdir(parents=True)
+        for f in ["libtriton_python.so", "triton_python_backend_utils.py"]:
+            shutil.copy(root / "backends/python" / f, backend / f)
+        shutil.copy(root / "python_backend_stubs" / info["version"] / "triton_python_backend_stub",
+                    backend / "triton_python_backend_stub")
+        model = work / "models/cnn"
+        (model / "1").mkdir(parents=True)
+        shutil.copy(BENCH / "peers/triton/model.py", model / "1/model.py")
+        params = {"onnx_path": REPO / "models/cnn/1/model.onnx", "intra_op_threads": self.threads,
+                  "peers_dir": BENCH / "peers"}
+        (model / "config.pbtxt").write_text(TRITON_CONFIG.format(
+            max_batch_size=self.max_batch_size, delay_us=self.delay_us,
+            parameters="\n".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}'
+                                 for k, v in params.items())))
+        http, grpc, metrics = free_port(), free_port(), free_port()
+        libs = Path(info["site"]) / "nvidia_pytriton.libs"
+        ld_path = [info["libdir"], str(libs), os.environ.get("LD_LIBRARY_PATH")]
+        env = {**os.environ, "LD_LIBRARY_PATH": ":".join(filter(None, ld_path)),
+               # The stub's embedded interpreter finds the venv (numpy, onnxruntime) through its python on PATH.
+               "PATH": f"{self.venv / 'bin'}:{os.environ['PATH']}"}
+        log = TMP / "triton.log"
+        self.proc = subprocess.Popen(
+            [str(root / "bin/tritonserver"), f"--model-repository={work / 'models'}",
+             f"--backend-directory={work / 'backends'}", "--http-address=127.0.0.1", f"--http-port={http}",
+             "--grpc-address=127.0.0.1", f"--grpc-port={grpc}", "--metrics-address=127.0.0.1",
+             f"--metrics-port={metrics}", "--allow-gpu-metrics=false", "--strict-readiness=true",
+             "--exit-on-error=true", "--log-verbose=0"],
+            cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+        def ready():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cnn/ready", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, "tritonserver", self.proc, log, timeout=180)
+        version = re.search(r"server_version\s*\|\s*([0-9.]+)", log.read_text())
+        self.version = version.group(1) if version else None
+        self.addr, self.metrics = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}"
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *children(self.proc.pid)]
+
+    def bodies(self, mode: str) -> Path:
+        # Raw and 16/call: the very bodies MLServer and fmnist-oip get. PNG: the same, with shape [1, 1].
+        return TMP / "bodies" / f"{self.protocol}-{self.model}-{mode}{'-batched' if mode == 'png' else ''}.bin"
+
+
+# Triton's dynamic_batching max_queue_delay_microseconds. Triton's docs ("Recommended Configuration Process" of
+# the dynamic batcher) start from dynamic_batching { } (no delay: batches as large as what is queued, up to
+# max_batch_size) and raise the delay only while throughput still rises; bench/README.md "Triton" has the runs.
+TRITON_DELAY_US = 0
+
+# The Triton model: the ModelInferRequest bodies' inputs ("raw" UINT8 [n, 28, 28], "encoded" BYTES [n]; one of
+# them per request), Triton's dynamic batcher, one model instance on the CPU (as the other servers run one model
+# session).
+TRITON_CONFIG = """name: "cnn"
+backend: "python"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "raw" data_type: TYPE_UINT8 dims: [ 28, 28 ] optional: true }},
+  {{ name: "encoded" data_type: TYPE_STRING dims: [ 1 ] reshape: {{ shape: [ ] }} optional: true }}
+]
+output [ {{ name: "probabilities" data_type: TYPE_FP32 dims: [ 10 ] }} ]
+dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{parameters}
+"""
+
+
 def loadgen(server: Server, mode: str, concurrency: int, a) -> dict:
     cmd = [str(RELEASE / "examples/loadgen"), "--addr", server.addr, "--path", server.path,
            "--bodies", str(server.bodies(mode)), "--images-per-request", str(MODES[mode]),
            "--concurrency", str(concurrency), "--connections", str(a.connections),
-           "--warmup", str(a.warmup), "--seconds", str(a.seconds), "--server-pid", str(server.proc.pid),
+           "--warmup", str(a.warmup), "--seconds", str(a.seconds),
+           "--server-pid", ",".join(map(str, server.pids())),
            "--batch-metric", server.batch_metric]
     if server.metrics:
         cmd += ["--metrics", server.metrics]
@@ -329,6 +479,15 @@ def targets(result: dict) -> list[dict]:
         checks.append({"target": "C=64 (raw) OIP throughput >= 4x MLServer (same ModelInfer bodies)",
                        "measured": f"{oip['images_per_s']:.0f} / {mls['images_per_s']:.0f} = {ratio:.2f}x",
                        "met": ratio >= 4.0})
+    # Triton (Python backend + ORT): this service ahead at every C and mode, on the same ModelInfer bodies.
+    vs = triton_ratios(rows)
+    if vs:
+        worst = min(vs, key=lambda v: v["oip_ratio"])
+        checks.append({"target": "OIP ModelInfer ahead of Triton (Python backend + ORT) at every C and mode",
+                       "measured": f"{worst['oip_ratio']:.2f}x at the closest ({worst['mode']}, C={worst['c']}: "
+                                   f"{worst['oip']:.0f} / {worst['triton']:.0f} img/s); "
+                                   f"{max(v['oip_ratio'] for v in vs):.2f}x at the widest",
+                       "met": worst["oip_ratio"] > 1.0})
     one = find(rows, "fmnist", "raw", 1)
     b1 = next((r for r in cnn_ceiling if r["batch"] == 1), None)
     if one and b1:
@@ -340,6 +499,21 @@ def targets(result: dict) -> list[dict]:
         checks.append({"target": "server peak RSS <= 150 MB at C=256 (every mode)",
                        "measured": f"{max(peaks):.0f} MB", "met": max(peaks) <= 150})
     return checks
+
+
+def triton_ratios(rows) -> list[dict]:
+    """This service's img/s over Triton's, per mode and C where both ran: ModelInfer (the same bodies) and
+    Classify."""
+    out = []
+    for t in (r for r in rows if r["server"] == "triton"):
+        oip = find(rows, "fmnist-oip", t["mode"], t["concurrency"])
+        ours = find(rows, "fmnist", t["mode"], t["concurrency"])
+        if oip and t["images_per_s"] > 0:
+            out.append({"mode": t["mode"], "c": t["concurrency"], "triton": t["images_per_s"],
+                        "oip": oip["images_per_s"], "oip_ratio": oip["images_per_s"] / t["images_per_s"],
+                        "classify": ours["images_per_s"] if ours else None,
+                        "classify_ratio": ours["images_per_s"] / t["images_per_s"] if ours else None})
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -358,7 +532,8 @@ def markdown(result: dict) -> str:
               "latency per call; batch = average images per ONNX Runtime run in the window; CPU in cores "
               "(server + load generator); peak RSS = the server's VmHWM since its start (one process per mode); "
               "shed = calls answered RESOURCE_EXHAUSTED (queue full; the caller backs off 10 ms), not counted in "
-              "img/s or latency.", "",
+              "img/s or latency. The Triton rows' CPU and peak RSS are tritonserver's and its Python backend stub's, "
+              "summed.", "",
               "| server | model | mode | C | calls/s | img/s | p50 ms | p90 ms | p99 ms | batch | CPU | peak RSS MB | shed | errors |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["service"]:
@@ -369,8 +544,21 @@ def markdown(result: dict) -> str:
             f"{r['images_per_s']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p90_ms']:.2f} | "
             f"{r['latency_p99_ms']:.2f} | {batch} | {r['server_cpu_cores']:.2f} + {r['loadgen_cpu_cores']:.2f} | "
             f"{r['server_peak_rss_kb'] / 1024:.0f} | {r.get('shed', 0)} | {r['errors']}{flag} |")
-    lines += ["", "Servers: " + "; ".join(f"`{k}` = {v}" for k, v in result["servers"].items()), "",
-              "## Targets (ratios from this run)", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["", "Servers: " + "; ".join(f"`{k}` = {v}" for k, v in result["servers"].items())]
+    for key, why in result.get("skipped", {}).items():
+        lines += ["", f"Skipped `{key}`: {why}"]
+    vs = triton_ratios(result["service"])
+    if vs:
+        version = result.get("triton_version")
+        lines += ["", f"## This service vs Triton{f' {version}' if version else ''} (Python backend + ORT)", "",
+                  "img/s of this service over Triton's, same run; ModelInfer = the very bodies Triton gets.", "",
+                  "| mode | C | Triton img/s | ModelInfer img/s | ratio | Classify img/s | ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for v in vs:
+            cl = (f"{v['classify']:.0f} | {v['classify_ratio']:.2f}x" if v["classify"] else "- | -")
+            lines.append(f"| {v['mode']} | {v['c']} | {v['triton']:.0f} | {v['oip']:.0f} | {v['oip_ratio']:.2f}x | "
+                         f"{cl} |")
+    lines += ["", "## Targets (ratios from this run)", "", "| target | measured | met |", "|---|---|---|"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")
     if result.get("criterion"):
@@ -386,7 +574,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured window per row")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true", help="2 s windows, C = 1 and 64 only, no criterion")
-    ap.add_argument("--servers", default="fmnist,fmnist-oip,fmnist-int8,python,mlserver")
+    ap.add_argument("--servers", default="fmnist,fmnist-oip,fmnist-int8,python,mlserver,triton")
     ap.add_argument("--modes", default="raw,png,multi16")
     ap.add_argument("--concurrency", default="1,8,64,256")
     ap.add_argument("--connections", type=int, default=4)
@@ -400,6 +588,12 @@ def main() -> int:
     ap.add_argument("--python-workers", type=int, default=8)
     ap.add_argument("--mlserver-batch", type=int, default=64)
     ap.add_argument("--mlserver-batch-time-ms", type=float, default=2.0)
+    ap.add_argument("--triton-venv", type=Path, default=BENCH / ".venv-triton",
+                    help="the venv with nvidia-pytriton 0.7.0 (bench/run.sh makes it)")
+    ap.add_argument("--triton-batch", type=int, default=64, help="Triton's max_batch_size")
+    ap.add_argument("--triton-delay-us", type=int, default=TRITON_DELAY_US,
+                    help="Triton's dynamic_batching max_queue_delay_microseconds")
+    ap.add_argument("--triton-threads", type=int, default=2, help="onnxruntime intra-op threads in the Triton model")
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--max-foreign-cores", type=float, default=0.15,
                     help="CPU other processes may take during a window before it is measured again")
@@ -439,8 +633,16 @@ def main() -> int:
                               ["--models", "cnn,cnn-int8,dense"] + serve_extra),
         "python": PythonPeer(a.python_workers),
         "mlserver": MLServerPeer(a.mlserver_batch, a.mlserver_batch_time_ms / 1e3),
+        "triton": TritonPeer(a.triton_venv.resolve(), a.triton_batch, a.triton_delay_us, a.triton_threads),
     }
     wanted = [s for s in a.servers.split(",") if s != "fmnist-int8" or has_int8]
+    skipped = {}
+    for key in dict.fromkeys(wanted):
+        why = registry[key].unavailable()
+        if why:
+            print(f"skipping {key} ({registry[key].label}): {why}", flush=True)
+            skipped[key] = why
+    wanted = [s for s in wanted if s not in skipped]
 
     ort_version = subprocess.run([sys.executable, "-c", "import onnxruntime; print(onnxruntime.__version__)"],
                                  capture_output=True, text=True).stdout.strip()
@@ -454,6 +656,8 @@ def main() -> int:
         "servers": {k: registry[k].label for k in wanted},
         "ceiling": [], "service": [],
     }
+    if skipped:
+        result["skipped"] = skipped
     print(f"ceiling ({cpu['Model name']}, {cpu['CPU(s)']} CPUs)", flush=True)
     batches = [int(b) for b in a.ceiling_batches.split(",")]
     for model in models:
@@ -461,6 +665,8 @@ def main() -> int:
     print("end to end", flush=True)
     for key in wanted:
         result["service"] += measure(registry[key], modes, concurrencies, a)
+        if key == "triton" and registry[key].version:
+            result["triton_version"] = registry[key].version
     if not a.no_criterion:
         print("criterion", flush=True)
         result["criterion"] = criterion(a)

@@ -1,13 +1,16 @@
 //! Closed-loop gRPC load generator for `make bench`: C concurrent callers, each sending one unary call after
 //! another, spread over a few HTTP/2 connections. It speaks HTTP/2 directly (the `h2` crate that tonic itself
 //! runs on) and sends pre-encoded gRPC request bodies (5-byte frame prefix + protobuf), so the same generator
-//! drives any gRPC server — ours, the Python peer, MLServer — and spends no time encoding or decoding protobuf.
+//! drives any gRPC server — ours, the Python peer, MLServer, Triton — and spends no time encoding or decoding
+//! protobuf.
 //! A call counts when its response ends with `grpc-status: 0`; anything else is an error.
 //!
 //! It runs on one thread, so it never takes more than one of the cores it shares with the server, and reports
 //! its own CPU time beside the server's. Around the measured window it reads the server's CPU time
-//! (/proc/<pid>/stat), its peak RSS (/proc/<pid>/status VmHWM) and, when given a Prometheus endpoint, the
-//! sum and count of a batch-size histogram, so the average formed batch covers exactly the window.
+//! (/proc/<pid>/stat), its peak RSS (/proc/<pid>/status VmHWM; both summed over the processes given, for a
+//! server that runs its model in a child process, as Triton's Python backend does) and, when given a
+//! Prometheus endpoint, the sum and count of a batch-size histogram (or any two counters), so the average
+//! formed batch covers exactly the window.
 //!
 //!     cargo run --release --example loadgen -- --addr 127.0.0.1:50051 \
 //!         --path /fashion_mnist.v1.Classifier/Classify --bodies bench/results/tmp/cnn-raw.bin \
@@ -57,13 +60,15 @@ struct Args {
     /// Measured window, seconds.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Server process to account CPU time and peak RSS for.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// Server process(es) to account CPU time and peak RSS for (repeat, or separate with commas, for a server
+    /// made of several processes: their CPU times and peak RSS are summed).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Prometheus endpoint (host:port, path /metrics) to read the batch-size histogram from.
     #[arg(long)]
     metrics: Option<SocketAddr>,
-    /// Histogram whose _sum/_count give the average formed batch (summed over label sets).
+    /// Histogram whose _sum/_count give the average formed batch (summed over label sets); or two counters
+    /// as `images/batches`, e.g. Triton's `nv_inference_count/nv_inference_exec_count`.
     #[arg(long, default_value = "fmnist_batch_size_images")]
     batch_metric: String,
     /// Keep retrying the first connection for this long (the server may still be starting).
@@ -217,8 +222,21 @@ fn machine_busy() -> Option<f64> {
     Some(busy as f64 / 100.0)
 }
 
-/// Sum of `<metric>_sum` and `<metric>_count` over every label set, from a Prometheus text endpoint.
+/// (user + system CPU seconds, VmHWM kB, VmRSS kB) summed over processes; None if any cannot be read.
+fn processes_usage(pids: &[String]) -> Option<(f64, u64, u64)> {
+    pids.iter().try_fold((0.0, 0, 0), |acc, pid| {
+        let (cpu, hwm, rss) = process_usage(pid)?;
+        Some((acc.0 + cpu, acc.1 + hwm, acc.2 + rss))
+    })
+}
+
+/// Sum of `<metric>_sum` and `<metric>_count` over every label set, from a Prometheus text endpoint; for
+/// `<a>/<b>`, the sums of the two metrics `a` and `b`.
 async fn histogram_totals(addr: SocketAddr, metric: &str) -> Option<(f64, f64)> {
+    let (sum_name, count_name) = match metric.split_once('/') {
+        Some((a, b)) => (a.to_string(), b.to_string()),
+        None => (format!("{metric}_sum"), format!("{metric}_count")),
+    };
     let mut stream = TcpStream::connect(addr).await.ok()?;
     let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
@@ -233,10 +251,10 @@ async fn histogram_totals(addr: SocketAddr, metric: &str) -> Option<(f64, f64)> 
         let Ok(value) = value.parse::<f64>() else {
             continue;
         };
-        match name.strip_prefix(metric) {
-            Some("_sum") => sum += value,
-            Some("_count") => count += value,
-            _ => {}
+        if name == sum_name {
+            sum += value;
+        } else if name == count_name {
+            count += value;
         }
     }
     Some((sum, count))
@@ -340,8 +358,9 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
         .collect();
 
     tokio::time::sleep_until(measure_from.into()).await;
-    let pid = args.server_pid.map(|p| p.to_string());
-    let server_before = pid.as_deref().and_then(process_usage);
+    let pids: Vec<String> = args.server_pid.iter().map(u32::to_string).collect();
+    let server_usage = || if pids.is_empty() { None } else { processes_usage(&pids) };
+    let server_before = server_usage();
     let self_before = process_usage("self");
     let machine_before = machine_busy();
     let batch_before = match args.metrics {
@@ -351,7 +370,7 @@ async fn run(args: Args) -> Result<serde_json::Value, String> {
     let window_start = Instant::now();
     tokio::time::sleep_until(stop_at.into()).await;
     let window = window_start.elapsed().as_secs_f64();
-    let server_after = pid.as_deref().and_then(process_usage);
+    let server_after = server_usage();
     let self_after = process_usage("self");
     let machine_after = machine_busy();
     let batch_after = match args.metrics {
