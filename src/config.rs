@@ -42,8 +42,10 @@ pub struct Config {
     )]
     pub models: Vec<String>,
 
-    /// Model used when a request names none.
-    #[arg(long, env = "FMNIST_DEFAULT_MODEL", default_value = "cnn")]
+    /// Model used when a request names none. `auto`: cnn-int8 where the CPU has 8-bit dot-product instructions
+    /// (AVX512-VNNI or AVX-VNNI; every CPU with AMX has them), where it is about twice as fast at the same accuracy and OOD
+    /// rejection, and cnn elsewhere (README "INT8 where it pays"). The choice is logged and in GetModelInfo.
+    #[arg(long, env = "FMNIST_DEFAULT_MODEL", default_value = "auto")]
     pub default_model: String,
 
     /// Path of the ONNX Runtime shared library (`make ort` puts it in .ort/).
@@ -397,11 +399,17 @@ impl Config {
         crate::registry::RegistrySettings {
             dir: self.models_dir.clone(),
             models: self.models.clone(),
-            default: self.default_model.clone(),
+            default: self.default_model_choice(),
             runtime: self.runtime_options(),
             batch: crate::server::batch_config(self),
             warmup_batch: self.max_batch_size,
         }
+    }
+
+    /// The model that answers requests naming none, and why: `--default-model` resolved against this CPU and
+    /// the loaded models.
+    pub fn default_model_choice(&self) -> DefaultModel {
+        DefaultModel::choose(&self.default_model, &self.models, int8_dot_product())
     }
 
     pub fn model_poll(&self) -> Option<Duration> {
@@ -452,6 +460,30 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn models(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn auto_picks_int8_only_where_the_cpu_has_int8_dot_products_and_it_is_loaded() {
+        let all = models(&["cnn", "cnn-int8", "dense"]);
+        assert_eq!(DefaultModel::choose("auto", &all, Some("AVX512-VNNI")).name, "cnn-int8");
+        assert_eq!(DefaultModel::choose("auto", &all, None).name, "cnn");
+        let fp32_only = models(&["cnn", "dense"]);
+        assert_eq!(DefaultModel::choose("auto", &fp32_only, Some("AVX-VNNI")).name, "cnn");
+        assert_eq!(DefaultModel::choose("auto", &models(&["dense"]), None).name, "dense");
+        let set = DefaultModel::choose("dense", &all, Some("AVX512-VNNI"));
+        assert_eq!(
+            (set.name.as_str(), set.why.as_str()),
+            ("dense", "set by --default-model")
+        );
+        assert!(
+            DefaultModel::choose("auto", &all, Some("AVX512-VNNI"))
+                .why
+                .contains("AVX512-VNNI")
+        );
+    }
+
     #[test]
     fn the_defaults_are_valid() {
         let config = Config::defaults();
@@ -473,4 +505,56 @@ mod tests {
         config.max_connections = 0;
         assert_eq!(config.validate().unwrap_err(), "--max-connections must be at least 1");
     }
+}
+
+/// The server's default model and the reason it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultModel {
+    pub name: String,
+    pub why: String,
+}
+
+impl DefaultModel {
+    /// `requested` is `--default-model`; `int8` names the CPU's 8-bit dot-product instruction set, if any.
+    pub fn choose(requested: &str, models: &[String], int8: Option<&str>) -> DefaultModel {
+        let loaded = |name: &str| models.iter().any(|m| m == name);
+        let (name, why) = if requested != "auto" {
+            (requested.to_string(), "set by --default-model".to_string())
+        } else {
+            match int8 {
+                Some(isa) if loaded("cnn-int8") => (
+                    "cnn-int8".into(),
+                    format!(
+                        "auto: this CPU has {isa}, where cnn-int8 runs about twice as fast as cnn within 0.1 point                          of its accuracy and 1 point of its OOD rejection"
+                    ),
+                ),
+                Some(_) if loaded("cnn") => ("cnn".into(), "auto: cnn-int8 is not among --models".into()),
+                None if loaded("cnn") => (
+                    "cnn".into(),
+                    "auto: this CPU has no 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI), so INT8 would not pay"
+                        .into(),
+                ),
+                _ => (
+                    models.first().cloned().unwrap_or_default(),
+                    "auto: the first of --models (neither cnn nor cnn-int8 is loaded)".into(),
+                ),
+            }
+        };
+        DefaultModel { name, why }
+    }
+}
+
+/// The CPU's 8-bit dot-product instruction set that ONNX Runtime's INT8 kernels use, if it has one.
+pub fn int8_dot_product() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // AMX-INT8 detection is unstable in std; every CPU with AMX (Sapphire Rapids on) has AVX512-VNNI too.
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            return Some("AVX512-VNNI");
+        }
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            return Some("AVX-VNNI");
+        }
+    }
+    None
 }

@@ -19,6 +19,7 @@ use std::{
 
 use crate::{
     batching::{BatchConfig, Batcher},
+    config::DefaultModel,
     error::{ModelError, RequestError, clip},
     model::{Model, ModelMetadata, RuntimeOptions},
     repository::{self, Fingerprint},
@@ -172,7 +173,7 @@ pub struct RegistrySettings {
     pub dir: PathBuf,
     /// The models to serve, by name: `<dir>/<name>/`.
     pub models: Vec<String>,
-    pub default: String,
+    pub default: DefaultModel,
     pub runtime: RuntimeOptions,
     pub batch: BatchConfig,
     pub warmup_batch: usize,
@@ -232,6 +233,11 @@ pub struct ReloadReport {
 }
 
 impl Registry {
+    /// The default model and why it is the default.
+    pub fn default_model(&self) -> &DefaultModel {
+        &self.settings.default
+    }
+
     pub fn new(settings: RegistrySettings) -> Arc<Registry> {
         Arc::new(Registry {
             settings,
@@ -309,7 +315,7 @@ impl Registry {
         let mut book = self.reload.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = ReloadReport::default();
         let mut next = self.snapshot().map(|s| (*s).clone()).unwrap_or_default();
-        next.default = self.settings.default.clone();
+        next.default = self.settings.default.name.clone();
         for name in &self.settings.models {
             if only.is_some_and(|o| o != name) {
                 continue;

@@ -72,9 +72,10 @@ pub fn policy(config: &Config) -> Policy {
 /// Loads and warms up every configured model's versions and starts their inference threads: the registry
 /// the server serves from. Blocking: call it off the async runtime.
 pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
-    if !config.models.contains(&config.default_model) {
+    let default = config.default_model_choice();
+    if !config.models.contains(&default.name) {
         return Err(ServeError::DefaultModel {
-            default: config.default_model.clone(),
+            default: default.name,
             loaded: config.models.clone(),
         });
     }
@@ -183,9 +184,10 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    if !config.models.contains(&config.default_model) {
+    let default = config.default_model_choice();
+    if !config.models.contains(&default.name) {
         return Err(ServeError::DefaultModel {
-            default: config.default_model.clone(),
+            default: default.name,
             loaded: config.models.clone(),
         });
     }
@@ -254,6 +256,7 @@ pub async fn serve(
         max_connection_age_s = connection_age.map(|a| a.as_secs_f64()),
         "listening; loading models"
     );
+    tracing::info!(model = %default.name, why = %default.why, "default model");
 
     let loading = registry.clone();
     let loaded = tokio::task::spawn_blocking(move || loading.load_at_start())

@@ -297,6 +297,50 @@ async fn model_info_lists_models_classes_and_thresholds() {
     assert_eq!(info.limits.unwrap().max_images_per_request, 64);
 }
 
+/// `--default-model auto` (the shipped default): cnn-int8 on a CPU with 8-bit dot products, cnn elsewhere, and
+/// GetModelInfo says which and why.
+#[tokio::test]
+async fn the_auto_default_model_follows_the_cpu_and_says_why() {
+    let mut config = config();
+    config.default_model = "auto".into();
+    let mut server = TestServer::start(config).await;
+    let info = server
+        .client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let defaults: Vec<_> = info.models.iter().filter(|m| m.is_default).collect();
+    assert_eq!(defaults.len(), 1, "{:?}", info.models);
+    let isa = fmnist_serve::config::int8_dot_product();
+    let want = if isa.is_some() { "cnn-int8" } else { "cnn" };
+    assert_eq!(defaults[0].name, want);
+    assert!(
+        defaults[0].default_reason.starts_with("auto: "),
+        "{}",
+        defaults[0].default_reason
+    );
+    if let Some(isa) = isa {
+        assert!(
+            defaults[0].default_reason.contains(isa),
+            "{}",
+            defaults[0].default_reason
+        );
+    }
+    assert!(
+        info.models
+            .iter()
+            .filter(|m| !m.is_default)
+            .all(|m| m.default_reason.is_empty())
+    );
+    let answer = server
+        .client
+        .classify(request(vec![raw(&fixture()[0].0)]))
+        .await
+        .unwrap();
+    assert_eq!(answer.into_inner().model, want);
+}
+
 #[tokio::test]
 async fn concurrent_calls_are_merged_into_batches_larger_than_one() {
     let server = TestServer::start(config()).await;

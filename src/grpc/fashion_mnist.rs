@@ -126,6 +126,11 @@ impl ClassifierService {
                     labels: served.labels.iter().map(|(l, v)| (l.clone(), v.to_string())).collect(),
                     sha256: meta.sha256.clone(),
                     is_default: *name == models.default,
+                    default_reason: if *name == models.default {
+                        self.core.registry().default_model().why.clone()
+                    } else {
+                        String::new()
+                    },
                     input: Some(pb::InputSpec {
                         name: meta.input.name.clone(),
                         shape: vec![-1, 1, 28, 28],

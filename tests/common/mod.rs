@@ -20,6 +20,9 @@ pub fn repo() -> PathBuf {
 /// The server's defaults, pointed at the repository's models and ONNX Runtime (`make ort`).
 pub fn config() -> Config {
     let mut config = Config::defaults();
+    // The FP32 model on every CPU: the shipped `auto` would make the expected answers depend on the machine.
+    // `the_auto_default_model_follows_the_cpu_and_says_why` tests `auto` itself.
+    config.default_model = "cnn".into();
     config.models_dir = repo().join("models");
     config.ort_dylib = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
@@ -198,6 +201,8 @@ pub fn spawn_binary_logging(args: &[&str], rust_log: &str) -> Spawned {
         .arg(config().ort_dylib)
         .args(args)
         .env("RUST_LOG", rust_log)
+        // As config(): the FP32 default on every CPU, unless `args` set another.
+        .env("FMNIST_DEFAULT_MODEL", "cnn")
         .stdout(Stdio::piped())
         .spawn()
         .expect("server binary starts");

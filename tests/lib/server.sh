@@ -3,7 +3,9 @@
 # another server (its own log and addresses) and stops them all on exit.
 start_server() {
   SERVER_LOG=$(mktemp)
-  RUST_LOG=info ./target/release/fmnist serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 "$@" >"$SERVER_LOG" 2>&1 &
+  # FMNIST_DEFAULT_MODEL: the FP32 model on every CPU (the shipped `auto` picks cnn-int8 where INT8 pays),
+  # so expected answers do not depend on the machine; a --default-model argument still wins.
+  RUST_LOG=info FMNIST_DEFAULT_MODEL=${FMNIST_DEFAULT_MODEL:-cnn} ./target/release/fmnist serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 "$@" >"$SERVER_LOG" 2>&1 &
   SERVER_PID=$!
   ALL_SERVER_PIDS="${ALL_SERVER_PIDS:-} $SERVER_PID"
   ALL_SERVER_LOGS="${ALL_SERVER_LOGS:-} $SERVER_LOG"
