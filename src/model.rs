@@ -112,9 +112,8 @@ pub struct BatchOutput {
     pub logits: Vec<f32>,
     /// `n` out-of-distribution scores (see [`crate::ood`]).
     pub ood_scores: Vec<f32>,
-    /// `n * F` penultimate features, read only when the detector needs them.
-    features: Vec<f32>,
-    scratch: Vec<f32>,
+    /// `n * k` OOD score components from the graph, read only when the detector needs them.
+    components: Vec<f32>,
 }
 
 /// ONNX Runtime settings shared by every session (built from the config by `Config::runtime_options`).
@@ -135,8 +134,8 @@ pub struct Model {
     pub meta: ModelMetadata,
     pub detector: Detector,
     session: Session,
-    /// Fetches only the output the server reads (`logits`; not `probabilities`, which it computes calibrated,
-    /// nor `features`), so no copy of the others is made.
+    /// Fetches only the outputs the server reads (`logits`, and the OOD components when the detector has some;
+    /// not `probabilities`, which it computes calibrated, nor `features`), so no copy of the others is made.
     run_options: RunOptions<HasSelectedOutputs>,
 }
 
@@ -248,13 +247,12 @@ impl Model {
                 path: onnx_path.clone(),
                 reason: format!("not a loadable ONNX model: {e}"),
             })?;
-        check_signature(&session, &meta, detector.features(), &onnx_path)?;
+        check_signature(&session, &meta, detector.graph_output(), &onnx_path)?;
 
         let outputs = OutputSelector::no_default().with("logits");
-        let outputs = if detector.features() > 0 {
-            outputs.with("features")
-        } else {
-            outputs
+        let outputs = match detector.graph_output() {
+            Some((name, _)) => outputs.with(name),
+            None => outputs,
         };
         let run_options = RunOptions::new()
             .map_err(|e| ModelError::Environment(e.to_string()))?
@@ -302,29 +300,32 @@ impl Model {
         }
         out.logits.clear();
         out.logits.extend_from_slice(data);
-        let width = self.detector.features();
-        out.features.clear();
-        if width > 0 {
-            let value = outputs
-                .get("features")
-                .ok_or_else(|| ModelError::Inference("output \"features\" missing".into()))?;
-            let (_, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| ModelError::Inference(e.to_string()))?;
-            if data.len() != n * width {
-                return Err(ModelError::Inference(format!(
-                    "output \"features\" has {} values for {n} images of {width}",
-                    data.len()
-                )));
+        out.components.clear();
+        let width = match self.detector.graph_output() {
+            Some((name, width)) => {
+                let value = outputs
+                    .get(name)
+                    .ok_or_else(|| ModelError::Inference(format!("output {name:?} missing")))?;
+                let (_, data) = value
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| ModelError::Inference(e.to_string()))?;
+                if data.len() != n * width {
+                    return Err(ModelError::Inference(format!(
+                        "output {name:?} has {} values for {n} images of {width}",
+                        data.len()
+                    )));
+                }
+                out.components.extend_from_slice(data);
+                width
             }
-            out.features.extend_from_slice(data);
-        }
+            None => 0,
+        };
         out.ood_scores.clear();
         for i in 0..n {
-            let features = &out.features[i * width..(i + 1) * width];
-            let score = self
-                .detector
-                .score(&out.logits[i * CLASSES..(i + 1) * CLASSES], features, &mut out.scratch);
+            let score = self.detector.score(
+                &out.logits[i * CLASSES..(i + 1) * CLASSES],
+                &out.components[i * width..(i + 1) * width],
+            );
             out.ood_scores.push(score);
         }
         out.probabilities.resize(n * CLASSES, 0.0);
@@ -419,10 +420,15 @@ fn load_detector(dir: &Path, meta: &ModelMetadata) -> Result<Detector, String> {
     Ok(detector)
 }
 
-/// The server feeds `[batch, 1, 28, 28]` float32 and reads `logits` `[batch, 10]` (and `features` `[batch, F]`
-/// when the OOD detector needs them); a model exported differently must fail at start-up, not on the first
-/// request.
-fn check_signature(session: &Session, meta: &ModelMetadata, features: usize, path: &Path) -> Result<(), ModelError> {
+/// The server feeds `[batch, 1, 28, 28]` float32 and reads `logits` `[batch, 10]` (and the OOD components
+/// `[batch, k]` when the detector has some); a model exported differently must fail at start-up, not on the
+/// first request.
+fn check_signature(
+    session: &Session,
+    meta: &ModelMetadata,
+    graph_output: Option<(&str, usize)>,
+    path: &Path,
+) -> Result<(), ModelError> {
     let err = |reason: String| ModelError::Signature {
         path: path.to_path_buf(),
         reason,
@@ -457,17 +463,17 @@ fn check_signature(session: &Session, meta: &ModelMetadata, features: usize, pat
             )));
         }
     }
-    if features > 0 {
+    if let Some((name, width)) = graph_output {
         let output = session
             .outputs()
             .iter()
-            .find(|o| o.name() == "features")
-            .ok_or_else(|| err("no output named \"features\", which the OOD detector reads".into()))?;
+            .find(|o| o.name() == name)
+            .ok_or_else(|| err(format!("no output named {name:?}, which the OOD detector reads")))?;
         if let ValueType::Tensor { shape, .. } = output.dtype() {
             let dims: Vec<i64> = shape.iter().copied().collect();
-            if dims.len() != 2 || (dims[1] >= 0 && dims[1] != features as i64) {
+            if dims.len() != 2 || dims[1] != width as i64 {
                 return Err(err(format!(
-                    "output \"features\" has shape {dims:?}; the OOD detector expects [batch, {features}]"
+                    "output {name:?} has shape {dims:?}; the OOD detector expects [batch, {width}]"
                 )));
             }
         }
