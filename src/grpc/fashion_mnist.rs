@@ -150,9 +150,17 @@ impl ClassifierService {
                     ood_method: meta.ood.as_ref().map_or_else(
                         || "energy: -logsumexp(logits); no threshold calibrated".into(),
                         |o| {
+                            let how = match o.method.as_str() {
+                                "energy" => "-logsumexp(logits)",
+                                "msp" => "-max softmax(logits)",
+                                _ => {
+                                    "a weighted sum of standardised scores: energy on the logits, Mahalanobis and \
+                                     kNN on the penultimate features (the graph's ood_components output)"
+                                }
+                            };
                             format!(
-                                "{}: -logsumexp(logits), threshold fixed on the validation split before any \
-                                 out-of-distribution measurement (leave-one-group-out protocol)",
+                                "{}: {how}; threshold fixed on the validation split before any out-of-distribution \
+                                 measurement (leave-one-group-out protocol, training/ood_protocol.py)",
                                 o.method
                             )
                         },
