@@ -58,6 +58,7 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import DEFAULT_DATA_DIR, load_split  # noqa: E402
 from ood import Mahalanobis, run  # noqa: E402
+from reference import reference_dir, write_reference  # noqa: E402
 from repository import latest_version_dir  # noqa: E402
 from train import split_train_val  # noqa: E402
 
@@ -332,6 +333,8 @@ def main() -> None:
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     if sha != meta["sha256"]:  # the build id is the export date and the file's sha256 prefix (export.py)
         meta["sha256"], meta["version"] = sha, f"{meta['version'].split('.')[0]}.{sha[:8]}"
+        # The export step's reference probabilities name the file's sha256: the same probabilities, new file.
+        write_reference(onnx_path, a.model, reference_dir(version_dir))
     ood_file = version_dir / "ood.json"
     ood_file.write_text(json.dumps(params) + "\n")
     report = {"protocol": {"val_budget": VAL_BUDGET, "knn_bank": KNN_BANK, "knn_k": KNN_K, "accept_target": ACCEPT_TARGET,
