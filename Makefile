@@ -77,23 +77,30 @@ $(TRAIN_VENV)/.installed: training/requirements.txt
 	$(TRAIN_VENV)/bin/pip install --quiet -r training/requirements.txt
 	touch $@
 
-## train: retrain both models from scratch and regenerate models/, OOD thresholds and cnn-int8 included (about an hour on 2 cores; log in train.log)
+## train: retrain both models from scratch and regenerate models/: cnn-int8, the OOD protocol (leave-one-group-out table, detector, temperature, accept rule) and its test fixtures included (about an hour on 2 cores; log in train.log)
 train: ood-sets
 	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model dense 2>&1 | tee train.log
 	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model cnn --exposure-dir $(EXPOSURE_DIR) 2>&1 | tee -a train.log
 	set -o pipefail; $(TRAIN_VENV)/bin/python training/quantize.py --model cnn 2>&1 | tee -a train.log
-	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood.py --model $$m --ood-dir $(OOD_DIR) || exit 1; done 2>&1 | tee -a train.log
+	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_protocol.py --model $$m --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) --shapes-dir $(SHAPES_DIR) --held-out-dir $(HELD_OUT_DIR) --fixtures tests/fixtures/ood-scores-$$m.json || exit 1; done 2>&1 | tee -a train.log
+	rm -f tests/fixtures/ood-scores-cnn-int8.json
 
-# Out-of-distribution images through the service's own preprocessing: the evaluation set (build/ood, measured
-# only) and the disjoint outlier-exposure set the CNN is fine-tuned against (build/ood-exposure).
+# Out-of-distribution images through the service's own preprocessing: the evaluation groups (build/ood, each
+# left out in turn by training/ood_protocol.py), the disjoint outlier-exposure set the CNN is fine-tuned against
+# (build/ood-exposure), the detector's shape-variety exposure (build/ood-shapes) and groups measured once with
+# the detector the protocol kept (build/ood-held-out).
 OOD_DIR := build/ood
 EXPOSURE_DIR := build/ood-exposure
-## ood-sets: build both out-of-distribution image sets (evaluation and outlier exposure) as 28x28 model inputs
+SHAPES_DIR := build/ood-shapes
+HELD_OUT_DIR := build/ood-held-out
+## ood-sets: build the out-of-distribution image sets (evaluation groups, outlier exposure, shape variety) as 28x28 model inputs
 ood-sets: setup ort $(TRAIN_VENV)/.installed
 	$(CARGO) build --release --example preprocess
 	$(TRAIN_VENV)/bin/python training/ood_data.py --set evaluation --out $(OOD_DIR)
 	$(TRAIN_VENV)/bin/python training/ood_data.py --set exposure --out $(EXPOSURE_DIR)
-	for d in $(OOD_DIR)/*/ $(EXPOSURE_DIR)/*/; do target/release/examples/preprocess $$d $${d%/} || exit 1; done
+	$(TRAIN_VENV)/bin/python training/ood_data.py --set shapes --out $(SHAPES_DIR)
+	$(TRAIN_VENV)/bin/python training/ood_data.py --set held-out --out $(HELD_OUT_DIR)
+	for d in $(OOD_DIR)/*/ $(EXPOSURE_DIR)/*/ $(SHAPES_DIR)/*/ $(HELD_OUT_DIR)/*/; do target/release/examples/preprocess $$d $${d%/} || exit 1; done
 
 ## train-cv: 5-fold cross-validation estimates for both models (test set untouched)
 train-cv: setup $(TRAIN_VENV)/.installed

@@ -12,10 +12,11 @@ use fmnist_serve::{
     classify::Classifier,
     config::Config,
     grpc::fashion_mnist::ClassifierService,
+    model::calibrated_softmax,
+    ood::{Detector, energy},
     pb::{self, classifier_server::Classifier as _},
     preprocess::{ImageData, PIXELS, preprocess},
     server,
-    verdict::ood_score,
 };
 use image::{GrayImage, ImageFormat, Rgb, RgbImage};
 
@@ -91,11 +92,26 @@ fn preprocessing(c: &mut Criterion) {
     group.finish();
 }
 
-/// The energy OOD score computed for every image from the logits the model already returned (no second model
-/// call): its whole cost per image, to set against the service's time per image at the benchmark's load.
+/// The OOD score and the calibrated softmax computed for every image from the outputs the model already
+/// returned (no second model call): their whole cost per image, to set against the service's time per image at
+/// the benchmark's load. Each shipped model's own detector (models/<name>/1/ood.json; the graph's part of it is
+/// in the ONNX Runtime run, measured by training/ood_protocol.py's timing note in README.md).
 fn ood(c: &mut Criterion) {
     let logits = [7.9f32, -1.2, 0.4, 2.2, -3.0, 0.1, 4.5, -2.2, 1.0, -0.7];
-    c.bench_function("ood_score_energy", |b| b.iter(|| ood_score(black_box(&logits))));
+    c.bench_function("ood_score_energy", |b| b.iter(|| energy(black_box(&logits))));
+    for model in ["cnn", "dense"] {
+        let text = std::fs::read_to_string(repo().join(format!("models/{model}/1/ood.json"))).unwrap();
+        let detector = Detector::from_json(&text).unwrap();
+        // dense's feature-space components come computed from the graph; what is left here is the fusion.
+        let components = vec![0.5f32; detector.graph_output().map_or(0, |(_, n)| n)];
+        c.bench_function(&format!("ood_score_{model}_{}", detector.method()), |b| {
+            b.iter(|| detector.score(black_box(&logits), black_box(&components)))
+        });
+    }
+    let mut probabilities = [0.0f32; 10];
+    c.bench_function("calibrated_softmax", |b| {
+        b.iter(|| calibrated_softmax(black_box(&logits), black_box(1.17), &mut probabilities))
+    });
 }
 
 /// Request validation through the real tonic service adapter (no network): calls refused as a whole, and a call whose

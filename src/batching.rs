@@ -43,6 +43,7 @@ pub struct BatchConfig {
 pub struct ImageOutput {
     pub probabilities: [f32; CLASSES],
     pub logits: [f32; CLASSES],
+    pub ood_score: f32,
 }
 
 type Reply = Result<Vec<ImageOutput>, QueueError>;
@@ -391,6 +392,7 @@ impl InferenceLoop {
                             logits: out.logits[i * CLASSES..(i + 1) * CLASSES]
                                 .try_into()
                                 .expect("CLASSES values per image"),
+                            ood_score: out.ood_scores[i],
                         })
                         .collect();
                     offset += k;

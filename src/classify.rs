@@ -30,7 +30,8 @@ use crate::{
 pub struct Policy {
     pub limits: DecodeLimits,
     pub check: InputCheck,
-    pub min_confidence: f32,
+    /// Server-wide minimum confidence; `None` uses each model's accept rule.
+    pub min_confidence: Option<f32>,
     /// Server-wide OOD threshold; `None` uses each model's calibrated threshold.
     pub max_ood_score: Option<f32>,
     pub max_images_per_request: usize,

@@ -3,7 +3,8 @@
 //! One request flows one way: a protocol adapter (`grpc::fashion_mnist`; the Open Inference Protocol's
 //! `oip` tensors over `grpc::inference` or `rest`) → `classify`, the core with no
 //! protocol in it: validate, resolve the model version (`registry`), reserve room (`admission`), `preprocess`
-//! (bytes → 28x28), `batching` (queue → inference thread owning a `model` session), `verdict` (accept/reject)
+//! (bytes → 28x28), `batching` (queue → inference thread owning a `model` session, which also computes the
+//! `ood` score), `verdict` (accept/reject)
 //! → back through the adapter. The `registry` keeps the versions the `repository` on disk asks for, and swaps
 //! them while serving.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@ pub mod error;
 pub mod grpc;
 pub mod model;
 pub mod oip;
+pub mod ood;
 pub mod preprocess;
 pub mod registry;
 pub mod repository;

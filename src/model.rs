@@ -13,7 +13,7 @@ use ort::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::{error::ModelError, preprocess::PIXELS};
+use crate::{error::ModelError, ood::Detector, preprocess::PIXELS};
 
 /// Number of classes every model predicts.
 pub const CLASSES: usize = 10;
@@ -32,6 +32,18 @@ pub struct ModelMetadata {
     pub metrics: TestMetrics,
     #[serde(default)]
     pub ood: Option<OodMetadata>,
+    #[serde(default)]
+    pub calibration: Option<CalibrationMetadata>,
+    #[serde(default)]
+    pub accept: Option<AcceptMetadata>,
+}
+
+impl ModelMetadata {
+    /// The temperature the logits are divided by before the softmax; 1 (the raw softmax) for a model exported
+    /// without calibration.
+    pub fn temperature(&self) -> f32 {
+        self.calibration.as_ref().map_or(1.0, |c| c.temperature)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,16 +73,47 @@ pub struct TestMetrics {
 pub struct OodMetadata {
     pub method: String,
     pub threshold: f32,
+    /// The detector's parameters (`ood.json` beside model.json) and their sha256; absent for energy, which
+    /// needs none.
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// Temperature scaling (Guo et al. 2017) fitted by training/ood_protocol.py on the validation split: the
+/// served probabilities are `softmax(logits / temperature)`, so a top probability of 0.9 is right about 90% of
+/// the time.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CalibrationMetadata {
+    pub temperature: f32,
+}
+
+/// The default accept rule training/ood_protocol.py derived from a stated target, and what it measured.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AcceptMetadata {
+    /// The target: accepted validation answers at least this often correct.
+    pub target_val_accuracy: f32,
+    /// The lowest calibrated top probability at which the target holds on validation (OOD rule applied).
+    pub min_confidence: f32,
+    /// Measured once on the test set with that threshold: share of accepted answers that are correct, and share
+    /// of test images accepted.
+    pub test_accuracy: f32,
+    pub test_coverage: f32,
 }
 
 /// What a batch run gives back, image after image. Reused from run to run by the inference thread
 /// ([`Model::run_into`]), so its buffers are allocated once.
 #[derive(Debug, Clone, Default)]
 pub struct BatchOutput {
-    /// `n * CLASSES` softmax probabilities.
+    /// `n * CLASSES` calibrated probabilities: `softmax(logits / temperature)`.
     pub probabilities: Vec<f32>,
     /// `n * CLASSES` logits.
     pub logits: Vec<f32>,
+    /// `n` out-of-distribution scores (see [`crate::ood`]).
+    pub ood_scores: Vec<f32>,
+    /// `n * k` OOD score components from the graph, read only when the detector needs them.
+    components: Vec<f32>,
 }
 
 /// ONNX Runtime settings shared by every session (built from the config by `Config::runtime_options`).
@@ -89,8 +132,10 @@ pub struct RuntimeOptions {
 /// A loaded model: metadata plus a session. Owned by exactly one inference thread (see `batching`).
 pub struct Model {
     pub meta: ModelMetadata,
+    pub detector: Detector,
     session: Session,
-    /// Fetches only the two outputs the server reads (not `features`), so no copy of them is made.
+    /// Fetches only the outputs the server reads (`logits`, and the OOD components when the detector has some;
+    /// not `probabilities`, which it computes calibrated, nor `features`), so no copy of the others is made.
     run_options: RunOptions<HasSelectedOutputs>,
 }
 
@@ -149,14 +194,16 @@ impl Model {
                 reason: format!("lists {} classes, expected {CLASSES}", meta.classes.len()),
             });
         }
-        if let Some(ood) = &meta.ood
-            && ood.method != "energy"
-        {
+        if let Err(reason) = check_scoring(&meta) {
             return Err(ModelError::Metadata {
                 path: meta_path,
-                reason: format!("OOD method {:?} is not one this server computes (energy)", ood.method),
+                reason,
             });
         }
+        let detector = load_detector(dir, &meta).map_err(|reason| ModelError::Metadata {
+            path: meta_path.clone(),
+            reason,
+        })?;
         let onnx_path = dir.join(&meta.file);
         let bytes = std::fs::read(&onnx_path).map_err(|e| ModelError::File {
             path: onnx_path.clone(),
@@ -200,13 +247,19 @@ impl Model {
                 path: onnx_path.clone(),
                 reason: format!("not a loadable ONNX model: {e}"),
             })?;
-        check_signature(&session, &meta, &onnx_path)?;
+        check_signature(&session, &meta, detector.graph_output(), &onnx_path)?;
 
+        let outputs = OutputSelector::no_default().with("logits");
+        let outputs = match detector.graph_output() {
+            Some((name, _)) => outputs.with(name),
+            None => outputs,
+        };
         let run_options = RunOptions::new()
             .map_err(|e| ModelError::Environment(e.to_string()))?
-            .with_outputs(OutputSelector::no_default().with("probabilities").with("logits"));
+            .with_outputs(outputs);
         let mut model = Model {
             meta,
+            detector,
             session,
             run_options,
         };
@@ -224,6 +277,7 @@ impl Model {
     }
 
     /// Like [`Model::run`], writing into `out`'s buffers (resized to `n * CLASSES`, allocated only when they grow).
+    /// The probabilities are computed here from the logits, with the model's temperature.
     pub fn run_into(&mut self, input: &[f32], n: usize, out: &mut BatchOutput) -> Result<(), ModelError> {
         debug_assert_eq!(input.len(), n * PIXELS, "input holds n images");
         let tensor =
@@ -232,31 +286,149 @@ impl Model {
             .session
             .run_with_options(ort::inputs![self.meta.input.name.as_str() => tensor], &self.run_options)
             .map_err(|e| ModelError::Inference(e.to_string()))?;
-        let extract = |name: &str, into: &mut Vec<f32>| -> Result<(), ModelError> {
-            let value = outputs
-                .get(name)
-                .ok_or_else(|| ModelError::Inference(format!("output {name:?} missing")))?;
-            let (_, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| ModelError::Inference(e.to_string()))?;
-            if data.len() != n * CLASSES {
-                return Err(ModelError::Inference(format!(
-                    "output {name:?} has {} values for {n} images",
-                    data.len()
-                )));
+        let value = outputs
+            .get("logits")
+            .ok_or_else(|| ModelError::Inference("output \"logits\" missing".into()))?;
+        let (_, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| ModelError::Inference(e.to_string()))?;
+        if data.len() != n * CLASSES {
+            return Err(ModelError::Inference(format!(
+                "output \"logits\" has {} values for {n} images",
+                data.len()
+            )));
+        }
+        out.logits.clear();
+        out.logits.extend_from_slice(data);
+        out.components.clear();
+        let width = match self.detector.graph_output() {
+            Some((name, width)) => {
+                let value = outputs
+                    .get(name)
+                    .ok_or_else(|| ModelError::Inference(format!("output {name:?} missing")))?;
+                let (_, data) = value
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| ModelError::Inference(e.to_string()))?;
+                if data.len() != n * width {
+                    return Err(ModelError::Inference(format!(
+                        "output {name:?} has {} values for {n} images of {width}",
+                        data.len()
+                    )));
+                }
+                out.components.extend_from_slice(data);
+                width
             }
-            into.clear();
-            into.extend_from_slice(data);
-            Ok(())
+            None => 0,
         };
-        extract("probabilities", &mut out.probabilities)?;
-        extract("logits", &mut out.logits)
+        out.ood_scores.clear();
+        for i in 0..n {
+            let score = self.detector.score(
+                &out.logits[i * CLASSES..(i + 1) * CLASSES],
+                &out.components[i * width..(i + 1) * width],
+            );
+            out.ood_scores.push(score);
+        }
+        out.probabilities.resize(n * CLASSES, 0.0);
+        let temperature = self.meta.temperature();
+        for (logits, probabilities) in out
+            .logits
+            .chunks_exact(CLASSES)
+            .zip(out.probabilities.chunks_exact_mut(CLASSES))
+        {
+            calibrated_softmax(logits, temperature, probabilities);
+        }
+        Ok(())
     }
 }
 
-/// The server feeds `[batch, 1, 28, 28]` float32 and reads `probabilities` and `logits` `[batch, 10]`; a model
-/// exported differently must fail at start-up, not on the first request.
-fn check_signature(session: &Session, meta: &ModelMetadata, path: &Path) -> Result<(), ModelError> {
+/// `softmax(logits / temperature)` into `out`, computed in f32 as the graph's own softmax is (with
+/// `temperature` 1 it matches the model's `probabilities` output to float rounding).
+pub fn calibrated_softmax(logits: &[f32], temperature: f32, out: &mut [f32]) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for (o, &l) in out.iter_mut().zip(logits) {
+        *o = ((l - max) / temperature).exp();
+        sum += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
+/// The OOD method, temperature and accept rule in the metadata are ones this server can apply: checked once at
+/// load, so a bad export fails at start-up, not on a request.
+fn check_scoring(meta: &ModelMetadata) -> Result<(), String> {
+    if let Some(ood) = &meta.ood
+        && !ood.threshold.is_finite()
+    {
+        return Err(format!("OOD threshold {} is not a finite number", ood.threshold));
+    }
+    if let Some(c) = &meta.calibration
+        && !(c.temperature.is_finite() && c.temperature > 0.0)
+    {
+        return Err(format!("temperature {} is not a positive number", c.temperature));
+    }
+    if let Some(a) = &meta.accept {
+        for (field, v) in [
+            ("min_confidence", a.min_confidence),
+            ("target_val_accuracy", a.target_val_accuracy),
+            ("test_accuracy", a.test_accuracy),
+            ("test_coverage", a.test_coverage),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("accept.{field} is {v}, not between 0 and 1"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The detector named by the metadata, its file's sha256 checked: energy when the model has none.
+fn load_detector(dir: &Path, meta: &ModelMetadata) -> Result<Detector, String> {
+    let Some(ood) = &meta.ood else {
+        return Ok(Detector::default());
+    };
+    if matches!(ood.method.as_str(), "energy" | "msp") {
+        // Scores of the logits alone have no parameters: a version folder then needs no ood.json.
+        return Detector::from_json(&serde_json::json!({ "method": ood.method }).to_string());
+    }
+    let Some(file) = &ood.file else {
+        return Err(format!(
+            "OOD method {:?} needs its parameters file (ood.file)",
+            ood.method
+        ));
+    };
+    let path = dir.join(file);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let digest = format!("{:x}", Sha256::digest(&bytes));
+    if ood.sha256.as_ref().is_some_and(|want| *want != digest) {
+        return Err(format!(
+            "{} has sha256 {digest}, not the one model.json names",
+            path.display()
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let detector = Detector::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if detector.method() != ood.method {
+        return Err(format!(
+            "{} is for OOD method {:?}, model.json names {:?}",
+            path.display(),
+            detector.method(),
+            ood.method
+        ));
+    }
+    Ok(detector)
+}
+
+/// The server feeds `[batch, 1, 28, 28]` float32 and reads `logits` `[batch, 10]` (and the OOD components
+/// `[batch, k]` when the detector has some); a model exported differently must fail at start-up, not on the
+/// first request.
+fn check_signature(
+    session: &Session,
+    meta: &ModelMetadata,
+    graph_output: Option<(&str, usize)>,
+    path: &Path,
+) -> Result<(), ModelError> {
     let err = |reason: String| ModelError::Signature {
         path: path.to_path_buf(),
         reason,
@@ -278,20 +450,121 @@ fn check_signature(session: &Session, meta: &ModelMetadata, path: &Path) -> Resu
         }
         other => return Err(err(format!("input {:?} is {other:?}, not a tensor", meta.input.name))),
     }
-    for name in ["probabilities", "logits"] {
+    let output = session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == "logits")
+        .ok_or_else(|| err("no output named \"logits\"".into()))?;
+    if let ValueType::Tensor { shape, .. } = output.dtype() {
+        let dims: Vec<i64> = shape.iter().copied().collect();
+        if dims.len() != 2 || dims[1] != CLASSES as i64 {
+            return Err(err(format!(
+                "output \"logits\" has shape {dims:?}; expected [batch, {CLASSES}]"
+            )));
+        }
+    }
+    if let Some((name, width)) = graph_output {
         let output = session
             .outputs()
             .iter()
             .find(|o| o.name() == name)
-            .ok_or_else(|| err(format!("no output named {name:?}")))?;
+            .ok_or_else(|| err(format!("no output named {name:?}, which the OOD detector reads")))?;
         if let ValueType::Tensor { shape, .. } = output.dtype() {
             let dims: Vec<i64> = shape.iter().copied().collect();
-            if dims.len() != 2 || dims[1] != CLASSES as i64 {
+            if dims.len() != 2 || dims[1] != width as i64 {
                 return Err(err(format!(
-                    "output {name:?} has shape {dims:?}; expected [batch, {CLASSES}]"
+                    "output {name:?} has shape {dims:?}; the OOD detector expects [batch, {width}]"
                 )));
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn softmax(logits: &[f32; CLASSES], temperature: f32) -> [f32; CLASSES] {
+        let mut out = [0.0; CLASSES];
+        calibrated_softmax(logits, temperature, &mut out);
+        out
+    }
+
+    #[test]
+    fn temperature_one_is_the_plain_softmax() {
+        let logits = [2.0, 1.0, 0.0, -1.0, 3.0, 0.5, -2.0, 0.0, 1.5, -0.5];
+        let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l).exp()).collect();
+        let sum: f64 = exp.iter().sum();
+        for (p, e) in softmax(&logits, 1.0).iter().zip(&exp) {
+            assert!((f64::from(*p) - e / sum).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn a_temperature_above_one_lowers_the_top_probability_and_keeps_the_order() {
+        let logits = [2.0, 1.0, 0.0, -1.0, 9.0, 0.5, -2.0, 0.0, 1.5, -0.5];
+        let (plain, cooled) = (softmax(&logits, 1.0), softmax(&logits, 1.5));
+        assert!(cooled[4] < plain[4] && cooled[4] > 0.5, "{cooled:?}");
+        assert!((cooled.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        let order = |p: &[f32; CLASSES]| {
+            let mut i: Vec<usize> = (0..CLASSES).collect();
+            i.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            i
+        };
+        assert_eq!(order(&plain), order(&cooled));
+    }
+
+    #[test]
+    fn extreme_logits_give_finite_probabilities() {
+        let p = softmax(&[1e4, -1e4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1.17);
+        assert!(p.iter().all(|v| v.is_finite()) && p[0] == 1.0, "{p:?}");
+    }
+
+    fn metadata(extra: &str) -> ModelMetadata {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/models/cnn/1/model.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let patch: serde_json::Value = serde_json::from_str(extra).unwrap();
+        for (k, val) in patch.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_shipped_cnn_carries_a_temperature_and_an_accept_rule_the_server_can_apply() {
+        let meta = metadata("{}");
+        check_scoring(&meta).unwrap();
+        assert!(meta.temperature() > 1.0, "the CNN is over-confident, so T > 1");
+        let accept = meta.accept.unwrap();
+        assert_eq!(accept.target_val_accuracy, 0.99);
+        assert!(accept.min_confidence > 0.6 && accept.test_coverage >= 0.8 && accept.test_accuracy >= 0.985);
+    }
+
+    #[test]
+    fn scoring_metadata_the_server_cannot_apply_is_refused_at_load() {
+        for (patch, want) in [
+            (r#"{"calibration": {"temperature": 0.0}}"#, "temperature"),
+            (r#"{"calibration": {"temperature": -1.2}}"#, "temperature"),
+            (
+                r#"{"accept": {"target_val_accuracy": 0.99, "min_confidence": 1.5, "test_accuracy": 0.99, "test_coverage": 0.8}}"#,
+                "accept.min_confidence",
+            ),
+        ] {
+            let err = check_scoring(&metadata(patch)).unwrap_err();
+            assert!(err.contains(want), "{patch}: {err}");
+        }
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/cnn/1"));
+        let err = load_detector(dir, &metadata(r#"{"ood": {"method": "knn", "threshold": 0.1}}"#)).unwrap_err();
+        assert!(err.contains("needs its parameters file"), "{err}");
+        let err = load_detector(
+            dir,
+            &metadata(r#"{"ood": {"method": "knn", "threshold": 0.1, "file": "ood.json", "sha256": "00"}}"#),
+        )
+        .unwrap_err();
+        assert!(err.contains("sha256"), "{err}");
+        let meta = metadata(r#"{"calibration": null, "accept": null}"#);
+        check_scoring(&meta).unwrap();
+        assert_eq!(meta.temperature(), 1.0, "uncalibrated: the plain softmax");
+    }
 }

@@ -1,6 +1,6 @@
 //! The verdict on one image: accepted, or rejected with a reason and a sentence for a human. The reasons, the
-//! out-of-distribution score, the thresholds in effect and the accept/reject decision live here and nowhere
-//! else; every protocol adapter only translates a [`Verdict`].
+//! thresholds in effect and the accept/reject decision live here and nowhere else (the out-of-distribution
+//! score they judge is `ood`'s); every protocol adapter only translates a [`Verdict`].
 
 use crate::{
     batching::ImageOutput,
@@ -110,7 +110,11 @@ impl Verdict {
     }
 }
 
-/// The thresholds one call is judged by: the server's, the model's calibrated OOD threshold, or the call's own.
+/// The minimum confidence of a model exported without an accept rule: the seed's, which promises nothing.
+pub const UNCALIBRATED_MIN_CONFIDENCE: f32 = 0.60;
+
+/// The thresholds one call is judged by: the server's, the model's own (its calibrated OOD threshold and the
+/// accept rule derived from its target), or the call's own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     pub min_confidence: f32,
@@ -119,11 +123,18 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    /// The thresholds a call to `meta`'s model gets when it sets none: the server's minimum confidence, and
-    /// the server-wide OOD threshold or else the one calibrated for the model.
-    pub fn defaults(min_confidence: f32, server_max_ood: Option<f32>, meta: &ModelMetadata) -> Thresholds {
+    /// The thresholds a call to `meta`'s model gets when it sets none: the server-wide minimum confidence or
+    /// else the model's accept rule (else [`UNCALIBRATED_MIN_CONFIDENCE`]), and the server-wide OOD threshold
+    /// or else the one calibrated for the model.
+    pub fn defaults(
+        server_min_confidence: Option<f32>,
+        server_max_ood: Option<f32>,
+        meta: &ModelMetadata,
+    ) -> Thresholds {
         Thresholds {
-            min_confidence,
+            min_confidence: server_min_confidence
+                .or(meta.accept.as_ref().map(|a| a.min_confidence))
+                .unwrap_or(UNCALIBRATED_MIN_CONFIDENCE),
             max_ood_score: server_max_ood.or(meta.ood.as_ref().map(|o| o.threshold)),
         }
     }
@@ -165,13 +176,6 @@ impl Thresholds {
     }
 }
 
-/// Energy-based out-of-distribution score: −logsumexp(logits). In-distribution images have large logits, so a
-/// higher score means less like the training data.
-pub fn ood_score(logits: &[f32; CLASSES]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    -(max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln())
-}
-
 /// Accepts the model's answer for one image, or rejects it as out of distribution or not confident enough.
 pub fn judge(
     meta: &ModelMetadata,
@@ -189,7 +193,7 @@ pub fn judge(
                 (0, f32::NEG_INFINITY),
                 |best, (i, p)| if p > best.1 { (i, p) } else { best },
             );
-    let score = ood_score(&output.logits);
+    let score = output.ood_score;
     let class_name = meta.classes[class_id].name.clone();
     let min_confidence = thresholds.min_confidence;
     let (reason, detail) = match thresholds.max_ood_score {

@@ -44,6 +44,7 @@ async fn all_10000_test_images_give_exactly_the_accuracy_in_the_metadata_and_cle
     assert_eq!(images.len(), 10_000);
     let mut server = TestServer::start(config()).await;
     let mut served_accuracy = std::collections::HashMap::new();
+    let mut served_rule = std::collections::HashMap::new();
     for model in ["cnn", "dense", "cnn-int8"] {
         let results = classify_all(&mut server.client, &images, model).await;
         let served = accuracy(&results, images.iter().map(|(_, l)| *l));
@@ -68,6 +69,26 @@ async fn all_10000_test_images_give_exactly_the_accuracy_in_the_metadata_and_cle
             accepted as f64 >= 0.995 * 10_000.0,
             "{model}: input check passes {accepted} of 10,000 test images"
         );
+        // The default accept rule as served: the test accuracy and coverage its metadata (and GetModelInfo)
+        // report. Python measured them from the graph's logits in f64 without the input check, so allow a
+        // few images either way at the threshold, and the few the input check turns away.
+        let rule = &common::shipped_metadata(model)["accept"];
+        let kept: Vec<_> = results.iter().zip(&images).filter(|(r, _)| r.accepted).collect();
+        let right = kept
+            .iter()
+            .filter(|(r, (_, l))| r.prediction.as_ref().unwrap().class_id == *l)
+            .count();
+        let (rule_accuracy, coverage) = (right as f64 / kept.len() as f64, kept.len() as f64 / 10_000.0);
+        let (want_accuracy, want_coverage) = (
+            rule["test_accuracy"].as_f64().unwrap(),
+            rule["test_coverage"].as_f64().unwrap(),
+        );
+        assert!(
+            (rule_accuracy - want_accuracy).abs() <= 0.0005 && (coverage - want_coverage).abs() <= 0.005,
+            "{model}: accepted answers {rule_accuracy:.4} correct at {coverage:.4} coverage; metadata says \
+             {want_accuracy:.4} at {want_coverage:.4}"
+        );
+        served_rule.insert(model, (rule_accuracy, coverage));
     }
     // Floors that do not move with the metadata: a worse retrain with honest metadata still fails here.
     let (cnn, dense, int8) = (
@@ -76,6 +97,13 @@ async fn all_10000_test_images_give_exactly_the_accuracy_in_the_metadata_and_cle
         served_accuracy["cnn-int8"],
     );
     assert!(cnn >= 0.940, "cnn serves {cnn:.4}, the floor is 0.9400");
+    // Issue #16's floor for the default model's accept rule, whatever the metadata says.
+    let (rule_accuracy, coverage) = served_rule["cnn"];
+    assert!(
+        rule_accuracy >= 0.985 && coverage >= 0.80,
+        "cnn's default rule accepts {coverage:.4} of test images, {rule_accuracy:.4} of them correct: the floor \
+         is 98.5% correct at 80% coverage"
+    );
     assert!(dense >= 0.890, "dense serves {dense:.4}, the floor is 0.8900");
     assert!(
         int8 >= cnn - 0.003,
@@ -200,7 +228,7 @@ async fn below_the_confidence_threshold_the_prediction_is_kept_but_rejected() {
 #[tokio::test]
 async fn the_server_wide_confidence_threshold_applies_when_the_request_has_none() {
     let mut config = config();
-    config.min_confidence = 1.0;
+    config.min_confidence = Some(1.0);
     let mut server = TestServer::start(config).await;
     let (pixels, _) = fixture()[5];
     let r = &server
@@ -293,7 +321,7 @@ async fn model_info_lists_models_classes_and_thresholds() {
     assert_eq!(cnn.input.as_ref().unwrap().shape, [-1, 1, 28, 28]);
     assert!((f64::from(cnn.test_accuracy) - metadata_accuracy("cnn")).abs() < 1e-6);
     let t = info.thresholds.unwrap();
-    assert_eq!(t.min_confidence, 0.6);
+    assert_eq!(t.min_confidence, cnn.min_confidence, "the default model's accept rule");
     assert_eq!(info.limits.unwrap().max_images_per_request, 64);
 }
 

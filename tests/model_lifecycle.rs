@@ -82,13 +82,15 @@ impl Drop for Repository {
     }
 }
 
-/// Each version's own probabilities for the fixture images: cnn for version 1, cnn-int8 for version 2.
+/// Each version's own (calibrated) probabilities for the fixture images: cnn for version 1, cnn-int8 for
+/// version 2.
 fn references() -> [Vec<[f32; 10]>; 2] {
     ["cnn", "cnn-int8"].map(|model| {
         std::fs::read(repo().join(format!("tests/fixtures/reference/{model}.probabilities.f32")))
             .unwrap()
             .chunks_exact(40)
             .map(|row| std::array::from_fn(|i| f32::from_le_bytes(row[4 * i..4 * i + 4].try_into().unwrap())))
+            .map(|p| common::calibrated(model, p))
             .collect()
     })
 }

@@ -1,7 +1,8 @@
 //! The service reproduces, image by image, what the model file alone gives: reference probabilities computed
 //! by the export step with Python onnxruntime (training/reference.py), one image per run, for the 1,000
-//! committed fixture images and every shipped model. Nothing here comes from the service's own metadata, so a
-//! preprocessing or batching change that shifts answers fails even when accuracy stays the same.
+//! committed fixture images and every shipped model, calibrated by the temperature in the model's metadata (the
+//! only thing here taken from it). So a preprocessing or batching change that shifts answers fails even when
+//! accuracy stays the same.
 
 mod common;
 
@@ -31,6 +32,7 @@ fn reference(model: &str) -> Vec<[f32; 10]> {
         .unwrap()
         .chunks_exact(40)
         .map(|row| std::array::from_fn(|i| f32::from_le_bytes(row[4 * i..4 * i + 4].try_into().unwrap())))
+        .map(|p| common::calibrated(model, p))
         .collect()
 }
 

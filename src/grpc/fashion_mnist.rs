@@ -9,7 +9,7 @@ use crate::{
     grpc::layers::Deadline,
     pb,
     preprocess::PIXELS,
-    verdict::{Reason, Verdict},
+    verdict::{self, Reason, Verdict},
 };
 
 #[derive(Debug, Clone)]
@@ -155,20 +155,40 @@ impl ClassifierService {
                     ood_method: meta.ood.as_ref().map_or_else(
                         || "energy: -logsumexp(logits); no threshold calibrated".into(),
                         |o| {
+                            let how = match o.method.as_str() {
+                                "energy" => "-logsumexp(logits)",
+                                "msp" => "-max softmax(logits)",
+                                _ => {
+                                    "a weighted sum of standardised scores: energy on the logits, Mahalanobis and \
+                                     kNN on the penultimate features (the graph's ood_components output)"
+                                }
+                            };
                             format!(
-                                "{}: -logsumexp(logits), threshold calibrated on the validation split",
+                                "{}: {how}; threshold fixed on the validation split before any out-of-distribution \
+                                 measurement (leave-one-group-out protocol, training/ood_protocol.py)",
                                 o.method
                             )
                         },
                     ),
                     ood_threshold: p.thresholds(meta).max_ood_score.unwrap_or(f32::INFINITY),
+                    min_confidence: p.thresholds(meta).min_confidence,
+                    accept_target_accuracy: meta.accept.as_ref().map_or(0.0, |a| a.target_val_accuracy),
+                    accept_test_accuracy: meta.accept.as_ref().map_or(0.0, |a| a.test_accuracy),
+                    accept_test_coverage: meta.accept.as_ref().map_or(0.0, |a| a.test_coverage),
+                    temperature: meta.temperature(),
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let default_min_confidence = info
+            .iter()
+            .find(|m| m.is_default)
+            .map_or(p.min_confidence.unwrap_or(verdict::UNCALIBRATED_MIN_CONFIDENCE), |m| {
+                m.min_confidence
+            });
         Ok(pb::GetModelInfoResponse {
             models: info,
             thresholds: Some(pb::Thresholds {
-                min_confidence: p.min_confidence,
+                min_confidence: default_min_confidence,
                 dark_pixel_level: p.check.dark_level.into(),
                 bright_pixel_level: p.check.bright_level.into(),
                 max_dark_fraction: p.check.max_dark_fraction,

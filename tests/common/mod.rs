@@ -389,6 +389,18 @@ pub fn shipped_metadata(model: &str) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// What the service serves for a model whose graph gives `probabilities`: the same, calibrated by the
+/// temperature in the model's shipped metadata, `softmax(ln(p) / T)` (= `softmax(logits / T)`), in f64.
+pub fn calibrated(model: &str, probabilities: [f32; 10]) -> [f32; 10] {
+    let t = shipped_metadata(model)["calibration"]["temperature"]
+        .as_f64()
+        .unwrap_or(1.0);
+    let z = probabilities.map(|p| f64::from(p).max(f64::MIN_POSITIVE).ln() / t);
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+    z.map(|v| ((v - max).exp() / sum) as f32)
+}
+
 /// The model's measured test accuracy from its shipped metadata.
 pub fn metadata_accuracy(model: &str) -> f64 {
     shipped_metadata(model)["metrics"]["test_accuracy"].as_f64().unwrap()
