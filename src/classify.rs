@@ -310,7 +310,6 @@ impl Classifier {
     }
 }
 
-/// Tells a blocking decode that its caller has gone: set when the call's future is dropped.
 /// The call's span gets `images.<reason>` = how many of its images got that reason.
 fn record_reasons(verdicts: &[Verdict]) {
     let mut counts: Vec<(&'static str, i64)> = Vec::new();
@@ -327,6 +326,7 @@ fn record_reasons(verdicts: &[Verdict]) {
     }
 }
 
+/// Tells a blocking decode that its caller has gone: set when the call's future is dropped.
 #[derive(Default)]
 struct CancelOnDrop(Arc<AtomicBool>);
 
