@@ -32,8 +32,10 @@ CONFIGS = {
     "batch128": ["--max-batch-size", "128"],
     "delay250us": ["--max-batch-delay-us", "250"],
     "delay1ms": ["--max-batch-delay-us", "1000"],
-    # no per-call "call finished" log line (the default logs one per call at info)
-    "log-warn": ["RUST_LOG=info,fmnist_serve::api=warn"],
+    # the per-call "call finished" line, DEBUG since performance round 2 (#17), switched back on
+    "log-calls": ["RUST_LOG=info,fmnist_serve::grpc::layers=debug"],
+    # spans exported over OTLP (to a port nobody listens on: spans are made, batched and dropped on export)
+    "otlp": ["--otlp-endpoint", "http://127.0.0.1:9"],
 }
 # the ceiling under the ONNX Runtime options the configurations vary
 CEILING = {

@@ -109,8 +109,8 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
 }
 
 /// A channel to the server(s) `addr` names: one URL, several (comma-separated), or `dns:///name:port`, whose
-/// every address is used. With more than one address, each call goes to the less loaded of two replicas picked
-/// at random (tower's power of two choices), so calls spread per call, not per connection.
+/// every address is used. With more than one reachable address, each call goes to the less loaded of two
+/// replicas picked at random (tower's power of two choices), so calls spread per call, not per connection.
 pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
     let urls = resolve(addr).await?;
     let endpoints = urls
@@ -121,12 +121,25 @@ pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
                 .map_err(|e| format!("invalid address {url:?}: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    match endpoints.as_slice() {
-        [one] => one
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the server at {addr}: {}", error_chain(&e))),
-        _ => Ok(Channel::balance_list(endpoints.into_iter())),
+    // Connect to every replica first: the balancer would otherwise also pick one that is down and fail the
+    // call. Those that cannot be reached are left out, with a warning, as long as one can.
+    let mut reachable = Vec::new();
+    let mut last_error = String::new();
+    for (endpoint, url) in endpoints.iter().zip(&urls) {
+        match endpoint.connect().await {
+            Ok(channel) => reachable.push((endpoint.clone(), channel)),
+            Err(e) => {
+                last_error = error_chain(&e);
+                if urls.len() > 1 {
+                    eprintln!("warning: skipping {url}: {last_error}");
+                }
+            }
+        }
+    }
+    match reachable.len() {
+        0 => Err(format!("cannot reach the server at {addr}: {last_error}")),
+        1 => Ok(reachable.pop().expect("one").1),
+        _ => Ok(Channel::balance_list(reachable.into_iter().map(|(e, _)| e))),
     }
 }
 
