@@ -15,7 +15,6 @@ Every call of every test must succeed. Run by tests/scale_out.sh (part of make t
 """
 
 import asyncio
-import json
 import re
 import signal
 import subprocess
@@ -85,7 +84,7 @@ class Replica:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("fmnist_requests_total{") and 'rpc="Classify"' in line and 'code="Ok"' in line)
 
-    def goaways(self):
+    def log_text(self):
         return Path(self.log.name).read_text()
 
     def stop(self):
@@ -231,12 +230,12 @@ def test_per_call_balancing_and_drain(replicas):
     try:
         status = draining.process.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        fail(f"B: the SIGTERMed replica still runs after 15 s: {draining.goaways()}")
+        fail(f"B: the SIGTERMed replica still runs after 15 s: {draining.log_text()}")
     drained_in = time.monotonic() - stopped
     after = answered_during(three[1:], 2.0)
     load.stop()
     if status != 0:
-        fail(f"B: the SIGTERMed replica exited {status}: {draining.goaways()}")
+        fail(f"B: the SIGTERMed replica exited {status}: {draining.log_text()}")
     if min(after) == 0:
         fail(f"B: after the drain, calls per remaining replica {after}")
     if load.failures:
