@@ -1,7 +1,7 @@
 //! OpenTelemetry traces: export over OTLP/gRPC (`--otlp-endpoint`) and W3C trace context from callers.
 //!
-//! A call's spans: `rpc` (named after the method; a child of the caller's span when the request carries a
-//! `traceparent`) → `preprocess` → `queue_wait` → `inference`, the call's share of the batch run. The batch run
+//! A call's spans: `rpc` (its `rpc` attribute names the method; a child of the caller's span when the request
+//! carries a `traceparent`) → `preprocess` → `queue_wait` → `inference`, the call's share of the batch run. The batch run
 //! itself is one `inference_batch` span, linked to the `rpc` span of every call it served: one batch, many
 //! parents. With no endpoint configured none of these extra spans is created and the hot path only reads one
 //! flag.
