@@ -65,6 +65,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def v2_model_ready(http_port, model):
+    """Whether an Open Inference Protocol server on this HTTP port reports `model` ready."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/{model}/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def wait_for(predicate, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -191,14 +200,7 @@ class MLServerPeer(Server):
         self.proc = subprocess.Popen([str(VENV_BIN / "mlserver"), "start", str(root)], cwd=root,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
-        def ready():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cnn/ready", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, "mlserver", self.proc, log, timeout=180)
+        wait_for(lambda: v2_model_ready(http, "cnn"), "mlserver", self.proc, log, timeout=180)
         self.addr, self.metrics = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}"
 
 
@@ -298,14 +300,7 @@ class TritonPeer(Server):
              "--exit-on-error=true", "--log-verbose=0"],
             cwd=work, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
-        def ready():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/cnn/ready", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, "tritonserver", self.proc, log, timeout=180)
+        wait_for(lambda: v2_model_ready(http, "cnn"), "tritonserver", self.proc, log, timeout=180)
         version = re.search(r"server_version\s*\|\s*([0-9.]+)", log.read_text())
         self.version = version.group(1) if version else None
         self.addr, self.metrics = f"127.0.0.1:{grpc}", f"127.0.0.1:{metrics}"

@@ -11,7 +11,7 @@ use crate::{
     admission::MemoryBudget,
     batching::BatchConfig,
     classify::{Classifier, Policy},
-    config::Config,
+    config::{Config, DefaultModel},
     connections,
     error::ModelError,
     grpc::{
@@ -69,9 +69,8 @@ pub fn policy(config: &Config) -> Policy {
     }
 }
 
-/// Loads and warms up every configured model's versions and starts their inference threads: the registry
-/// the server serves from. Blocking: call it off the async runtime.
-pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
+/// The default model `--default-model` resolves to, which must be one of `--models`.
+fn default_model(config: &Config) -> Result<DefaultModel, ServeError> {
     let default = config.default_model_choice();
     if !config.models.contains(&default.name) {
         return Err(ServeError::DefaultModel {
@@ -79,6 +78,13 @@ pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
             loaded: config.models.clone(),
         });
     }
+    Ok(default)
+}
+
+/// Loads and warms up every configured model's versions and starts their inference threads: the registry
+/// the server serves from. Blocking: call it off the async runtime.
+pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
+    default_model(config)?;
     let registry = Registry::new(config.registry_settings());
     registry.load_at_start()?;
     Ok(registry)
@@ -184,13 +190,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let default = config.default_model_choice();
-    if !config.models.contains(&default.name) {
-        return Err(ServeError::DefaultModel {
-            default: default.name,
-            loaded: config.models.clone(),
-        });
-    }
+    let default = default_model(&config)?;
     // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile.
     let registry = Registry::new(config.registry_settings());
     let policy = policy(&config);
