@@ -219,7 +219,7 @@ def test_full_test_set():
                          outputs=[tgrpc.InferRequestedOutput("class_id")])
         correct += int((r.as_numpy("class_id") == labels[start:start + 64]).sum())
     served, measured = correct / 10_000, metadata_accuracy("cnn")
-    # The same bound as tests/classify.rs: one near-tie in 10,000 may flip with the batch's summation order.
+    # The same bound as tests/integration/classify.rs: one near-tie in 10,000 may flip with the batch's summation order.
     assert abs(served - measured) <= 1e-4 + 1e-9, f"served {served} vs metadata {measured}"
     ok(f"tritonclient gRPC: all 10,000 test images, accuracy {served:.4f} (metadata {measured:.4f})")
 

@@ -1,6 +1,6 @@
 """Reference outputs, independent of the service: each shipped model's probabilities for the committed fixture
 images (tests/fixtures/test-images.u8, 1,000 test-set images), computed here with Python onnxruntime from the
-ONNX file alone. The service must reproduce them per image (tests/reference_outputs.rs).
+ONNX file alone. The service must reproduce them per image (tests/integration/reference_outputs.rs).
 
 Written by the export step (export.py, quantize.py) for every model it makes; for the newest shipped versions:
 

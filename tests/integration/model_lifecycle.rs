@@ -8,7 +8,7 @@
 //! - memory comes back: resident memory after the 20 swaps is within 10% of after the first;
 //! - a call pinned to a version that is leaving completes on it.
 
-mod common;
+use crate::common;
 
 use std::{
     path::{Path, PathBuf},

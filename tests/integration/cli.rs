@@ -2,7 +2,7 @@
 //! the JSON output name the right class for test-set images, and an unreachable server is one line and a
 //! non-zero exit.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 

@@ -1,8 +1,8 @@
 //! Deadlines: a call whose deadline passes while queued gets DEADLINE_EXCEEDED and its images never run.
-//! Its own test binary: the dropped-work and queue-depth metrics are process-wide, and no other test's load
-//! may race the timing.
+//! The dropped-work and queue-depth metrics are process-wide, and no other test's load may race the timing:
+//! tests run one at a time (see main.rs).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

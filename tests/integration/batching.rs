@@ -1,8 +1,8 @@
 //! Batching correctness: however calls are merged into ONNX Runtime batches, and however a call that did not
 //! fit is carried into the next batch, every image gets its own answer back: the one it gets alone.
-//! Its own test binary: it reads the process-wide carried-calls counter.
+//! It reads the process-wide carried-calls counter, which is why tests run one at a time (see main.rs).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

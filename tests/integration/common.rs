@@ -1,5 +1,4 @@
 //! A real server on an ephemeral port, with the repository's models and ONNX Runtime, for integration tests.
-#![allow(dead_code)] // each test binary uses its own subset
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 

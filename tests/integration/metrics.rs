@@ -1,7 +1,7 @@
-//! The metrics a real server exports after known calls, exactly. Its own test binary: the recorder is
-//! process-wide, so no other test's calls may land between the two scrapes.
+//! The metrics a real server exports after known calls, exactly. The recorder is process-wide, so no
+//! other test's calls may land between the two scrapes: tests run one at a time (see main.rs).
 
-mod common;
+use crate::common;
 
 use common::{TestServer, config, fixture, metric, raw, request};
 

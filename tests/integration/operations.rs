@@ -1,7 +1,7 @@
 //! Operations: metrics move with real calls, request ids are echoed, and SIGTERM under load drains: every call
 //! accepted before the signal succeeds and the process exits 0.
 
-mod common;
+use crate::common;
 
 use std::{
     process::Command,

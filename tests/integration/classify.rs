@@ -1,7 +1,7 @@
 //! Classify against a real server: accuracy on real test images, PNG/raw equivalence, every reason, invalid
 //! requests, batching and backpressure.
 
-mod common;
+use crate::common;
 
 use common::{
     TestServer, classify_all, config, encoded, fixture, full_test_set, metadata_accuracy, metric, png, png_declaring,

@@ -1,8 +1,8 @@
 //! The request-byte pool: uploads that fill it and stall are charged as they arrive, and calls past the pool are
-//! refused, but an eighth of it stays for small calls, so ordinary callers are still served. Its own test binary:
-//! it reads the process-wide bytes-in-flight gauge.
+//! refused, but an eighth of it stays for small calls, so ordinary callers are still served. It reads
+//! the process-wide bytes-in-flight gauge: tests run one at a time (see main.rs).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! server: INVALID_ARGUMENT for a bad request, else one result per image with the reason its data calls for.
 //! The server keeps serving. 300 requests in `make test`; PROPTEST_CASES sets the size of a long campaign.
 
-mod common;
+use crate::common;
 
 use common::{TestServer, config, fixture, raw, request};
 use fmnist_serve::pb::{self, image::Data};

@@ -3,7 +3,7 @@
 //! Loading is held open on purpose (the model's metadata is a FIFO the test writes when it is done looking), so
 //! nothing here depends on how fast a machine loads a model.
 
-mod common;
+use crate::common;
 
 use std::{process::Command, time::Duration};
 

@@ -3,7 +3,7 @@
 //! scores images and calibrates probabilities exactly as training/ood_protocol.py did, and its default minimum
 //! confidence is the model's accept rule, reported with its measured test figures.
 
-mod common;
+use crate::common;
 
 use common::{TestServer, classify_all, config, encoded, fixture, repo, request};
 use fmnist_serve::pb;

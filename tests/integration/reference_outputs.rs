@@ -4,7 +4,7 @@
 //! only thing here taken from it). So a preprocessing or batching change that shifts answers fails even when
 //! accuracy stays the same.
 
-mod common;
+use crate::common;
 
 use common::{TestServer, classify_all, config, fixture, repo};
 use sha2::{Digest, Sha256};

@@ -1,6 +1,6 @@
 //! Reliability: start-up faults, run-time inference faults, deadlines, overload, message limits and TLS.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

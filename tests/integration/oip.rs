@@ -3,7 +3,7 @@
 //! can make is refused with a message that says what to fix. tests/oip_clients.py checks the same server
 //! with clients nobody here wrote (tritonclient, the kserve SDK).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 
