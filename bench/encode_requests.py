@@ -2,12 +2,13 @@
 big-endian length, protobuf message), each written as a record (u32 little-endian length + frame).
 
 For each model, from the committed test-set fixture (1,000 real Fashion-MNIST test images):
-  fmnist-<model>-{raw,png,multi16}.bin   fashion_mnist.v1.ClassifyRequest (our server and the Python peer)
-  oip-<model>-{raw,png,multi16}.bin      inference.ModelInferRequest (Open Inference Protocol: the same bodies go
+  fmnist-<model>-{raw,png,multi16,multi64}.bin   fashion_mnist.v1.ClassifyRequest (our server and the Python
+                                                 peer)
+  oip-<model>-{raw,png,multi16,multi64}.bin      inference.ModelInferRequest (Open Inference Protocol: the same bodies go
                                          to our server's GRPCInferenceService, MLServer and Triton)
   oip-<model>-png-batched.bin            the PNG bodies with shape [1, 1] instead of [1], for Triton (a batching
                                          Triton model's input needs dims: [batch, 1])
-raw: one image as 784 raw bytes; png: one image as a PNG file; multi16: 16 raw images per call.
+raw: one image as 784 raw bytes; png: one image as a PNG file; multi16 and multi64: 16 or 64 raw images per call.
 
     bench/.venv/bin/python bench/encode_requests.py --out bench/results/tmp/bodies --model cnn
 """
@@ -24,7 +25,7 @@ from PIL import Image
 
 from protos import REPO, fmnist_stubs, oip_messages
 
-MULTI = 16
+MULTI = (16, 64)
 
 
 def frame(message) -> bytes:
@@ -57,7 +58,7 @@ def main() -> None:
 
     images = np.frombuffer(a.images.read_bytes(), dtype=np.uint8).reshape(-1, 784)
     pngs = [png(img) for img in images]
-    groups = [images[i : i + MULTI] for i in range(0, len(images) - MULTI + 1, MULTI)]
+    groups = {k: [images[i : i + k] for i in range(0, len(images) - k + 1, k)] for k in MULTI}
     pb, _ = fmnist_stubs()
     oip = oip_messages()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -68,8 +69,9 @@ def main() -> None:
 
         write(a.out / f"fmnist-{model}-raw.bin", (ours([pb.Image(raw=img.tobytes())]) for img in images))
         write(a.out / f"fmnist-{model}-png.bin", (ours([pb.Image(encoded=p)]) for p in pngs))
-        write(a.out / f"fmnist-{model}-multi16.bin",
-              (ours([pb.Image(raw=img.tobytes()) for img in g]) for g in groups))
+        for k in MULTI:
+            write(a.out / f"fmnist-{model}-multi{k}.bin",
+                  (ours([pb.Image(raw=img.tobytes()) for img in g]) for g in groups[k]))
 
         def infer(datatype: str, shape: list[int], raw: bytes):
             # Our server's input names (README "Open Inference Protocol"); the MLServer runtime goes by datatype.
@@ -85,8 +87,9 @@ def main() -> None:
         # of no dims, so its encoded input is [batch, 1] (dims [1], reshaped to [batch] for the model).
         write(a.out / f"oip-{model}-png-batched.bin",
               (infer("BYTES", [1, 1], struct.pack("<I", len(p)) + p) for p in pngs))
-        write(a.out / f"oip-{model}-multi16.bin",
-              (infer("UINT8", [MULTI, 28, 28], g.tobytes()) for g in groups))
+        for k in MULTI:
+            write(a.out / f"oip-{model}-multi{k}.bin",
+                  (infer("UINT8", [k, 28, 28], g.tobytes()) for g in groups[k]))
     print(f"request bodies for {', '.join(a.model)} ({len(images)} images) in {a.out}")
 
 

@@ -44,7 +44,7 @@ RELEASE = REPO / "target/release"
 VENV_BIN = Path(sys.executable).parent
 FMNIST_PATH = "/fashion_mnist.v1.Classifier/Classify"
 OIP_PATH = "/inference.GRPCInferenceService/ModelInfer"
-MODES = {"raw": 1, "png": 1, "multi16": 16}
+MODES = {"raw": 1, "png": 1, "multi16": 16, "multi64": 64}
 
 
 def lscpu() -> dict:

@@ -3,13 +3,20 @@
 //! from waiting behind huge ones ([`DecodeLanes`]), and the memory budget all the bounds add up to
 //! ([`MemoryBudget`]). The gRPC layer that enforces the call and byte shares is `grpc::layers::CallLimits`.
 //!
-//! Refusals are immediate (`try_acquire`), so an overloaded server answers RESOURCE_EXHAUSTED in microseconds
-//! instead of letting one greedy client queue everyone else out. Only decode turns and lanes are waited for,
-//! within the call's deadline and the server's request timeout.
+//! Calls and request bytes past a share are refused at once (`try_acquire`): those bounds are checked while
+//! the request is still arriving, where holding it back would stall its connection. Queue room is waited for,
+//! first come first served, for at most `--max-queue-wait-ms` ([`queue_room`]): a caller beyond capacity
+//! waits for its turn instead of coming back at once to be refused again. Decode turns and lanes are waited
+//! for within the call's deadline and the server's request timeout.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{
+    batching::{Batcher, Reservation},
+    error::QueueError,
+};
 
 /// How much of the server one connection may hold at once; from the config, validated there.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +58,18 @@ impl ConnectionShare {
         self.images.clone().try_acquire_many_owned(n).ok()
     }
 
+    /// Like [`Self::reserve_images`], but waits until `until` for this connection's earlier calls to free
+    /// room, behind its calls that were waiting first.
+    pub async fn reserve_images_waiting(&self, n: usize, until: Instant) -> Option<OwnedSemaphorePermit> {
+        // Past `until` (as with no wait at all), no timer: tokio's would first wait for its next 1 ms tick.
+        if Instant::now() >= until {
+            return self.reserve_images(n);
+        }
+        let n = u32::try_from(n).ok()?;
+        let acquire = self.images.clone().acquire_many_owned(n);
+        tokio::time::timeout_at(until.into(), acquire).await.ok()?.ok()
+    }
+
     /// A decode turn for this connection: its calls past its share wait for each other here, outside the
     /// decode lanes, so they cannot take every slot from other connections. (They already hold their queue
     /// room, which [`Self::reserve_images`] bounds.)
@@ -61,6 +80,42 @@ impl ConnectionShare {
             .await
             .expect("connection semaphores are never closed")
     }
+}
+
+/// Room in `batcher`'s queue for a call of `n` images on a connection with `share` (`None`: a caller with no
+/// connection, such as the core called in-process), held until the images are answered.
+///
+/// Within its connection's share a call takes any free room, or waits its turn for it. Past its share it may
+/// borrow the queue's spare room if some is free at once; if not, it waits for its own connection's earlier
+/// calls to leave room in its share, and then for the queue, so a greedy connection waits behind itself and
+/// each connection has at most a share's worth of images waiting for the queue. All waiting ends at
+/// `--max-queue-wait-ms` after the call arrived, with RESOURCE_EXHAUSTED (and at the call's deadline).
+pub async fn queue_room(
+    batcher: &Batcher,
+    share: Option<&ConnectionShare>,
+    n: usize,
+) -> Result<Reservation, QueueError> {
+    let (arrived, until) = (Instant::now(), batcher.wait_until());
+    let Some(share) = share else {
+        return batcher.reserve_waiting(n, until).await;
+    };
+    let own = match share.reserve_images(n) {
+        Some(own) => own,
+        None => {
+            let spare = batcher.reserve_spare(n);
+            if spare.is_ok() {
+                return spare;
+            }
+            let _counted = (Instant::now() < until).then(|| batcher.waiting(n));
+            match share.reserve_images_waiting(n, until).await {
+                Some(own) => own,
+                None => return spare.map_err(|e| e.after_waiting(arrived.elapsed())),
+            }
+        }
+    };
+    let mut reservation = batcher.reserve_waiting(n, until).await?;
+    reservation.also_hold(Some(own));
+    Ok(reservation)
 }
 
 /// The decode slots, in two lanes: calls whose images declare few pixels in all (a page upload, a dataset

@@ -5,9 +5,11 @@
 //! under load, calls pile up while the previous batch runs, so batches form by themselves, and a lone call
 //! runs at once. Calls are never split across batches; a call larger than `max_batch_size` runs on its own.
 //!
-//! Backpressure counts images, not calls: a semaphore of `max_queued_images` permits, taken without waiting,
-//! so a full queue answers RESOURCE_EXHAUSTED immediately and memory stays bounded. Work whose caller has
-//! gone away or whose deadline has passed is dropped before inference.
+//! Backpressure counts images, not calls: a semaphore of `max_queued_images` permits, taken before decoding.
+//! When the queue is full a call waits its turn for room (first come, first served) for at most
+//! `max_queue_wait`, holding only its request, then gets RESOURCE_EXHAUSTED: callers beyond capacity wait
+//! instead of coming back at once to be refused again, which cost nearly as much CPU as serving them. Work
+//! whose caller has gone away or whose deadline has passed is dropped before inference.
 
 use std::{
     sync::{
@@ -33,6 +35,8 @@ pub struct BatchConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
     pub max_queued_images: usize,
+    /// Longest wait for room in a full queue ([`Batcher::reserve_waiting`]); zero refuses at once.
+    pub max_queue_wait: Duration,
     /// Queue room a caller past its own share may borrow ([`Batcher::reserve_spare`]); the rest of the
     /// queue stays free for callers within theirs.
     pub spare_images: usize,
@@ -88,6 +92,15 @@ impl Reservation {
     }
 }
 
+/// Takes a waiting call's images off the waiting gauge, however its wait ends.
+pub struct Waiting<'a>(&'a metrics::Gauge, f64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(self.1);
+    }
+}
+
 /// Handle to a model's queue; cheap to clone, shared by every request task.
 #[derive(Clone)]
 pub struct Batcher {
@@ -96,8 +109,10 @@ pub struct Batcher {
     permits: Arc<Semaphore>,
     spare: Arc<Semaphore>,
     limit: usize,
+    max_wait: Duration,
     /// Looked up once: a per-call `gauge!` with a label would allocate and hash on every request.
     queue_depth: metrics::Gauge,
+    waiting: metrics::Gauge,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -131,6 +146,8 @@ impl Batcher {
             .map_err(|e| ModelError::Environment(format!("cannot start inference thread: {e}")))?;
         let batcher = Batcher {
             queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => name.to_string(), "version" => version.to_string()),
+            waiting: metrics::gauge!(metric::WAITING_IMAGES, "model" => name.to_string(), "version" => version.to_string()),
+            max_wait: config.max_queue_wait,
             model: name,
             sender,
             permits: Arc::new(Semaphore::new(config.max_queued_images)),
@@ -148,6 +165,7 @@ impl Batcher {
             model: self.model.to_string(),
             queued: self.limit - self.permits.available_permits(),
             limit: self.limit,
+            waited_ms: 0,
         };
         let permits = u32::try_from(n).map_err(|_| full())?;
         let permit = self
@@ -161,6 +179,39 @@ impl Batcher {
         })
     }
 
+    /// Counts `n` images as waiting for room (the `fmnist_queue_waiting_images` gauge) until the returned
+    /// guard is dropped: on every way out, the caller going away included.
+    pub fn waiting(&self, n: usize) -> Waiting<'_> {
+        self.waiting.increment(n as f64);
+        Waiting(&self.waiting, n as f64)
+    }
+
+    /// The latest a call arriving now may wait for room: `max_queue_wait` from now.
+    pub fn wait_until(&self) -> Instant {
+        Instant::now() + self.max_wait
+    }
+
+    /// Like [`Self::reserve`], but when the queue is full waits for room until `until`, behind the calls that
+    /// were waiting first (tokio's semaphore hands released permits to its waiters in order, so a newcomer
+    /// cannot take them first). Fails with `Full` when `until` passes.
+    pub async fn reserve_waiting(&self, n: usize, until: Instant) -> Result<Reservation, QueueError> {
+        let first_try = self.reserve(n);
+        let started = Instant::now();
+        // Past `until` (as with no wait at all), no timer: tokio's would first wait for its next 1 ms tick.
+        if first_try.is_ok() || started >= until {
+            return first_try;
+        }
+        let permits = u32::try_from(n).expect("reserve fails at once for more images than u32");
+        let _counted = self.waiting(n);
+        match tokio::time::timeout_at(until.into(), self.permits.clone().acquire_many_owned(permits)).await {
+            Ok(Ok(permit)) => Ok(Reservation {
+                _permit: permit,
+                _also: None,
+            }),
+            _ => self.reserve(n).map_err(|e| e.after_waiting(started.elapsed())),
+        }
+    }
+
     /// Like [`Self::reserve`], for a caller past its own share: it may use only the spare room, so a greedy
     /// caller cannot take the queue from the others, while a lone one still gets most of it.
     pub fn reserve_spare(&self, n: usize) -> Result<Reservation, QueueError> {
@@ -169,6 +220,7 @@ impl Batcher {
             .and_then(|k| self.spare.clone().try_acquire_many_owned(k).ok())
             .ok_or_else(|| QueueError::NoSpareRoom {
                 model: self.model.to_string(),
+                waited_ms: 0,
             })?;
         let mut reservation = self.reserve(n)?;
         reservation.also_hold(Some(spare));

@@ -14,7 +14,7 @@ use std::{
 use tracing::Instrument;
 
 use crate::{
-    admission::{ConnectionShare, DecodeLanes},
+    admission::{self, ConnectionShare, DecodeLanes},
     batching::{BatchConfig, Reservation},
     error::{QueueError, RequestError, ServiceError},
     model::ModelMetadata,
@@ -178,18 +178,8 @@ impl Classifier {
             .record("version", &version)
             .record("images", req.images.len() as i64);
 
-        // Within its connection's share a call may use any free queue room; past it, only the spare room, so
-        // a greedy connection always leaves a share's worth of the queue to the others.
         let n = req.images.len();
-        let reservation = match share.as_ref().map(|s| s.reserve_images(n)) {
-            None => model.batcher.reserve(n)?,
-            Some(Some(own)) => {
-                let mut reservation = model.batcher.reserve(n)?;
-                reservation.also_hold(Some(own));
-                reservation
-            }
-            Some(None) => model.batcher.reserve_spare(n)?,
-        };
+        let reservation = admission::queue_room(&model.batcher, share.as_deref(), n).await?;
         let preprocessing = if traces::enabled() {
             tracing::info_span!("preprocess", images = n as i64)
         } else {

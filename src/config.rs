@@ -109,9 +109,16 @@ pub struct Config {
     #[arg(long, env = "FMNIST_MAX_BATCH_DELAY_US", default_value_t = 0)]
     pub max_batch_delay_us: u64,
 
-    /// Most images waiting per model; beyond it calls fail fast with RESOURCE_EXHAUSTED.
+    /// Most images waiting per model; beyond it calls wait their turn for room (--max-queue-wait-ms), then get
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "FMNIST_MAX_QUEUED_IMAGES", default_value_t = 1024)]
     pub max_queued_images: usize,
+
+    /// Longest time (milliseconds) a call waits, first come first served, for room in a full queue (or for its
+    /// connection's earlier calls, past the connection's share) before it gets RESOURCE_EXHAUSTED; never past
+    /// its deadline. 0: refuse at once (README "Backpressure").
+    #[arg(long, env = "FMNIST_MAX_QUEUE_WAIT_MS", default_value_t = 2000)]
+    pub max_queue_wait_ms: u64,
 
     /// Most images one connection may have queued or decoding, across models; past it that connection's calls
     /// get RESOURCE_EXHAUSTED while other connections are still served.
@@ -389,6 +396,10 @@ impl Config {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_s),
         }
+    }
+
+    pub fn max_queue_wait(&self) -> Duration {
+        Duration::from_millis(self.max_queue_wait_ms)
     }
 
     pub fn max_batch_delay(&self) -> Duration {

@@ -63,19 +63,46 @@ pub enum RequestError {
 /// Why queued work did not run.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("server busy: {queued} images queued for model {model} (limit {limit}); retry with backoff")]
-    Full { model: String, queued: usize, limit: usize },
+    #[error(
+        "server busy: {queued} images queued for model {model} (limit {limit}), no room within {waited_ms} ms; \
+         retry with backoff"
+    )]
+    Full {
+        model: String,
+        queued: usize,
+        limit: usize,
+        waited_ms: u64,
+    },
     #[error(
         "this connection has more than its share of images queued for model {model}, and the spare room is \
-         taken: wait for its calls to finish, or spread calls over more connections"
+         taken; no room within {waited_ms} ms: wait for its calls to finish, or spread calls over more connections"
     )]
-    NoSpareRoom { model: String },
+    NoSpareRoom { model: String, waited_ms: u64 },
     #[error("deadline exceeded before inference; the images were not run")]
     DeadlineExceeded,
     #[error("server is shutting down; retry on another replica")]
     ShuttingDown,
     #[error(transparent)]
     Model(#[from] ModelError),
+}
+
+impl QueueError {
+    /// The same refusal, after the call waited `waited` for room.
+    pub fn after_waiting(self, waited: std::time::Duration) -> Self {
+        let ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        match self {
+            QueueError::Full {
+                model, queued, limit, ..
+            } => QueueError::Full {
+                model,
+                queued,
+                limit,
+                waited_ms: ms,
+            },
+            QueueError::NoSpareRoom { model, .. } => QueueError::NoSpareRoom { model, waited_ms: ms },
+            other => other,
+        }
+    }
 }
 
 /// Why a call was refused before any work: a bound of the server or of the caller's connection is reached.

@@ -47,6 +47,7 @@ pub fn batch_config(config: &Config) -> BatchConfig {
         max_batch_size: config.max_batch_size,
         max_batch_delay: config.max_batch_delay(),
         max_queued_images: config.max_queued_images,
+        max_queue_wait: config.max_queue_wait(),
         // A connection past its share borrows from what is left once its own share and one more (for
         // whoever comes next) are set aside: a lone client still gets queue - share.
         spare_images: config

@@ -37,6 +37,8 @@ pub mod metric {
     pub const CARRIED_JOBS: &str = "fmnist_batch_carried_calls_total";
     /// Images queued or running, by `model` and `version`.
     pub const QUEUE_DEPTH: &str = "fmnist_queue_depth_images";
+    /// Images of calls waiting for room in a full queue (`--max-queue-wait-ms`), by `model` and `version`.
+    pub const WAITING_IMAGES: &str = "fmnist_queue_waiting_images";
     /// 1 for each version serving, 0 once it has left, labelled with `model` and `version`.
     pub const MODEL_INFO: &str = "fmnist_model_info";
     /// Version loads and unloads, by `model` and `outcome` (loaded, failed, unloaded).

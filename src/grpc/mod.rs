@@ -41,7 +41,8 @@ mod tests {
                 QueueError::Full {
                     model: "cnn".into(),
                     queued: 1,
-                    limit: 1
+                    limit: 1,
+                    waited_ms: 0
                 }
                 .into()
             ),

@@ -410,9 +410,10 @@ fn histogram_count_le1(metrics: &str) -> (f64, f64) {
 }
 
 #[tokio::test]
-async fn a_full_queue_fails_fast_with_resource_exhausted_and_accepted_calls_complete() {
+async fn with_no_queue_wait_a_full_queue_fails_fast_with_resource_exhausted_and_accepted_calls_complete() {
     let mut config = config();
     config.max_queued_images = 64; // one full request fills the queue
+    config.max_queue_wait_ms = 0; // refused at once; waiting has its own tests (reliability.rs)
     config.max_batch_size = 8;
     let server = TestServer::start(config).await;
     let (pixels, _) = fixture()[0];

@@ -387,9 +387,10 @@ async fn mistakes_are_invalid_argument_with_what_to_fix() {
 }
 
 #[tokio::test]
-async fn a_full_queue_is_resource_exhausted_over_oip_too() {
+async fn with_no_queue_wait_a_full_queue_is_resource_exhausted_over_oip_too() {
     let mut config = config();
     config.max_queued_images = 64;
+    config.max_queue_wait_ms = 0; // refused at once; waiting has its own tests (reliability.rs)
     config.max_batch_size = 8;
     let server = TestServer::start(config).await;
     let (good, _) = fixture()[0];

@@ -111,10 +111,96 @@ async fn an_inference_failure_is_internal_for_that_call_and_the_server_keeps_ser
     assert!(after.is_ok(), "the next call is served: {after:?}");
 }
 
+/// Callers beyond the queue's bound wait their turn: with four times the queue's worth of images wanted at
+/// once, every call is served and none refused (they used to be refused at once, and came straight back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
+async fn callers_beyond_the_queue_bound_wait_their_turn_and_are_all_served() {
+    let mut config = config();
+    config.max_queued_images = 64;
+    config.max_queued_images_per_connection = 64;
+    assert_eq!(config.max_queue_wait_ms, 2000, "the shipped wait");
+    let server = TestServer::start(config).await;
+    let images: Vec<pb::Image> = fixture().iter().take(16).map(|(p, _)| raw(p)).collect();
+    // 16 callers of 16 images on one connection: 256 images wanted, 4 calls' worth of room.
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let (mut client, images) = (server.client.clone(), images.clone());
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                for _ in 0..10 {
+                    let answer = client.classify(request(images.clone())).await;
+                    codes.push(answer.map(|r| r.into_inner().results.len()).map_err(|s| s.code()));
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut waited = 0.0f64;
+    while !callers.iter().all(|c| c.is_finished()) {
+        let gauge = metric(
+            &server.metrics().await,
+            "fmnist_queue_waiting_images{model=\"cnn\",version=\"1\"}",
+        );
+        waited = waited.max(gauge);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut codes = Vec::new();
+    for c in callers {
+        codes.extend(c.await.unwrap());
+    }
+    assert!(codes.iter().all(|c| *c == Ok(16)), "{codes:?}");
+    assert!(
+        waited >= 16.0,
+        "no call was seen waiting for room ({waited} images at most)"
+    );
+    let after = metric(
+        &server.metrics().await,
+        "fmnist_queue_waiting_images{model=\"cnn\",version=\"1\"}",
+    );
+    assert_eq!(after, 0.0, "the waiting gauge returns to 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_finds_no_room_within_the_queue_wait_is_refused_saying_how_long_it_waited() {
+    let mut config = config();
+    config.max_queued_images = 64; // one 64-image call fills the queue, and runs for several milliseconds
+    config.max_queue_wait_ms = 1;
+    let server = TestServer::start(config).await;
+    let (pixels, _) = fixture()[0];
+    let callers: Vec<_> = (0..16)
+        .map(|_| {
+            let mut client = server.client.clone();
+            tokio::spawn(async move {
+                let mut codes = Vec::new();
+                for _ in 0..5 {
+                    codes.push(client.classify(request(vec![raw(&pixels); 64])).await.map(|_| ()));
+                }
+                codes
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, Vec::new());
+    for c in callers {
+        for code in c.await.unwrap() {
+            match code {
+                Ok(()) => ok += 1,
+                Err(s) => refused.push(s),
+            }
+        }
+    }
+    assert!(ok >= 1 && !refused.is_empty(), "{ok} served, {} refused", refused.len());
+    for s in &refused {
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert!(s.message().contains("no room within"), "{}", s.message());
+    }
+}
+
+/// With `--max-queue-wait-ms 0` a full queue refuses at once, as TF Serving does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_queue_wait_overload_is_refused_fast_memory_stays_bounded_and_service_recovers() {
     let mut config = config();
     config.max_queued_images = 256;
+    config.max_queue_wait_ms = 0;
     let mut server = TestServer::start(config).await;
     let images: Vec<pb::Image> = fixture()
         .iter()
