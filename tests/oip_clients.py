@@ -4,7 +4,7 @@ OIP here; the only generated stubs are fashion_mnist.v1's, to ask Classify for t
 
 usage: oip_clients.py triton GRPC_ADDR BUSY_GRPC_ADDR
        oip_clients.py kserve GRPC_ADDR
-  BUSY_GRPC_ADDR: a second server whose queue holds one call (for RESOURCE_EXHAUSTED).
+  BUSY_GRPC_ADDR: a second server whose queue holds one call and refuses at once (for RESOURCE_EXHAUSTED).
 
 Each client runs in its own process: tritonclient and the kserve SDK both register the `inference` proto in
 protobuf's default pool, and the second import fails with "duplicate symbol".

@@ -22,8 +22,8 @@ export PYTHONPATH=$STUBS
 "$VENV/bin/python" deploy/kserve_check.py deploy/kserve/servingruntime.yaml deploy/kserve/inferenceservice.yaml
 
 source tests/lib/server.sh
-# A server whose queue holds one call of 64 images, for RESOURCE_EXHAUSTED.
-start_server --max-queued-images 64 --max-batch-size 8
+# A server whose queue holds one call of 64 images and refuses at once when it is full, for RESOURCE_EXHAUSTED.
+start_server --max-queued-images 64 --max-queue-wait-ms 0 --max-batch-size 8
 BUSY_ADDR=$GRPC_ADDR
 start_server
 "$VENV/bin/python" tests/oip_clients.py triton "$GRPC_ADDR" "$BUSY_ADDR"
