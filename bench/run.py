@@ -367,8 +367,10 @@ def measure(server: Server, modes: list[str], concurrencies: list[int], a) -> li
                 r.update(server=server.key, label=server.label, model=server.model, mode=mode, attempts=attempt + 1)
                 rows.append(r)
                 batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else "-"
+                # No call ended in the window: the latencies are null.
+                ms = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
                 print(f"  {server.key:12} {mode:8} C={c:<4} {r['images_per_s']:8.0f} img/s  p50 "
-                      f"{r['latency_p50_ms']:7.2f} ms  p99 {r['latency_p99_ms']:7.2f} ms  batch {batch:>5}  "
+                      f"{ms(r['latency_p50_ms'])} ms  p99 {ms(r['latency_p99_ms'])} ms  batch {batch:>5}  "
                       f"cpu {r['server_cpu_cores']:.2f}+{r['loadgen_cpu_cores']:.2f}  rss "
                       f"{(r['server_peak_rss_kb'] or 0) / 1024:.0f} MB  shed {r['shed']}  errors {r['errors']}"
                       + ("  DISTURBED" if r["disturbed"] else ""), flush=True)
@@ -527,17 +529,18 @@ def markdown(result: dict) -> str:
               "latency per call; batch = average images per ONNX Runtime run in the window; CPU in cores "
               "(server + load generator); peak RSS = the server's VmHWM since its start (one process per mode); "
               "shed = calls answered RESOURCE_EXHAUSTED (queue full; the caller backs off 10 ms), not counted in "
-              "img/s or latency. The Triton rows' CPU and peak RSS are tritonserver's and its Python backend stub's, "
-              "summed.", "",
+              "img/s or latency. A call counts in the window it ends in. The Triton rows' CPU and peak RSS are "
+              "tritonserver's and its Python backend stub's, summed.", "",
               "| server | model | mode | C | calls/s | img/s | p50 ms | p90 ms | p99 ms | batch | CPU | peak RSS MB | shed | errors |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ms = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731 (no call ended in the window)
     for r in result["service"]:
         batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else ("per call" if r["server"] == "python" else "-")
         flag = " (disturbed)" if r.get("disturbed") else ""
         lines.append(
             f"| {r['server']} | {r['model']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
-            f"{r['images_per_s']:.0f} | {r['latency_p50_ms']:.2f} | {r['latency_p90_ms']:.2f} | "
-            f"{r['latency_p99_ms']:.2f} | {batch} | {r['server_cpu_cores']:.2f} + {r['loadgen_cpu_cores']:.2f} | "
+            f"{r['images_per_s']:.0f} | {ms(r['latency_p50_ms'])} | {ms(r['latency_p90_ms'])} | "
+            f"{ms(r['latency_p99_ms'])} | {batch} | {r['server_cpu_cores']:.2f} + {r['loadgen_cpu_cores']:.2f} | "
             f"{r['server_peak_rss_kb'] / 1024:.0f} | {r.get('shed', 0)} | {r['errors']}{flag} |")
     lines += ["", "Servers: " + "; ".join(f"`{k}` = {v}" for k, v in result["servers"].items())]
     for key, why in result.get("skipped", {}).items():
