@@ -36,6 +36,8 @@ CONFIGS = {
     "log-calls": ["RUST_LOG=info,fmnist_serve::grpc::layers=debug"],
     # spans exported over OTLP (to a port nobody listens on: spans are made, batched and dropped on export)
     "otlp": ["--otlp-endpoint", "http://127.0.0.1:9"],
+    # one tokio worker instead of one per core: fewer threads competing with ONNX Runtime's on a small machine
+    "workers1": ["TOKIO_WORKER_THREADS=1"],
 }
 # the ceiling under the ONNX Runtime options the configurations vary
 CEILING = {

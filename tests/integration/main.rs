@@ -2,8 +2,8 @@
 //! dataset images.
 //!
 //! One binary, not one per file: each test binary compiles and links its own copy of the client code it
-//! instantiates, about 40 CPU-seconds each in release; fifteen of them were most of `make test`'s time on
-//! 2 cores. This one takes about 85.
+//! instantiates. Fifteen of them took 30 to 47 CPU-seconds each to build in release (three measured); this
+//! one takes about 85.
 //!
 //! The tests run one at a time (`RUST_TEST_THREADS=1` in `.cargo/config.toml`): the metrics recorder is
 //! process-wide, and several tests read exact counts or gauges from it. Run in parallel they took about as
