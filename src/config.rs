@@ -116,7 +116,7 @@ pub struct Config {
 
     /// Longest time (milliseconds) a call waits, first come first served, for room in a full queue (or for its
     /// connection's earlier calls, past the connection's share) before it gets RESOURCE_EXHAUSTED; never past
-    /// its deadline. 0: refuse at once (README "Backpressure").
+    /// its deadline. 0: refuse at once (README "Batching policy").
     #[arg(long, env = "FMNIST_MAX_QUEUE_WAIT_MS", default_value_t = 2000)]
     pub max_queue_wait_ms: u64,
 
