@@ -59,15 +59,14 @@ impl ConnectionShare {
     }
 
     /// Like [`Self::reserve_images`], but waits until `until` for this connection's earlier calls to free
-    /// room, behind its calls that were waiting first.
-    pub async fn reserve_images_waiting(&self, n: usize, until: Instant) -> Option<OwnedSemaphorePermit> {
-        // Past `until` (as with no wait at all), no timer: tokio's would first wait for its next 1 ms tick.
-        if Instant::now() >= until {
-            return self.reserve_images(n);
-        }
-        let n = u32::try_from(n).ok()?;
-        let acquire = self.images.clone().acquire_many_owned(n);
-        tokio::time::timeout_at(until.into(), acquire).await.ok()?.ok()
+    /// room, in turn ([`acquire_until`]), counted in `waiting`.
+    pub async fn reserve_images_waiting(
+        &self,
+        n: usize,
+        until: Instant,
+        waiting: &metrics::Gauge,
+    ) -> Option<OwnedSemaphorePermit> {
+        acquire_until(&self.images, n, until, waiting).await
     }
 
     /// A decode turn for this connection: its calls past its share wait for each other here, outside the
@@ -106,8 +105,7 @@ pub async fn queue_room(
             if spare.is_ok() {
                 return spare;
             }
-            let _counted = (Instant::now() < until).then(|| batcher.waiting(n));
-            match share.reserve_images_waiting(n, until).await {
+            match share.reserve_images_waiting(n, until, batcher.waiting_gauge()).await {
                 Some(own) => own,
                 None => return spare.map_err(|e| e.after_waiting(arrived.elapsed())),
             }
@@ -116,6 +114,45 @@ pub async fn queue_room(
     let mut reservation = batcher.reserve_waiting(n, until).await?;
     reservation.also_hold(Some(own));
     Ok(reservation)
+}
+
+/// `n` permits of `semaphore`: at once when they are free, or else waited for until `until`, behind the calls
+/// that were waiting first (tokio's semaphore hands released permits to its waiters in order, so a newcomer
+/// cannot take them first), while `waiting` counts the `n` images. `None` once `until` has passed; when it
+/// already has, no timer is armed (tokio's would first wait for its next 1 ms tick).
+pub(crate) async fn acquire_until(
+    semaphore: &Arc<Semaphore>,
+    n: usize,
+    until: Instant,
+    waiting: &metrics::Gauge,
+) -> Option<OwnedSemaphorePermit> {
+    let permits = u32::try_from(n).ok()?;
+    if let Ok(permit) = semaphore.clone().try_acquire_many_owned(permits) {
+        return Some(permit);
+    }
+    if Instant::now() >= until {
+        return None;
+    }
+    let _counted = Waiting::count(waiting, n);
+    let acquire = semaphore.clone().acquire_many_owned(permits);
+    tokio::time::timeout_at(until.into(), acquire).await.ok()?.ok()
+}
+
+/// Images counted on a waiting gauge for as long as it lives: taken off however the wait ends, the caller
+/// going away (its future dropped) included.
+struct Waiting<'a>(&'a metrics::Gauge, f64);
+
+impl<'a> Waiting<'a> {
+    fn count(gauge: &'a metrics::Gauge, n: usize) -> Self {
+        gauge.increment(n as f64);
+        Waiting(gauge, n as f64)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(self.1);
+    }
 }
 
 /// The decode slots, in two lanes: calls whose images declare few pixels in all (a page upload, a dataset

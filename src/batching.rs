@@ -23,6 +23,7 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::{
+    admission,
     error::{ModelError, QueueError},
     model::{BatchOutput, CLASSES, Model},
     preprocess::{ModelInput, PIXELS},
@@ -92,15 +93,6 @@ impl Reservation {
     }
 }
 
-/// Takes a waiting call's images off the waiting gauge, however its wait ends.
-pub struct Waiting<'a>(&'a metrics::Gauge, f64);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.decrement(self.1);
-    }
-}
-
 /// Handle to a model's queue; cheap to clone, shared by every request task.
 #[derive(Clone)]
 pub struct Batcher {
@@ -161,29 +153,32 @@ impl Batcher {
     /// decoding, so an overloaded server refuses in microseconds and images being decoded count towards the
     /// bound too.
     pub fn reserve(&self, n: usize) -> Result<Reservation, QueueError> {
-        let full = || QueueError::Full {
-            model: self.model.to_string(),
-            queued: self.limit - self.permits.available_permits(),
-            limit: self.limit,
-            waited_ms: 0,
-        };
-        let permits = u32::try_from(n).map_err(|_| full())?;
+        let permits = u32::try_from(n).map_err(|_| self.full(Duration::ZERO))?;
         let permit = self
             .permits
             .clone()
             .try_acquire_many_owned(permits)
-            .map_err(|_| full())?;
+            .map_err(|_| self.full(Duration::ZERO))?;
         Ok(Reservation {
             _permit: permit,
             _also: None,
         })
     }
 
-    /// Counts `n` images as waiting for room (the `fmnist_queue_waiting_images` gauge) until the returned
-    /// guard is dropped: on every way out, the caller going away included.
-    pub fn waiting(&self, n: usize) -> Waiting<'_> {
-        self.waiting.increment(n as f64);
-        Waiting(&self.waiting, n as f64)
+    /// The refusal of a call that found no room, after waiting `waited` for it.
+    fn full(&self, waited: Duration) -> QueueError {
+        QueueError::Full {
+            model: self.model.to_string(),
+            queued: self.limit - self.permits.available_permits(),
+            limit: self.limit,
+            waited_ms: 0,
+        }
+        .after_waiting(waited)
+    }
+
+    /// The `fmnist_queue_waiting_images` gauge of this model version: images of calls waiting for room.
+    pub fn waiting_gauge(&self) -> &metrics::Gauge {
+        &self.waiting
     }
 
     /// The latest a call arriving now may wait for room: `max_queue_wait` from now.
@@ -191,24 +186,16 @@ impl Batcher {
         Instant::now() + self.max_wait
     }
 
-    /// Like [`Self::reserve`], but when the queue is full waits for room until `until`, behind the calls that
-    /// were waiting first (tokio's semaphore hands released permits to its waiters in order, so a newcomer
-    /// cannot take them first). Fails with `Full` when `until` passes.
+    /// Like [`Self::reserve`], but when the queue is full waits for room until `until`, in turn
+    /// ([`admission::acquire_until`]). Fails with `Full` when `until` passes.
     pub async fn reserve_waiting(&self, n: usize, until: Instant) -> Result<Reservation, QueueError> {
-        let first_try = self.reserve(n);
         let started = Instant::now();
-        // Past `until` (as with no wait at all), no timer: tokio's would first wait for its next 1 ms tick.
-        if first_try.is_ok() || started >= until {
-            return first_try;
-        }
-        let permits = u32::try_from(n).expect("reserve fails at once for more images than u32");
-        let _counted = self.waiting(n);
-        match tokio::time::timeout_at(until.into(), self.permits.clone().acquire_many_owned(permits)).await {
-            Ok(Ok(permit)) => Ok(Reservation {
+        match admission::acquire_until(&self.permits, n, until, &self.waiting).await {
+            Some(permit) => Ok(Reservation {
                 _permit: permit,
                 _also: None,
             }),
-            _ => self.reserve(n).map_err(|e| e.after_waiting(started.elapsed())),
+            None => Err(self.full(started.elapsed())),
         }
     }
 
