@@ -74,6 +74,11 @@ def v2_model_ready(http_port, model):
         return False
 
 
+def ms(latency: float | None, width: int = 0) -> str:
+    """A latency in ms as the tables show it; "-" when no call ended in the window (the load generator's null)."""
+    return f"{latency:{width}.2f}" if latency is not None else "-".rjust(width)
+
+
 def wait_for(predicate, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -367,10 +372,8 @@ def measure(server: Server, modes: list[str], concurrencies: list[int], a) -> li
                 r.update(server=server.key, label=server.label, model=server.model, mode=mode, attempts=attempt + 1)
                 rows.append(r)
                 batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else "-"
-                # No call ended in the window: the latencies are null.
-                ms = lambda v: f"{v:7.2f}" if v is not None else "      -"  # noqa: E731
                 print(f"  {server.key:12} {mode:8} C={c:<4} {r['images_per_s']:8.0f} img/s  p50 "
-                      f"{ms(r['latency_p50_ms'])} ms  p99 {ms(r['latency_p99_ms'])} ms  batch {batch:>5}  "
+                      f"{ms(r['latency_p50_ms'], 7)} ms  p99 {ms(r['latency_p99_ms'], 7)} ms  batch {batch:>5}  "
                       f"cpu {r['server_cpu_cores']:.2f}+{r['loadgen_cpu_cores']:.2f}  rss "
                       f"{(r['server_peak_rss_kb'] or 0) / 1024:.0f} MB  shed {r['shed']}  errors {r['errors']}"
                       + ("  DISTURBED" if r["disturbed"] else ""), flush=True)
@@ -547,7 +550,6 @@ def markdown(result: dict) -> str:
               "tritonserver's and its Python backend stub's, summed.", "",
               "| server | model | mode | C | calls/s | img/s | p50 ms | p90 ms | p99 ms | batch | CPU | peak RSS MB | shed | errors |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ms = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731 (no call ended in the window)
     for r in result["service"]:
         batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else ("per call" if r["server"] == "python" else "-")
         flag = " (disturbed)" if r.get("disturbed") else ""
