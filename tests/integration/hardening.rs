@@ -228,13 +228,18 @@ async fn a_greedy_connection_cannot_starve_a_polite_one() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut polite = connect(&addr).await;
     let (pixels, label) = fixture()[0];
-    let (mut polite_times, calls) = (Vec::new(), 20);
+    let (mut polite_times, calls, mut greedy_waiting) = (Vec::new(), 20, 0.0f64);
     for _ in 0..calls {
         let started = Instant::now();
         if let Ok(r) = polite.classify(request(vec![raw(&pixels)])).await {
             assert_eq!(r.into_inner().results[0].prediction.as_ref().unwrap().class_id, label);
             polite_times.push(started.elapsed());
         }
+        let waiting = metric(
+            &server.metrics().await,
+            "fmnist_queue_waiting_images{model=\"cnn\",version=\"1\"}",
+        );
+        greedy_waiting = greedy_waiting.max(waiting);
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut greedy_times, mut refused) = (Vec::new(), 0);
@@ -250,8 +255,13 @@ async fn a_greedy_connection_cannot_starve_a_polite_one() {
     let served = polite_times.len();
     let (polite_p50, greedy_p50) = (median(&mut polite_times), median(&mut greedy_times));
     eprintln!(
-        "greedy: {} served (p50 {greedy_p50:?}), {refused} refused; polite: {served} of {calls} served (p50 {polite_p50:?})",
+        "greedy: {} served (p50 {greedy_p50:?}), {refused} refused, up to {greedy_waiting} images waiting; polite: {served} of {calls} served (p50 {polite_p50:?})",
         greedy_times.len()
+    );
+    // The greedy connection asked for more than its share: its excess waited (or, past 2 s, was refused).
+    assert!(
+        greedy_waiting >= 64.0 || refused > 0,
+        "the greedy connection never waited nor was refused"
     );
     assert!(
         served * 10 >= calls * 9,
