@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from data import CLASS_NAMES, load_split
 from reference import reference_dir, write_reference
@@ -60,6 +61,51 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
         dynamic_axes={n: {0: "batch"} for n in ["image", "probabilities", "logits", "features"]},
     )
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+def load_onnx_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """The inverse of export_onnx: `model`'s weights from an exported file, so a later training stage can start
+    from what the repository serves. The exporter folds each batch norm that follows a convolution into the
+    convolution's weight and bias; such a batch norm comes back as the identity with the folded bias as its
+    shift, the same function in eval mode (which is how the exposure stages run batch norm)."""
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    # ood/ nodes: the OOD components training/ood_protocol.py appends, not layers of the model.
+    layers = [n for n in graph.node if n.op_type in ("Conv", "MatMul", "Gemm", "BatchNormalization")
+              and not n.name.startswith("ood/")]
+    modules = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))]
+    folded_bias = None
+    with torch.no_grad():
+        for m in modules:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and folded_bias is not None:
+                m.weight.fill_(1.0)
+                m.bias.copy_(folded_bias)
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0 - m.eps)  # (x - 0) / sqrt(var + eps) = x
+                folded_bias = None
+                continue
+            node = layers.pop(0)
+            params = [init[i] for i in node.input[1:] if i in init]
+            if isinstance(m, nn.Conv2d):
+                assert node.op_type == "Conv", (m, node.op_type)
+                m.weight.copy_(params[0])
+                if m.bias is not None:
+                    m.bias.copy_(params[1])
+                else:
+                    folded_bias = params[1]
+            elif isinstance(m, nn.Linear):
+                assert node.op_type in ("MatMul", "Gemm"), (m, node.op_type)
+                m.weight.copy_(params[0].T if node.op_type == "MatMul" else params[0])
+                if m.bias is not None:
+                    m.bias.copy_(params[1])
+            else:
+                assert node.op_type == "BatchNormalization", (m, node.op_type)
+                for t, v in zip([m.weight, m.bias, m.running_mean, m.running_var], params):
+                    t.copy_(v)
+    assert not layers and folded_bias is None, "the model and the file have the same layers"
+    return model.eval()
 
 
 def onnx_session(path: Path) -> ort.InferenceSession:

@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import hashlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -185,6 +186,11 @@ def main() -> int:
             q.pop("ood")
     (out_dir / "model.json").write_text(json.dumps(q, indent=2) + "\n")
     write_reference(out, name, reference_dir(out_dir))
+    stage2 = source_dir / "exposure-stage2.json"
+    if stage2.exists():
+        # The leave-one-group-out figures of the FP32 network's second exposure stage (exposure_stage2.py): the
+        # INT8 copy has seen the same groups, and ood_protocol.py reads its energy row from here.
+        shutil.copy(stage2, out_dir / stage2.name)
 
     verdict = "within" if drop <= MAX_ACCURACY_DROP else "NOT within"
     print(f"{name}: test accuracy {metrics['test_accuracy'] * 100:.2f}% vs FP32 "

@@ -215,21 +215,26 @@ def energy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def expose(cfg: Config, model: torch.nn.Module, x_train, y_train, x_val, y_val, outliers: torch.Tensor,
-           first_epoch: int) -> list[dict]:
-    """Outlier exposure: fine-tunes the trained model for `exposure_epochs` with the classification loss plus
-    the energy hinges, on batches of training images and half as many outliers (half from the exposure set,
-    turned by a random multiple of 90 degrees per batch, half jigsawed garments). Batch-norm statistics stay frozen at the values of
-    the main training, so the outliers do not shift how garments are normalised."""
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=EXPOSURE_LR, weight_decay=cfg.weight_decay)
+           first_epoch: int, *, epochs: int | None = None, lr: float = EXPOSURE_LR, weights: torch.Tensor | None = None,
+           seed: int | None = None, label: str = "exposure") -> list[dict]:
+    """Outlier exposure: fine-tunes the trained model for `epochs` (default `cfg.exposure_epochs`) with the
+    classification loss plus the energy hinges, on batches of training images and half as many outliers (half
+    from `outliers`, drawn uniformly or by `weights` and turned by a random multiple of 90 degrees per batch,
+    half jigsawed garments). Batch-norm statistics stay frozen at the values of the main training, so the
+    outliers do not shift how garments are normalised."""
+    epochs = cfg.exposure_epochs if epochs is None else epochs
+    gen = torch.Generator().manual_seed((cfg.seed if seed is None else seed) + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.exposure_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     m_in, m_out = EXPOSURE_MARGINS
 
     def batch_loss(idx):
         xb, yb = augment(x_train[idx], gen, cfg.erase), y_train[idx]
         k = max(1, len(idx) // 4)
-        ob = outliers[torch.randint(0, len(outliers), (k,), generator=gen)]
+        pick = (torch.randint(0, len(outliers), (k,), generator=gen) if weights is None
+                else torch.multinomial(weights, k, replacement=True, generator=gen))
+        ob = outliers[pick]
         ob = torch.rot90(ob, int(torch.randint(0, 4, (1,), generator=gen)), dims=(2, 3))
         ob = torch.cat([ob, jigsaw(x_train[idx[:k]], gen)])
         logits, _ = model(torch.cat([xb, ob]))
@@ -239,19 +244,19 @@ def expose(cfg: Config, model: torch.nn.Module, x_train, y_train, x_val, y_val, 
         return ce + EXPOSURE_WEIGHT * hinge, ce, logits_in, yb, {"hinge": f"{hinge.item():.3f}"}
 
     history = []
-    for epoch in range(first_epoch, first_epoch + cfg.exposure_epochs):
+    for epoch in range(first_epoch, first_epoch + epochs):
         model.train()
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
         t0 = time.time()
         train_loss, train_acc = train_epoch(model, opt, sched, x_train, cfg.batch_size, gen,
-                                            f"exposure epoch {epoch}", batch_loss)
+                                            f"{label} epoch {epoch}", batch_loss)
         val_loss, val_acc = evaluate(model, x_val, y_val)
-        row = dict(epoch=epoch, phase="exposure", train_loss=train_loss, train_acc=train_acc,
+        row = dict(epoch=epoch, phase=label, train_loss=train_loss, train_acc=train_acc,
                    val_loss=val_loss, val_acc=val_acc, seconds=time.time() - t0)
         history.append(row)
-        print(f"exposure epoch {epoch} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
+        print(f"{label} epoch {epoch} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
               f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} {row['seconds']:.0f}s", flush=True)
     model.eval()
     return history
