@@ -85,8 +85,11 @@ def main() -> int:
     p.add_argument("--report", default=str(REPO / "training/results/exposure-stage2.json"),
                    help="where the report goes (also copied into the new version folder when kept)")
     p.add_argument("--smoke", action="store_true",
-                   help="check the plumbing: 3,000 training images, one seed, two groups; writes no version")
+                   help="check the plumbing: 3,000 training images, one seed, two groups; writes the version whatever "
+                        "the rule says, so --models-dir must not be the repository's")
     a = p.parse_args()
+    if a.smoke and Path(a.models_dir).resolve() == (REPO / "models").resolve():
+        raise SystemExit("error: --smoke writes a version without earning it: give it another --models-dir")
     seeds, eval_groups = (SEEDS[:1], EVAL_GROUPS[:2]) if a.smoke else (SEEDS, EVAL_GROUPS)
     torch.set_num_threads(a.threads)
 
@@ -177,7 +180,7 @@ def main() -> int:
           f"(stage 1 {stage1_val * 100:.2f}%): {'kept' if kept else 'not kept'}", flush=True)
     Path(a.report).parent.mkdir(parents=True, exist_ok=True)
     Path(a.report).write_text(json.dumps(report, indent=1) + "\n")
-    if not kept or a.smoke:
+    if not kept and not a.smoke:
         return 0
 
     model, history = shipped

@@ -2,7 +2,9 @@
 Writes PNG files (at their natural size; the service's own preprocessing fits them to 28x28) into
 <out>/<group>/<name>.png.
 
---set evaluation (default, --out build/ood): measures the OOD score, never trained on.
+--set evaluation (default, --out build/ood): measures the OOD score, one group left out at a time: a group is
+  never trained on by the detector or the network it is measured with (training/ood_protocol.py,
+  training/exposure_stage2.py), though the shipped CNN's second exposure stage saw all seven.
   digits (scikit-learn's 1,797 handwritten digits), photos (crops of scikit-learn's and scikit-image's bundled
   photos: animals, people, objects, textures), noise (uniform and Gaussian), shapes (random circles,
   rectangles, lines), text (rendered words).
@@ -24,10 +26,10 @@ Writes PNG files (at their natural size; the service's own preprocessing fits th
   crop does. The first run's silhouettes were small in a large frame, and all rejected; the independent
   measurement that motivated round 2 found filled silhouettes the hardest kind.
 
---set shapes (--out build/ood-shapes): the out-of-distribution detector's extra exposure with shape variety,
-  used by training/ood_protocol.py only (the CNN's fine-tune keeps build/ood-exposure): creatures, filled
-  shapes grown from a random star-shaped body with random limbs, a generator that shares no part with the
-  silhouettes group.
+--set shapes (--out build/ood-shapes): extra exposure with shape variety, for training/ood_protocol.py's fusions
+  and the CNN's second exposure stage (training/exposure_stage2.py; the first stage keeps build/ood-exposure):
+  creatures, filled shapes grown from a random star-shaped body with random limbs, a generator that shares no
+  part with the silhouettes group.
 
     python training/ood_data.py --out build/ood
     python training/ood_data.py --set exposure --out build/ood-exposure

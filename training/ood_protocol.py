@@ -465,7 +465,9 @@ def markdown(model, table, shipped, calibration, accept) -> str:
              "| detector | " + " | ".join(EVAL_GROUPS) + " | worst | test garments rejected (max over folds) |",
              "|---|" + "---:|" * (len(EVAL_GROUPS) + 2)]
     for name, r in table.items():
-        cells = [f"**{pct(r['groups'][g]['rejected'])}**" if g == r["worst_group"] else pct(r["groups"][g]["rejected"]) for g in EVAL_GROUPS]
+        # A group missing from a row (a smoke run of exposure_stage2.py measures two) shows as a dash.
+        cells = ["—" if g not in r["groups"] else f"**{pct(r['groups'][g]['rejected'])}**" if g == r["worst_group"]
+                 else pct(r["groups"][g]["rejected"]) for g in EVAL_GROUPS]
         lines.append(f"| {name}{' (kept)' if name == shipped['method'] else ''} | " + " | ".join(cells)
                      + f" | {pct(r['worst_rejected'])} ({r['worst_group']}) | {r['max_test_rejected'] * 100:.2f} |")
     for name, r in table.items():
