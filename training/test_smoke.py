@@ -69,6 +69,9 @@ class SmokeTraining(unittest.TestCase):
             self.assertEqual(list(protocol), ["energy"], "only energy: the fusions would be measured in-sample")
             self.assertEqual(protocol["energy"]["groups"]["digits"]["rejected"], r["groups"]["digits"]["mean"])
             self.assertIn("second exposure stage", (stage2_dir / "ood-protocol.md").read_text())
+            # Its INT8 copy has seen the same groups: quantize.py carries the report along for its protocol.
+            py(HERE / "quantize.py", "--model", "cnn", "--models-dir", out)
+            self.assertTrue((Path(out) / "cnn-int8" / "1" / "exposure-stage2.json").exists())
 
     def test_a_wrong_data_dir_fails_with_a_clear_message(self):
         with tempfile.TemporaryDirectory() as empty:
