@@ -26,7 +26,7 @@ The evaluation groups are then in-sample for the shipped model, so training/ood_
 row of its leave-one-group-out table from this report (exposure-stage2.json in the version folder) instead of
 measuring it on groups the network has seen.
 
-    python training/exposure_stage2.py      # after `make ood-sets` and train.py's cnn version (about 45 min)
+    python training/exposure_stage2.py      # after `make ood-sets`, train.py and ood_protocol.py for the cnn (about an hour on 2 cores)
 """
 
 from __future__ import annotations
