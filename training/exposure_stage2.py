@@ -56,11 +56,11 @@ STAGE2_LR = 2.5e-4  # half of stage 1's: it starts from an exposed network
 STAGE2_MAX_VAL_DROP = 0.002
 
 
-def outlier_pool(dirs: list[Path], groups: dict[str, np.ndarray], left_out: str | None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Every <group>.u8 of `dirs` and every evaluation group but `left_out`, as model input, with sampling
-    weights that give each group the same share."""
-    parts = {f"{d.name}/{f.stem}": load_u8(f) for d in dirs for f in sorted(d.glob("*.u8"))}
-    parts |= {f"evaluation/{g}": x for g, x in groups.items() if g != left_out}
+def outlier_pool(exposure: dict[str, np.ndarray], groups: dict[str, np.ndarray], left_out: str | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The exposure groups and every evaluation group but `left_out`, as model input, with sampling weights that
+    give each group the same share."""
+    parts = exposure | {f"evaluation/{g}": x for g, x in groups.items() if g != left_out}
     images = np.concatenate(list(parts.values())).reshape(-1, 28, 28)
     weights = np.concatenate([np.full(len(x), 1.0 / len(x)) for x in parts.values()])
     return to_tensor(images), torch.from_numpy(weights / weights.sum()), list(parts)
@@ -113,11 +113,12 @@ def main() -> int:
     groups = {g: load_u8(Path(a.ood_dir) / f"{g}.u8") for g in EVAL_GROUPS}
     x_groups = {g: to_tensor(x.reshape(-1, 28, 28)) for g, x in groups.items()}
     dirs = [Path(d) for d in a.exposure_dirs]
+    exposure = {f"{d.name}/{f.stem}": load_u8(f) for d in dirs for f in sorted(d.glob("*.u8"))}
     first_epoch = len(stage1["training"]["history"]) + 1
 
     def fine_tune(seed: int, left_out: str | None):
         model = load_onnx_weights(ConvNet(), stage1_dir / stage1["file"])
-        pool, weights, names = outlier_pool(dirs, groups, left_out)
+        pool, weights, names = outlier_pool(exposure, groups, left_out)
         torch.manual_seed(seed)
         history = expose(cfg, model, x_train, y_train, x_val, y_val, pool, first_epoch, epochs=STAGE2_EPOCHS,
                          lr=STAGE2_LR, weights=weights, seed=seed, label="exposure2")
