@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real Prometheus (Debian's prometheus 2.42, `make test-deps`) against a real server: it scrapes the metrics
 # port every second and loads deploy/monitoring/alerts.rules.yml. After real traffic (grpcurl, test-set images),
-# the README's PromQL expressions (request rate, latency quantiles, queue depth, batch size, images by reason)
+# the PromQL expressions of docs/operations.md (request rate, latency quantiles, queue depth, batch size, images by reason)
 # must return sensible values, the alert rules must evaluate without error and stay quiet, and every expression
 # of deploy/monitoring/dashboard.json must parse and return data. Offline; on loopback only.
 # Also: promtool check rules, promtool test rules (deploy/monitoring/alerts.test.yml), and the PrometheusRule
@@ -22,7 +22,7 @@ for tool in "$PROMETHEUS" "$PROMTOOL"; do
 done
 [ -x "$GRPCURL" ] && [ -x "$PYTHON" ] || fail "$GRPCURL or $PYTHON missing: run \`make tools\`"
 
-# The README's expressions (section "Prometheus: queries, alerts, dashboard"), exactly as written there.
+# The documented expressions (docs/operations.md, "Prometheus: queries, alerts, dashboard"), exactly as written there.
 EXPR_RATE='sum by (rpc, code) (rate(fmnist_requests_total[5m]))'
 EXPR_P50='histogram_quantile(0.5, sum by (rpc, le) (rate(fmnist_request_duration_seconds_bucket{rpc=~"Classify|ModelInfer|v2/infer",code="Ok"}[5m])))'
 EXPR_P99='histogram_quantile(0.99, sum by (rpc, le) (rate(fmnist_request_duration_seconds_bucket{rpc=~"Classify|ModelInfer|v2/infer",code="Ok"}[5m])))'
@@ -30,7 +30,7 @@ EXPR_QUEUE='sum by (model, version) (fmnist_queue_depth_images)'
 EXPR_BATCH='sum by (model) (rate(fmnist_batch_size_images_sum[5m])) / sum by (model) (rate(fmnist_batch_size_images_count[5m]))'
 EXPR_REASONS='sum by (outcome, reason) (rate(fmnist_images_total[5m]))'
 missing=1
-for doc in README.md; do
+for doc in docs/operations.md; do
   [ -f "$doc" ] || continue
   missing=0
   for e in "$EXPR_RATE" "$EXPR_P50" "$EXPR_P99" "$EXPR_QUEUE" "$EXPR_BATCH" "$EXPR_REASONS"; do
@@ -38,8 +38,8 @@ for doc in README.md; do
   done
   [ $missing -eq 0 ] && break
 done
-[ $missing -eq 0 ] || fail "the README does not show the expressions this test checks"
-pass "the expressions checked are the README's ($doc)"
+[ $missing -eq 0 ] || fail "docs/operations.md does not show the expressions this test checks"
+pass "the expressions checked are the documented ones ($doc)"
 
 # The rules, without a server: syntax, unit tests, and the one source of truth.
 out=$("$PROMTOOL" check rules "$MON/alerts.rules.yml" 2>&1) || fail "promtool check rules: $out"
