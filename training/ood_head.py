@@ -1,0 +1,670 @@
+"""Is it a garment at all? A small head on the frozen CNN's features from several layers, trained and judged in
+minutes without retraining the CNN (issue #30). The protocol, fixed before the first measurement, is
+training/ood_head_protocol.md; this script carries it out.
+
+    .venv-train/bin/python training/ood_head.py extract --model cnn        # features, once, cached (resumable)
+    .venv-train/bin/python training/ood_head.py extract --model cnn-int8
+    .venv-train/bin/python training/ood_head.py logo --method multi-mlp    # leave-one-group-out, resumable
+    .venv-train/bin/python training/ood_head.py report                     # training/results/ood-head*.{json,md}
+    .venv-train/bin/python training/ood_head.py export --method multi-mlp  # build/models-head/<model>/1/
+    .venv-train/bin/python training/ood_head.py bench                      # throughput with and without the head
+
+Features: one ONNX graph per model computes, beside its own outputs, `head_input` [batch, 939]: per channel the
+mean, standard deviation and maximum over the spatial positions of each conv block's last ReLU (block 1:
+32 channels at 28x28, block 2: 64 at 14x14, block 3: 128 at 7x7; in cnn-int8 the dequantized tensors the next
+layer reads), the penultimate features (256), the logits (10) and the energy (1). The same nodes go into the
+deployed graph (export), so what the head was trained on is what the server computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import DEFAULT_DATA_DIR, load_split  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BUILD = REPO / "build/ood-head"
+FEATURES = BUILD / "features"
+RUNS = BUILD / "runs"
+RESULTS = REPO / "training/results"
+VAL_SIZE, SPLIT_SEED = 5000, 42  # the CNN's own validation split (train.py's defaults, models/cnn model.json)
+VAL_BUDGET = 0.0075  # round 2's: 0.75% of validation garments rejected, a margin under the 1% test target
+SEEDS = (42, 43, 44)
+TARGET = 0.95
+
+# Taps: each conv block's last ReLU, by its name in the FP32 export; in cnn-int8 the same tensor's
+# DequantizeLinear output (what the next layer reads) when the graph has one.
+TAPS = {"block1": ("/model/body/body.1/body.1.5/Relu_output_0", 32),
+        "block2": ("/model/body/body.2/body.2.5/Relu_output_0", 64),
+        "block3": ("/model/body/body.3/body.3.2/Relu_output_0", 128)}
+STATS = ("mean", "std", "max")
+
+
+def sections() -> dict[str, slice]:
+    """Column ranges of head_input."""
+    out, at = {}, 0
+    for block, (_, c) in TAPS.items():
+        for s in STATS:
+            out[f"{block}.{s}"] = slice(at, at + c)
+            at += c
+    for name, width in (("features", 256), ("logits", 10), ("energy", 1)):
+        out[name] = slice(at, at + width)
+        at += width
+    return out
+
+
+SECTIONS = sections()
+WIDTH = max(s.stop for s in SECTIONS.values())
+
+# Evaluation groups (leave-one-group-out). Round 2's seven in build/ood, the new kinds in build/ood-head
+# (training/ood_head_data.py).
+ROUND2_GROUPS = ["photos", "digits", "noise", "shapes", "text", "silhouettes", "patterns"]
+NEW_GROUPS = ["animals", "food", "plants", "vehicles", "tools", "household", "computer", "people", "symbols",
+              "recreation", "places", "misc", "clip-shapes", "clip-patterns", "icons-apps", "icons-glyphs",
+              "icons-files"]
+GROUPS = ROUND2_GROUPS + NEW_GROUPS
+# A fold leaves out a group and its kin: a kind that another group also covers is never trained on while that
+# group is measured (the silhouettes group draws animals, vehicles and tools; clip-art shapes and patterns are
+# the round-2 shapes' and patterns' kinds). Clip-art shapes and patterns are measured in those folds.
+FOLD_LINKS = {"shapes": ["clip-shapes"], "patterns": ["clip-patterns"],
+              "silhouettes": ["animals", "vehicles", "tools"],
+              "animals": ["silhouettes"], "vehicles": ["silhouettes"], "tools": ["silhouettes"]}
+MEASURED_IN = {"clip-shapes": "shapes", "clip-patterns": "patterns"}
+FOLDS = [g for g in GROUPS if g not in MEASURED_IN]
+# Always trained on, never measured: round 1's exposure and round 2's shape variety.
+EXPOSURE = {"faces": "build/ood-exposure", "scenes": "build/ood-exposure", "fields": "build/ood-exposure",
+            "scribbles": "build/ood-exposure", "creatures": "build/ood-shapes"}
+HELD_OUT = {"masks": "build/ood-held-out"}
+
+
+def group_file(g: str) -> Path:
+    if g in ROUND2_GROUPS:
+        return REPO / "build/ood" / f"{g}.u8"
+    if g in EXPOSURE:
+        return REPO / EXPOSURE[g] / f"{g}.u8"
+    if g in HELD_OUT:
+        return REPO / HELD_OUT[g] / f"{g}.u8"
+    return BUILD / f"{g}.u8"
+
+
+def fold_left_out(fold: str) -> list[str]:
+    return [fold] + FOLD_LINKS.get(fold, [])
+
+
+def fold_measured(fold: str) -> list[str]:
+    return [fold] + [g for g, f in MEASURED_IN.items() if f == fold]
+
+
+# Methods: (columns of head_input, kind, hidden units).
+METHODS = {
+    "energy": (["energy"], "identity", 0),
+    "penult-mlp": (["features"], "mlp", 64),
+    "multi-linear": (list(SECTIONS), "mlp", 0),
+    "multi-mlp": (list(SECTIONS), "mlp", 64),
+    "stats-maha": ([f"{b}.{s}" for b in TAPS for s in STATS], "maha", 0),
+}
+EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
+
+
+def columns(method: str) -> np.ndarray:
+    return np.concatenate([np.arange(WIDTH)[SECTIONS[s]] for s in METHODS[method][0]])
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+def model_path(model: str) -> Path:
+    from repository import latest_version_dir
+
+    return latest_version_dir(REPO / "models", model) / "model.onnx"
+
+
+def add_head_input(model_proto, prefix: str = "head/") -> str:
+    """Appends the nodes that compute head_input [batch, WIDTH] from the graph's own tensors; returns its name."""
+    from onnx import helper
+
+    g = model_proto.graph
+    produced = {o for n in g.node for o in n.output}
+    nodes = []
+
+    def node(op, ins, out, **kw):
+        nodes.append(helper.make_node(op, ins, [prefix + out], name=prefix + out, **kw))
+        return prefix + out
+
+    parts = []
+    for block, (tensor, _) in TAPS.items():
+        t = tensor + "_DequantizeLinear_Output" if tensor + "_DequantizeLinear_Output" in produced else tensor
+        if t not in produced:
+            raise SystemExit(f"{t} not in the graph: the CNN's layer names changed, update TAPS")
+        mean = node("ReduceMean", [t], f"{block}.mean", axes=[2, 3], keepdims=0)
+        mean4 = node("ReduceMean", [t], f"{block}.mean4", axes=[2, 3], keepdims=1)
+        diff = node("Sub", [t, mean4], f"{block}.diff")
+        sq = node("Mul", [diff, diff], f"{block}.sq")
+        var = node("ReduceMean", [sq], f"{block}.var", axes=[2, 3], keepdims=0)
+        std = node("Sqrt", [var], f"{block}.std")
+        mx = node("ReduceMax", [t], f"{block}.max", axes=[2, 3], keepdims=0)
+        parts += [mean, std, mx]
+    lse = node("ReduceLogSumExp", ["logits"], "lse", axes=[1], keepdims=1)
+    energy = node("Neg", [lse], "energy")
+    parts += ["features", "logits", energy]
+    node("Concat", parts, "head_input", axis=1)
+    g.node.extend(nodes)
+    return prefix + "head_input"
+
+
+def stats_session(model: str, threads: int):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(model_path(model)))
+    name = add_head_input(m)
+    m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", WIDTH]))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]), name
+
+
+# ------------------------------------------------------------------------------------------- extraction
+
+
+def sources() -> dict[str, tuple[np.ndarray | Path, str]]:
+    """Every set whose features are cached: name -> (uint8 images [N,784] or a .u8 file, digest)."""
+    from train import split_train_val
+
+    train_x, train_y = load_split("train", DEFAULT_DATA_DIR)
+    test_x, _ = load_split("test", DEFAULT_DATA_DIR)
+    tr, va = split_train_val(train_x, train_y, VAL_SIZE, SPLIT_SEED)
+    out = {"train": train_x[tr].reshape(-1, 784), "val": train_x[va].reshape(-1, 784), "test": test_x.reshape(-1, 784)}
+    for g in list(GROUPS) + list(EXPOSURE) + list(HELD_OUT):
+        out[g] = group_file(g)
+    return out
+
+
+def load_images(src) -> np.ndarray:
+    if isinstance(src, Path):
+        return np.frombuffer(src.read_bytes(), np.uint8).reshape(-1, 784)
+    return src
+
+
+def digest(images: np.ndarray) -> str:
+    return hashlib.sha256(images.tobytes()).hexdigest()
+
+
+def extract(model: str, threads: int) -> None:
+    out_dir = FEATURES / model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sess, name = stats_session(model, threads)
+    onnx_sha = hashlib.sha256(model_path(model).read_bytes()).hexdigest()
+    for set_name, src in sources().items():
+        if isinstance(src, Path) and not src.exists():
+            raise SystemExit(f"{src} missing: run `make ood-sets` and training/ood_head_data.py")
+        images = load_images(src)
+        key = f"{onnx_sha}:{digest(images)}"
+        path = out_dir / f"{set_name}.npz"
+        if path.exists() and str(np.load(path)["key"]) == key:
+            continue
+        t0 = time.time()
+        x = images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+        feats = np.concatenate([sess.run([name], {"image": x[i : i + 500]})[0] for i in range(0, len(x), 500)])
+        np.savez(path.with_suffix(".tmp.npz"), x=feats.astype(np.float32), key=key)
+        os.replace(path.with_suffix(".tmp.npz"), path)  # a stopped run never leaves half a file
+        print(f"{model} {set_name}: {len(feats)} x {feats.shape[1]} in {time.time() - t0:.1f}s", flush=True)
+
+
+def load_features(model: str) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p)["x"] for p in sorted((FEATURES / model).glob("*.npz"))}
+
+
+# --------------------------------------------------------------------------------------------- the heads
+
+
+class Head:
+    """A fitted score on head_input columns: higher = less like a garment."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.cols = columns(method)
+        self.params: dict[str, np.ndarray] = {}
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        kind = METHODS[self.method][1]
+        z = x[:, self.cols].astype(np.float64)
+        if kind == "identity":
+            return z[:, 0]
+        p = self.params
+        if kind == "maha":
+            total = np.zeros(len(z))
+            for b in TAPS:
+                d = np.sqrt((((z[:, p[f"{b}.cols"]] - p[f"{b}.mean"]) @ p[f"{b}.whiten"].T) ** 2).sum(1))
+                total += (d - p[f"{b}.dmean"]) / p[f"{b}.dstd"]
+            return total
+        h = (z - p["mu"]) / p["sd"]
+        if "w1" in p:
+            h = np.maximum(h @ p["w1"].T + p["b1"], 0)
+        return (h @ p["w2"].T + p["b2"])[:, 0]
+
+    def n_params(self) -> int:
+        return int(sum(v.size for k, v in self.params.items() if not k.endswith(".cols")))
+
+
+def fit_maha(head: Head, garments: np.ndarray) -> None:
+    z = garments[:, head.cols].astype(np.float64)
+    at = 0
+    for b, (_, c) in TAPS.items():
+        cols = np.arange(at, at + 3 * c)
+        at += 3 * c
+        x = z[:, cols]
+        mean = x.mean(0)
+        cov = np.cov(x - mean, rowvar=False)
+        cov += np.eye(len(cov)) * 1e-3 * np.trace(cov) / len(cov)
+        val, vec = np.linalg.eigh(cov)
+        whiten = (vec / np.sqrt(val)).T
+        d = np.sqrt((((x - mean) @ whiten.T) ** 2).sum(1))
+        head.params.update({f"{b}.cols": cols, f"{b}.mean": mean, f"{b}.whiten": whiten,
+                            f"{b}.dmean": np.array(d.mean()), f"{b}.dstd": np.array(d.std())})
+
+
+def fit_mlp(head: Head, garments: np.ndarray, outliers: dict[str, np.ndarray], seed: int, threads: int) -> None:
+    """Weighted logistic loss, garments against outliers. Garments weigh as much as all outliers together; each
+    outlier group's share is proportional to the square root of its size (a 60-image group is not drowned by a
+    6,000-image one, nor copied a hundred times)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    hidden = METHODS[head.method][2]
+    xin = garments[:, head.cols]
+    mu, sd = xin.mean(0), np.maximum(xin.std(0), 1e-3)
+    names = sorted(outliers)
+    xs = [xin] + [outliers[g][:, head.cols] for g in names]
+    x = torch.from_numpy(((np.concatenate(xs) - mu) / sd).astype(np.float32))
+    y = torch.from_numpy(np.r_[np.zeros(len(xin)), np.ones(len(x) - len(xin))].astype(np.float32))
+    shares = np.array([np.sqrt(len(outliers[g])) for g in names])
+    shares = shares / shares.sum()
+    w = np.concatenate([np.full(len(xin), 1.0)] + [np.full(len(outliers[g]), s * len(xin) / len(outliers[g]))
+                                                    for g, s in zip(names, shares)])
+    w = torch.from_numpy((w / w.mean()).astype(np.float32))
+    d = x.shape[1]
+    net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)) if hidden \
+        else torch.nn.Sequential(torch.nn.Linear(d, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    steps = EPOCHS * ((len(x) + BATCH - 1) // BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="none")
+    for _ in range(EPOCHS):
+        perm = torch.from_numpy(rng.permutation(len(x)))
+        for i in range(0, len(x), BATCH):
+            idx = perm[i : i + BATCH]
+            loss = (loss_fn(net(x[idx])[:, 0], y[idx]) * w[idx]).sum() / w[idx].sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    layers = [m for m in net if isinstance(m, torch.nn.Linear)]
+    head.params = {"mu": mu.astype(np.float64), "sd": sd.astype(np.float64)}
+    if hidden:
+        head.params |= {"w1": layers[0].weight.detach().double().numpy(), "b1": layers[0].bias.detach().double().numpy()}
+    head.params |= {"w2": layers[-1].weight.detach().double().numpy(), "b2": layers[-1].bias.detach().double().numpy()}
+
+
+def fit(method: str, feats: dict[str, np.ndarray], left_out: list[str], seed: int, threads: int) -> Head:
+    head = Head(method)
+    kind = METHODS[method][1]
+    if kind == "maha":
+        fit_maha(head, feats["train"])
+    elif kind == "mlp":
+        outliers = {g: feats[g] for g in list(GROUPS) + list(EXPOSURE) if g not in left_out}
+        fit_mlp(head, feats["train"], outliers, seed, threads)
+    return head
+
+
+def threshold(s_val: np.ndarray) -> float:
+    return float(np.quantile(s_val, 1 - VAL_BUDGET))
+
+
+def measure(head: Head, feats: dict[str, np.ndarray], groups: list[str]) -> dict:
+    s_val = head.score(feats["val"])
+    t = threshold(s_val)
+    return {"threshold": t, "val_rejected": float((s_val > t).mean()),
+            "test_rejected": float((head.score(feats["test"]) > t).mean()),
+            "groups": {g: float((head.score(feats[g]) > t).mean()) for g in groups}}
+
+
+# ------------------------------------------------------------------------------------ leave one group out
+
+
+def run_path(method: str, fold: str, seed: int) -> Path:
+    return RUNS / method / f"{fold}-s{seed}.npz"
+
+
+def logo(method: str, threads: int) -> None:
+    """Every fold x seed, and the shipped fit (fold 'all': no group left out) per seed. Each run's head and
+    figures are saved as it finishes; a rerun skips what is there."""
+    fp32, int8 = load_features("cnn"), load_features("cnn-int8")
+    deterministic = METHODS[method][1] != "mlp"
+    t_all = time.time()
+    fits = 0
+    for seed in SEEDS:
+        for fold in FOLDS + ["all"]:
+            path = run_path(method, fold, seed)
+            if path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            left_out = fold_left_out(fold) if fold != "all" else []
+            measured = fold_measured(fold) if fold != "all" else GROUPS + list(HELD_OUT)
+            src = run_path(method, fold, SEEDS[0])
+            t0 = time.time()
+            if deterministic and seed != SEEDS[0] and src.exists():
+                head = load_head(src)  # energy and the Gaussian fit have no seed: the same head for each
+            else:
+                head = fit(method, fp32, left_out, seed, threads)
+                fits += 1
+            fit_s = time.time() - t0
+            record = {"method": method, "fold": fold, "seed": seed, "left_out": left_out, "fit_seconds": fit_s,
+                      "cnn": measure(head, fp32, measured), "cnn-int8": measure(head, int8, measured),
+                      "cnn-int8_fp32_threshold": None, "params": head.n_params()}
+            t32 = record["cnn"]["threshold"]
+            record["cnn-int8_fp32_threshold"] = {g: float((head.score(int8[g]) > t32).mean()) for g in measured}
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, record=json.dumps(record), **{f"p.{k}": v for k, v in head.params.items()})
+            os.replace(tmp, path)
+            worst = min(record["cnn"]["groups"].items(), key=lambda kv: kv[1])
+            print(f"{method} seed {seed} fold {fold:13s} fit {fit_s:5.1f}s  "
+                  + " ".join(f"{g} {v * 100:5.1f}" for g, v in record["cnn"]["groups"].items())
+                  + f"  test {record['cnn']['test_rejected'] * 100:.2f}%", flush=True)
+    wall = time.time() - t_all
+    print(f"{method}: {fits} fits, {wall:.0f}s", flush=True)
+    if fits:
+        timing = BUILD / "timings.json"
+        times = json.loads(timing.read_text()) if timing.exists() else {}
+        times.setdefault(method, []).append({"fits": fits, "wall_seconds": wall, "threads": threads,
+                                             "date": time.strftime("%Y-%m-%d %H:%M")})
+        timing.write_text(json.dumps(times, indent=1) + "\n")
+
+
+def load_head(path: Path) -> Head:
+    z = np.load(path)
+    rec = json.loads(str(z["record"]))
+    head = Head(rec["method"])
+    head.params = {k[2:]: z[k] for k in z.files if k.startswith("p.")}
+    return head
+
+
+def load_record(method: str, fold: str, seed: int) -> dict:
+    return json.loads(str(np.load(run_path(method, fold, seed))["record"]))
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def summarise(method: str) -> dict | None:
+    if not all(run_path(method, f, s).exists() for f in FOLDS + ["all"] for s in SEEDS):
+        return None
+    recs = {(f, s): load_record(method, f, s) for f in FOLDS + ["all"] for s in SEEDS}
+    out = {"method": method, "columns": METHODS[method][0] if len(METHODS[method][0]) < 5 else "all 939",
+           "kind": METHODS[method][1], "hidden": METHODS[method][2], "params": recs[("all", SEEDS[0])]["params"]}
+    for model in ("cnn", "cnn-int8"):
+        per_group = {}
+        for fold in FOLDS:
+            for g in fold_measured(fold):
+                per_group[g] = {str(s): recs[(fold, s)][model]["groups"][g] for s in SEEDS}
+        rows = {g: {"seeds": v, "mean": float(np.mean(list(v.values()))), "min": float(min(v.values()))}
+                for g, v in per_group.items()}
+        worst = min(rows, key=lambda g: rows[g]["mean"])
+        worst_by_seed = {str(s): min((per_group[g][str(s)], g) for g in per_group) for s in SEEDS}
+        worst_seed = min(worst_by_seed, key=lambda s: worst_by_seed[s][0])
+        test = [recs[(f, s)][model]["test_rejected"] for f in FOLDS for s in SEEDS]
+        val = [recs[(f, s)][model]["val_rejected"] for f in FOLDS for s in SEEDS]
+        shipped = recs[("all", SEEDS[0])][model]
+        out[model] = {
+            "groups": rows, "worst_group": worst, "worst_rejected": rows[worst]["mean"],
+            "mean_rejected": float(np.mean([r["mean"] for r in rows.values()])),
+            "round2_mean_rejected": float(np.mean([rows[g]["mean"] for g in ROUND2_GROUPS])),
+            "worst_seed": {"seed": int(worst_seed), "group": worst_by_seed[worst_seed][1],
+                           "rejected": worst_by_seed[worst_seed][0]},
+            "test_rejected_max_over_folds": float(max(test)), "test_rejected_mean_over_folds": float(np.mean(test)),
+            "val_rejected_mean": float(np.mean(val)),
+            "shipped_fit": {"seed": SEEDS[0], "threshold": shipped["threshold"], "val_rejected": shipped["val_rejected"],
+                            "test_rejected": shipped["test_rejected"],
+                            "held_out": {g: shipped["groups"][g] for g in HELD_OUT},
+                            "test_rejected_by_seed": {str(s): recs[("all", s)][model]["test_rejected"] for s in SEEDS}},
+        }
+    out["int8_parity"] = {g: out["cnn-int8"]["groups"][g]["mean"] - out["cnn"]["groups"][g]["mean"]
+                          for g in out["cnn"]["groups"]}
+    out["int8_parity_max_abs"] = float(max(abs(v) for v in out["int8_parity"].values()))
+    out["int8_fp32_threshold_parity_max_abs"] = float(max(
+        abs(np.mean([recs[(f, s)]["cnn-int8_fp32_threshold"][g] for s in SEEDS]) - out["cnn"]["groups"][g]["mean"])
+        for f in FOLDS for g in fold_measured(f)))
+    out["fit_seconds"] = {"total": float(sum(r["fit_seconds"] for r in recs.values())),
+                          "per_fit_mean": float(np.mean([r["fit_seconds"] for r in recs.values()]))}
+    return out
+
+
+def report() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for method in METHODS:
+        s = summarise(method)
+        if s is None:
+            print(f"{method}: not complete, left out of the report")
+            continue
+        done[method] = s
+        timing = BUILD / "timings.json"
+        if timing.exists():
+            s["timings"] = json.loads(timing.read_text()).get(method)
+        (RESULTS / f"ood-head-{method}.json").write_text(json.dumps(s, indent=1) + "\n")
+    (RESULTS / "ood-head.md").write_text(markdown(done))
+    print((RESULTS / "ood-head.md").read_text())
+
+
+def markdown(done: dict) -> str:
+    pct = lambda v: f"{v * 100:.1f}"  # noqa: E731
+    lines = ["# Garment head: leave-one-group-out (issue #30)", "",
+             "Protocol: training/ood_head_protocol.md. Rejected share of each left-out group (%), threshold at "
+             f"{VAL_BUDGET * 100:g}% of the 5,000 validation garments, head fitted without the group and its kin "
+             f"(FOLD_LINKS); mean over seeds {', '.join(map(str, SEEDS))}. Made by training/ood_head.py report.", "",
+             "## Summary", "",
+             "| method | params | worst group (mean of seeds) | worst seed's worst | mean of groups | round-2 groups mean "
+             "| test garments rejected: shipped fit (max over folds) | INT8: worst group, max abs diff per group |",
+             "|---|---:|---|---|---:|---:|---:|---|"]
+    for m, s in done.items():
+        c, q = s["cnn"], s["cnn-int8"]
+        lines.append(f"| {m} | {s['params']:,} | {pct(c['worst_rejected'])} ({c['worst_group']}) | "
+                     f"{pct(c['worst_seed']['rejected'])} ({c['worst_seed']['group']}, seed {c['worst_seed']['seed']}) | "
+                     f"{pct(c['mean_rejected'])} | {pct(c['round2_mean_rejected'])} | "
+                     f"{c['shipped_fit']['test_rejected'] * 100:.2f} ({c['test_rejected_max_over_folds'] * 100:.2f}) | "
+                     f"{pct(q['worst_rejected'])} ({q['worst_group']}), {s['int8_parity_max_abs'] * 100:.1f} points |")
+    lines += ["", "## Per group, cnn (seeds; mean) and cnn-int8 (mean, same heads, its own validation threshold)", ""]
+    methods = list(done)
+    lines.append("| group | " + " | ".join(methods) + " |")
+    lines.append("|---|" + "---:|" * len(methods))
+    for g in GROUPS:
+        cells = []
+        for m in methods:
+            r, q = done[m]["cnn"]["groups"][g], done[m]["cnn-int8"]["groups"][g]
+            cell = f"{pct(r['mean'])} ({'/'.join(pct(v) for v in r['seeds'].values())}; int8 {pct(q['mean'])})"
+            cells.append(f"**{cell}**" if g == done[m]["cnn"]["worst_group"] else cell)
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", "Held-out (build/ood-held-out, measured once with each method's shipped fit: seed "
+              f"{SEEDS[0]}, every group): "
+              + "; ".join(f"{m}: " + ", ".join(f"{g} {pct(v)}%" for g, v in s["cnn"]["shipped_fit"]["held_out"].items())
+                          for m, s in done.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def export(method: str, out_root: Path, seed: int) -> None:
+    """The shipped fit (every group, `seed`) appended to each model's graph as output `ood_components`
+    [batch, 1] (the garment head's score, higher = less like a garment), and an ood.json that names it."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    head = load_head(run_path(method, "all", seed))
+    kind = METHODS[method][1]
+    if kind != "mlp":
+        raise SystemExit(f"export writes MLP/linear heads; {method} is {kind}")
+    p = head.params
+    for model in ("cnn", "cnn-int8"):
+        src = model_path(model)
+        m = onnx.load(str(src))
+        g = m.graph
+        hin = add_head_input(m)
+        # Standardisation folded into the first layer: (x - mu) / sd @ W^T + b = x @ (W / sd)^T + (b - W @ (mu / sd)).
+        first = "w1" if "w1" in p else "w2"
+        bias = "b1" if "w1" in p else "b2"
+        w = p[first] / p["sd"]
+        b = p[bias] - w @ p["mu"]
+        cols = head.cols
+        init = lambda name, a: g.initializer.append(numpy_helper.from_array(np.asarray(a), "head/" + name))  # noqa: E731
+        nodes = []
+        node = lambda op, ins, out, **kw: nodes.append(helper.make_node(op, ins, [out], name=out, **kw))  # noqa: E731
+        x = hin
+        if len(cols) != WIDTH:
+            init("cols", cols.astype(np.int64))
+            node("Gather", [hin, "head/cols"], "head/x", axis=1)
+            x = "head/x"
+        init("w_a", w.T.astype(np.float32))
+        init("b_a", b.astype(np.float32))
+        node("MatMul", [x, "head/w_a"], "head/za")
+        if "w1" in p:
+            node("Add", ["head/za", "head/b_a"], "head/ha")
+            node("Relu", ["head/ha"], "head/h")
+            init("w_b", p["w2"].T.astype(np.float32))
+            init("b_b", p["b2"].astype(np.float32))
+            node("MatMul", ["head/h", "head/w_b"], "head/zb")
+            node("Add", ["head/zb", "head/b_b"], "ood_components")
+        else:
+            node("Add", ["head/za", "head/b_a"], "ood_components")
+        g.node.extend(nodes)
+        g.output.append(helper.make_tensor_value_info("ood_components", TensorProto.FLOAT, ["batch", 1]))
+        onnx.checker.check_model(m)
+        dst = out_root / model / "1"
+        dst.mkdir(parents=True, exist_ok=True)
+        onnx.save(m, str(dst / "model.onnx"))
+        # Threshold from this model's own validation garments at the budget (thresholds come from validation only).
+        feats = load_features(model)
+        rec = measure(head, feats, GROUPS + list(HELD_OUT))
+        parity = check_parity(dst / "model.onnx", head, model)
+        ood = {"method": "garment_head", "threshold": rec["threshold"], "components": ["garment_head"],
+               "graph_output": {"name": "ood_components", "components": ["garment_head"]},
+               "head": {"protocol": "training/ood_head_protocol.md", "fit": method, "seed": seed,
+                        "val_budget": VAL_BUDGET, "val_rejected": rec["val_rejected"],
+                        "test_rejected": rec["test_rejected"], "onnx_parity_max_abs_diff": parity,
+                        "source_model_sha256": hashlib.sha256(src.read_bytes()).hexdigest()}}
+        (dst / "ood.json").write_text(json.dumps(ood, indent=1) + "\n")
+        for extra in ("model.json",):
+            shutil.copy(src.parent / extra, dst / extra)
+        meta = json.loads((dst / "model.json").read_text())
+        meta["sha256"] = hashlib.sha256((dst / "model.onnx").read_bytes()).hexdigest()
+        meta["outputs"] = [o for o in meta["outputs"] if o["name"] != "ood_components"] + [{
+            "name": "ood_components", "shape": ["batch", 1], "dtype": "float32",
+            "meaning": "garment head score (training/ood_head.py), higher = less like a garment"}]
+        meta["ood"] = {"method": "garment_head", "threshold": rec["threshold"], "file": "ood.json",
+                       "sha256": hashlib.sha256((dst / "ood.json").read_bytes()).hexdigest()}
+        (dst / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"{model}: {dst}, threshold {rec['threshold']:.4f}, val {rec['val_rejected'] * 100:.2f}%, "
+              f"test {rec['test_rejected'] * 100:.2f}%, graph vs numpy max abs diff {parity:.2e}")
+
+
+def check_parity(onnx_path: Path, head: Head, model: str) -> float:
+    """The exported graph's ood_components against the head on the cached features, on validation and a few
+    groups (max abs difference of the score)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feats = load_features(model)
+    src = sources()
+    worst = 0.0
+    for name in ("val", "silhouettes", "patterns", "icons-glyphs"):
+        images = load_images(src[name])[:1000]
+        got = sess.run(["ood_components"], {"image": images.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0})[0][:, 0]
+        worst = max(worst, float(np.abs(got - head.score(feats[name][: len(images)])).max()))
+    return worst
+
+
+def bench(out_root: Path, threads: int, repeats: int) -> None:
+    """Images per second through ONNX Runtime, the shipped graph against the one with the head, at batch 1 and
+    64 (the server's batcher), interleaved, best of `repeats`."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    test_x, _ = load_split("test", DEFAULT_DATA_DIR)
+    res = {}
+    for model in ("cnn", "cnn-int8"):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        base = ort.InferenceSession(str(model_path(model)), opts, providers=["CPUExecutionProvider"])
+        withh = ort.InferenceSession(str(out_root / model / "1/model.onnx"), opts, providers=["CPUExecutionProvider"])
+        for batch in (1, 64):
+            x = test_x[rng.choice(len(test_x), 2048)].reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+            n = 256 if batch == 1 else 2048
+            best = {"base": 0.0, "head": 0.0}
+            for _ in range(repeats):
+                for key, sess, outs in (("base", base, ["probabilities", "logits"]),
+                                        ("head", withh, ["probabilities", "logits", "ood_components"])):
+                    t0 = time.perf_counter()
+                    for i in range(0, n, batch):
+                        sess.run(outs, {"image": x[i : i + batch]})
+                    best[key] = max(best[key], n / (time.perf_counter() - t0))
+            res[f"{model}/batch{batch}"] = {"base_images_per_s": best["base"], "head_images_per_s": best["head"],
+                                            "cost": 1 - best["head"] / best["base"]}
+            print(f"{model} batch {batch}: {best['base']:.0f} -> {best['head']:.0f} images/s "
+                  f"({(1 - best['head'] / best['base']) * 100:+.1f}% cost)", flush=True)
+    import platform
+    import subprocess
+
+    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True).stdout.strip()
+    res["machine"] = {"cpu": cpu, "threads": threads, "python": platform.python_version(), "onnxruntime": ort.__version__,
+                      "date": time.strftime("%Y-%m-%d")}
+    (RESULTS / "ood-head-throughput.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("--model", choices=["cnn", "cnn-int8"], required=True)
+    lg = sub.add_parser("logo")
+    lg.add_argument("--method", choices=list(METHODS), required=True)
+    sub.add_parser("report")
+    ex = sub.add_parser("export")
+    ex.add_argument("--method", choices=list(METHODS), required=True)
+    ex.add_argument("--seed", type=int, default=SEEDS[0])
+    b = sub.add_parser("bench")
+    b.add_argument("--repeats", type=int, default=5)
+    for s in (e, lg, ex, b):
+        s.add_argument("--threads", type=int, default=1, help="1: faster than 2 on a shared 2-core machine")
+    for s in (ex, b):
+        s.add_argument("--out", default=str(REPO / "build/models-head"))
+    a = p.parse_args()
+    t0 = time.time()
+    if a.cmd == "extract":
+        extract(a.model, a.threads)
+    elif a.cmd == "logo":
+        logo(a.method, a.threads)
+    elif a.cmd == "report":
+        report()
+    elif a.cmd == "export":
+        export(a.method, Path(a.out), a.seed)
+    else:
+        bench(Path(a.out), a.threads, a.repeats)
+    print(f"{a.cmd}: {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
