@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # make bench: builds what the benchmark runs, sets up the peers' virtual environments (bench/.venv, from the
-# pinned bench/requirements.txt; bench/.venv-triton, from bench/requirements-triton.txt), then runs bench/run.py.
+# hashed lock bench/requirements.txt; bench/.venv-triton, from bench/requirements-triton.txt, both installed with
+# --no-deps by scripts/install-lock.sh), then runs bench/run.py.
 # Extra arguments go to run.py (e.g. --quick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=bench/.venv
-if [ ! -f "$VENV/.installed" ] || [ bench/requirements.txt -nt "$VENV/.installed" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet -r bench/requirements.txt
+if [ ! -f "$VENV/.installed" ] || [ bench/requirements.txt -nt "$VENV/.installed" ] \
+  || [ scripts/install-lock.sh -nt "$VENV/.installed" ]; then
+  bash scripts/install-lock.sh python3 "$VENV" bench/requirements.txt
   touch "$VENV/.installed"
 fi
 
@@ -27,10 +28,11 @@ triton_python() {
     || { echo "pyenv's 3.12.1 has no lib/libpython3.12.so.1.0 (the Triton backend stub links against it)"; return 1; }
   echo "$prefix/bin/python3.12"
 }
-if [ ! -f "$TRITON_VENV/.installed" ] || [ bench/requirements-triton.txt -nt "$TRITON_VENV/.installed" ]; then
+if [ ! -f "$TRITON_VENV/.installed" ] || [ bench/requirements-triton.txt -nt "$TRITON_VENV/.installed" ] \
+  || [ scripts/install-lock.sh -nt "$TRITON_VENV/.installed" ]; then
   why=""
   if py=$(triton_python); then
-    if "$py" -m venv "$TRITON_VENV" && "$TRITON_VENV/bin/pip" install --quiet -r bench/requirements-triton.txt; then
+    if bash scripts/install-lock.sh "$py" "$TRITON_VENV" bench/requirements-triton.txt; then
       rm -f "$TRITON_VENV/.unavailable"
       touch "$TRITON_VENV/.installed"
     else
