@@ -15,6 +15,7 @@ mod batching;
 mod classify;
 mod cli;
 mod deadlines;
+mod docs;
 mod fuzz_requests;
 mod hardening;
 mod lifecycle;
