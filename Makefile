@@ -19,6 +19,7 @@ test: test-deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --locked --offline --release --all-targets -- -D warnings
 	$(CARGO) test --locked --offline --release --lib --bins --tests
+	bash tests/fetch_ort_test.sh
 	bash tests/grpcurl.sh
 	bash tests/prometheus.sh
 	bash deploy/validate.sh
@@ -45,7 +46,7 @@ rust-components:
 setup:
 	bash scripts/setup-system.sh
 
-## ort: fetch the ONNX Runtime library (PyPI wheel onnxruntime==1.31.1) into .ort/
+## ort: fetch the ONNX Runtime library (PyPI wheel onnxruntime==1.31.1, checked against its pinned sha256) into .ort/
 ort:
 	bash scripts/fetch-ort.sh
 
