@@ -104,9 +104,15 @@ impl Classifier {
         }
     }
 
-    /// Ready for new work: the models are loaded and warmed up, and the server is not draining.
+    /// Ready for new work, as health and readiness report it: the server is not draining, and the default model
+    /// has a version loaded and warmed up (without one, every call that names no model fails).
     pub fn is_ready(&self) -> bool {
-        self.registry.snapshot().is_some() && !self.draining.load(Ordering::Relaxed)
+        !self.is_draining() && self.registry.snapshot().is_some_and(|s| s.default_ready())
+    }
+
+    /// Shutting down: new work should go elsewhere.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// The server is shutting down: readiness turns false so balancers stop sending work; calls still run.

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     admission::SharePolicy,
     connections::ConnectionLimits,
+    control::{ControlKey, ControlSettings},
     model::RuntimeOptions,
     preprocess::{DecodeLimits, InputCheck},
 };
@@ -232,6 +233,28 @@ pub struct Config {
     #[arg(long, env = "FMNIST_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
 
+    /// Model control: `none` refuses every load and unload call (gRPC RepositoryModelLoad/Unload, REST
+    /// /v2/repository/models/*/load|unload) with PERMISSION_DENIED / 403; `explicit` serves them to callers that
+    /// send `authorization: Bearer <key>` (the key from --model-control-key-file or FMNIST_MODEL_CONTROL_KEY).
+    /// The repository poll and SIGHUP work either way (docs/security.md).
+    #[arg(long, env = "FMNIST_MODEL_CONTROL", value_enum, default_value_t = ModelControlMode::None)]
+    pub model_control: ModelControlMode,
+
+    /// File holding the model control key (at least 16 bytes; surrounding whitespace ignored), e.g. a
+    /// mounted Kubernetes Secret.
+    #[arg(long, env = "FMNIST_MODEL_CONTROL_KEY_FILE")]
+    pub model_control_key_file: Option<PathBuf>,
+
+    /// The model control key itself; prefer the environment or the file (a value on the command line shows
+    /// in `ps`).
+    #[arg(long, env = "FMNIST_MODEL_CONTROL_KEY", hide_env_values = true)]
+    pub model_control_key: Option<String>,
+
+    /// Start even when the memory budget (logged at start-up) exceeds the container's memory limit (cgroup
+    /// `memory.max`); by default the server refuses, as the first burst the budget allows would be OOM-killed.
+    #[arg(long, env = "FMNIST_IGNORE_MEMORY_LIMIT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub ignore_memory_limit: bool,
+
     /// Log format: human-readable text or JSON lines. Level from RUST_LOG (default info).
     #[arg(long, env = "FMNIST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -248,6 +271,15 @@ pub enum OrtOptimization {
     Extended,
     /// Everything, including the CPU layout (NCHWc) transformations.
     All,
+}
+
+/// Who may load and unload models through the API (Triton's `--model-control-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelControlMode {
+    /// Load and unload calls are refused.
+    None,
+    /// Load and unload calls are served to callers that present the key.
+    Explicit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -367,6 +399,41 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn rest_settings(&self) -> crate::rest::RestSettings {
+        crate::rest::RestSettings {
+            max_body_bytes: self.max_message_bytes,
+            request_timeout: Duration::from_secs(self.request_timeout_s),
+        }
+    }
+
+    /// The model control gate: off, or the key read from its file or variable.
+    pub fn control_settings(&self) -> Result<ControlSettings, String> {
+        let key_text = match (&self.model_control_key_file, &self.model_control_key) {
+            (Some(_), Some(_)) => {
+                return Err("set one of --model-control-key-file and FMNIST_MODEL_CONTROL_KEY, not both".into());
+            }
+            (Some(path), None) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("--model-control-key-file {}: {e}", path.display()))?,
+            ),
+            (None, key) => key.clone(),
+        };
+        match (self.model_control, key_text) {
+            (ModelControlMode::None, None) => Ok(ControlSettings::default()),
+            (ModelControlMode::None, Some(_)) => Err(
+                "a model control key is set but --model-control is none: set --model-control explicit to serve \
+                 load and unload calls, or remove the key"
+                    .into(),
+            ),
+            (ModelControlMode::Explicit, None) => {
+                Err("--model-control explicit needs a key: --model-control-key-file or FMNIST_MODEL_CONTROL_KEY".into())
+            }
+            (ModelControlMode::Explicit, Some(text)) => Ok(ControlSettings {
+                key: Some(ControlKey::new(&text)?),
+            }),
+        }
     }
 
     /// Decode slots per lane: the flag, or one per available core (which follows a container's CPU limit).

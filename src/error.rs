@@ -1,5 +1,5 @@
 //! Error types of each layer, and the protocol-neutral [`ErrorKind`] each one has. Adapters map a kind to their
-//! own codes in one place each (`grpc::status`); nothing here knows a protocol.
+//! own codes in one place each (`grpc::code`, `rest::status`); nothing here knows a protocol.
 //!
 //! A problem with a single image is not here: it is data in that image's verdict (see `verdict::Verdict`).
 
@@ -58,6 +58,30 @@ pub enum RequestError {
         min: f32,
         max: f32,
     },
+    /// A model the server is configured to serve, with no version ready: unloaded on request, or still loading.
+    /// The server's fault, not the caller's; `default`: the call named no model.
+    #[error("{}", not_ready_message(.model, *.default))]
+    NotReady { model: String, default: bool },
+}
+
+fn not_ready_message(model: &str, default: bool) -> String {
+    if default {
+        format!(
+            "the default model {model} has no ready version (unloaded, or no version could be loaded): name \
+             another model, or retry once an operator has loaded it"
+        )
+    } else {
+        format!("model {model} has no ready version (unloaded, or no version could be loaded): retry later")
+    }
+}
+
+impl RequestError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RequestError::NotReady { .. } => ErrorKind::Unavailable,
+            _ => ErrorKind::Invalid,
+        }
+    }
 }
 
 /// Why queued work did not run.
@@ -140,6 +164,12 @@ pub enum ErrorKind {
     Unavailable,
     /// The server failed.
     Internal,
+    /// The call needs a credential it did not present, or presented a wrong one.
+    Unauthenticated,
+    /// The call is not allowed on this server, whoever makes it (e.g. model control while it is off).
+    PermissionDenied,
+    /// The call is valid, but the server's state refuses it as sent (the message says how to insist).
+    FailedPrecondition,
 }
 
 /// Why a call failed, for any adapter: a kind and a message for the caller.
@@ -175,7 +205,7 @@ impl ServiceError {
 
 impl From<RequestError> for ServiceError {
     fn from(e: RequestError) -> Self {
-        Self::new(ErrorKind::Invalid, e.to_string())
+        Self::new(e.kind(), e.to_string())
     }
 }
 

@@ -7,7 +7,8 @@
 
 use crate::{
     classify::{Classifier, ClassifyRequest, ClassifyResponse, ImageInput},
-    error::{ServiceError, clip},
+    control::{ControlCall, ModelControl},
+    error::{ErrorKind, ServiceError, clip},
     model::CLASSES,
     preprocess::{PIXELS, SIDE},
     verdict::Verdict,
@@ -110,16 +111,18 @@ pub fn describe_model(core: &Classifier, name: &str, version: &str) -> Result<Mo
     })
 }
 
-/// `ModelReady`: the server takes calls, and the model has the version named (or any, when none is named).
+/// `ModelReady`: the server is not draining, and the model has the version named (or any, when none is named).
 /// As Triton answers it, an unknown model or version is simply not ready.
 pub fn model_ready(core: &Classifier, name: &str, version: &str) -> bool {
-    core.is_ready() && !name.is_empty() && core.models().is_ok_and(|m| m.find(name, version).is_ok())
+    !core.is_draining() && !name.is_empty() && core.models().is_ok_and(|m| m.find(name, version).is_ok())
 }
 
-/// `RepositoryModelLoad`: reads the model's folder now and swaps in what is new or changed. It answers once
-/// that is done; a version that failed to load is an error naming it and why (the versions serving before
-/// keep serving).
-pub async fn load_model(core: &Classifier, name: &str) -> Result<(), ServiceError> {
+/// `RepositoryModelLoad`, once `control` lets the call through: reads the model's folder now and swaps in
+/// what is new or changed. It answers once that is done; a version that failed to load is an error naming it
+/// and why (the versions serving before keep serving).
+pub async fn load_model(core: &Classifier, control: &ModelControl, call: ControlCall<'_>) -> Result<(), ServiceError> {
+    control.authorize(call)?;
+    let name = call.model;
     let registry = core.registry();
     if !registry.is_configured(name) {
         return Err(ServiceError::invalid(format!(
@@ -138,9 +141,31 @@ pub async fn load_model(core: &Classifier, name: &str) -> Result<(), ServiceErro
     }
 }
 
-/// `RepositoryModelUnload`: stops serving every version of the model; calls in flight finish.
-pub fn unload_model(core: &Classifier, name: &str) -> Result<(), ServiceError> {
-    core.registry().unload(name)?;
+/// The parameter an unload of the default model needs: without it, calls that name no model would fail.
+pub const FORCE_PARAMETER: &str = "force";
+
+/// `RepositoryModelUnload`, once `control` lets the call through: stops serving every version of the model;
+/// calls in flight finish. The default model goes only with `force`: without it, every call that names no
+/// model would fail, and the server would report itself not ready.
+pub fn unload_model(
+    core: &Classifier,
+    control: &ModelControl,
+    call: ControlCall<'_>,
+    force: bool,
+) -> Result<(), ServiceError> {
+    control.authorize(call)?;
+    let registry = core.registry();
+    if call.model == registry.default_model().name && !force {
+        return Err(ServiceError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "model {} is the default model: unloading it fails every call that names no model and turns \
+                 health NOT_SERVING; send the parameter {FORCE_PARAMETER}=true to unload it anyway",
+                call.model
+            ),
+        ));
+    }
+    registry.unload(call.model)?;
     Ok(())
 }
 
@@ -155,7 +180,9 @@ pub enum TensorData {
 impl TensorData {
     /// Reads a tensor's raw bytes (gRPC `raw_input_contents`, an HTTP binary part): elements row-major and
     /// little-endian, a BYTES element as a 4-byte little-endian length and its bytes.
-    pub fn from_raw(name: &str, datatype: &str, raw: &[u8]) -> Result<TensorData, ServiceError> {
+    /// At most `max_elements` BYTES elements are read: each costs an allocation, so they are counted before
+    /// any is made.
+    pub fn from_raw(name: &str, datatype: &str, raw: &[u8], max_elements: usize) -> Result<TensorData, ServiceError> {
         match datatype {
             "UINT8" => Ok(TensorData::Uint8(raw.to_vec())),
             "FP32" => {
@@ -176,6 +203,12 @@ impl TensorData {
                 let mut elements = Vec::new();
                 let mut rest = raw;
                 while !rest.is_empty() {
+                    if elements.len() == max_elements {
+                        return Err(ServiceError::invalid(format!(
+                            "input {}: more than {max_elements} BYTES elements; at most {max_elements} images per call",
+                            clip(name)
+                        )));
+                    }
                     let malformed = || {
                         ServiceError::invalid(format!(
                             "input {}: raw BYTES contents must be elements of a 4-byte little-endian length \
@@ -313,7 +346,10 @@ fn requested_outputs(names: &[String]) -> Result<Vec<&'static TensorSpec>, Servi
             ))
         })?;
         if wanted.contains(&spec) {
-            return Err(ServiceError::invalid(format!("output {name} is requested twice")));
+            return Err(ServiceError::invalid(format!(
+                "output {} is requested twice",
+                clip(name)
+            )));
         }
         wanted.push(spec);
     }
@@ -338,9 +374,9 @@ fn images(input: InputTensor) -> Result<Vec<ImageInput>, ServiceError> {
         input.shape.len() == spec.shape.len() && input.shape[0] >= 0 && input.shape[1..] == spec.shape[1..];
     if !shape_fits {
         return Err(ServiceError::invalid(format!(
-            "input {name} is {}, got shape {:?}",
+            "input {name} is {}, got shape {}",
             describe(spec),
-            input.shape
+            show_shape(&input.shape)
         )));
     }
     let n = usize::try_from(input.shape[0]).unwrap_or(usize::MAX);
@@ -348,8 +384,8 @@ fn images(input: InputTensor) -> Result<Vec<ImageInput>, ServiceError> {
     let expected = n.checked_mul(per_image);
     if expected != Some(input.data.len()) {
         return Err(ServiceError::invalid(format!(
-            "input {name} has shape {:?} but {} elements; expected {} ({per_image} per image)",
-            input.shape,
+            "input {name} has shape {} but {} elements; expected {} ({per_image} per image)",
+            show_shape(&input.shape),
             input.data.len(),
             expected.map_or_else(|| "more than can be sent".to_string(), |e| e.to_string()),
         )));
@@ -376,10 +412,25 @@ fn threshold(key: &str, value: &Param) -> Result<f32, ServiceError> {
     };
     // The range itself is the core's to check, as for `Classify`.
     number.map(|v| v as f32).ok_or_else(|| {
+        let got = match value {
+            Param::Str(s) => format!("the string {:?}", clip(s)),
+            other => format!("{other:?}"),
+        };
         ServiceError::invalid(format!(
-            "parameter {key} must be a number (a double, an int64 or a string such as \"0.9\"), got {value:?}"
+            "parameter {key} must be a number (a double, an int64 or a string such as \"0.9\"), got {got}"
         ))
     })
+}
+
+/// A client's shape as it may be echoed: its first dimensions, never the whole of a long one.
+fn show_shape(shape: &[i64]) -> String {
+    const SHOWN: usize = 6;
+    let dims: Vec<String> = shape.iter().take(SHOWN).map(i64::to_string).collect();
+    if shape.len() > SHOWN {
+        format!("[{}, …] ({} dimensions)", dims.join(", "), shape.len())
+    } else {
+        format!("[{}]", dims.join(", "))
+    }
 }
 
 /// An output tensor's elements.
@@ -586,18 +637,20 @@ mod tests {
 
     #[test]
     fn raw_contents_decode_each_datatype() {
-        let fp32 = TensorData::from_raw("image", "FP32", &[0, 0, 0x80, 0x3f, 0, 0, 0, 0]).unwrap();
+        let fp32 = TensorData::from_raw("image", "FP32", &[0, 0, 0x80, 0x3f, 0, 0, 0, 0], 64).unwrap();
         assert_eq!(fp32, TensorData::Fp32(vec![1.0, 0.0]));
         assert_eq!(
-            TensorData::from_raw("image", "FP32", &[0; 5]).unwrap_err().kind,
+            TensorData::from_raw("image", "FP32", &[0; 5], 64).unwrap_err().kind,
             ErrorKind::Invalid
         );
-        let bytes = TensorData::from_raw("encoded", "BYTES", &[2, 0, 0, 0, b'h', b'i', 0, 0, 0, 0]).unwrap();
+        let bytes = TensorData::from_raw("encoded", "BYTES", &[2, 0, 0, 0, b'h', b'i', 0, 0, 0, 0], 64).unwrap();
         assert_eq!(bytes, TensorData::Bytes(vec![b"hi".to_vec(), vec![]]));
         for malformed in [&[2, 0, 0][..], &[5, 0, 0, 0, b'h']] {
-            assert!(TensorData::from_raw("encoded", "BYTES", malformed).is_err());
+            assert!(TensorData::from_raw("encoded", "BYTES", malformed, 64).is_err());
         }
-        let e = TensorData::from_raw("raw", "INT32", &[]).unwrap_err();
+        let over = TensorData::from_raw("encoded", "BYTES", &[0; 12], 2).unwrap_err();
+        assert!(over.message.contains("more than 2 BYTES elements"), "{}", over.message);
+        let e = TensorData::from_raw("raw", "INT32", &[], 64).unwrap_err();
         assert!(e.message.contains("datatype INT32"), "{}", e.message);
     }
 
@@ -605,7 +658,7 @@ mod tests {
     fn bytes_outputs_encode_as_bytes_inputs_decode() {
         let out = OutputData::Bytes(vec!["ACCEPTED".into(), String::new()]);
         assert_eq!(
-            TensorData::from_raw("x", "BYTES", &out.to_raw()).unwrap(),
+            TensorData::from_raw("x", "BYTES", &out.to_raw(), 64).unwrap(),
             TensorData::Bytes(vec![b"ACCEPTED".to_vec(), vec![]])
         );
         assert_eq!(OutputData::Int64(vec![-1]).to_raw(), vec![0xff; 8]);

@@ -137,17 +137,34 @@ pub struct Snapshot {
     pub models: BTreeMap<String, ServedModel>,
     /// The model a call gets when it names none.
     pub default: String,
+    /// Every model the server is configured to serve (`--models`), ready or not.
+    pub configured: Vec<String>,
 }
 
 impl Snapshot {
     /// The model a call names (empty: the default) at the version it names: empty for the newest ready one,
     /// a number, or a label.
+    /// A configured model with no version ready is `NotReady` (the server's state), not unknown.
     pub fn find(&self, name: &str, version: &str) -> Result<&Arc<LoadedModel>, RequestError> {
-        let name = if name.is_empty() { self.default.as_str() } else { name };
-        let served = self.models.get(name).ok_or_else(|| RequestError::UnknownModel {
-            name: clip(name),
-            loaded: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
+        let default = name.is_empty();
+        let name = if default { self.default.as_str() } else { name };
+        let not_ready = || RequestError::NotReady {
+            model: name.to_string(),
+            default,
+        };
+        let served = match self.models.get(name) {
+            Some(served) => served,
+            None if self.configured.iter().any(|m| m == name) => return Err(not_ready()),
+            None => {
+                return Err(RequestError::UnknownModel {
+                    name: clip(name),
+                    loaded: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+                });
+            }
+        };
+        if served.ready.is_empty() {
+            return Err(not_ready());
+        }
         let found = if version.is_empty() {
             served.default_version()
         } else {
@@ -164,6 +181,18 @@ impl Snapshot {
             version: clip(version),
             served: served.describe_versions(),
         })
+    }
+}
+
+impl Snapshot {
+    /// Whether the default model has a version ready: what the server's health and readiness report.
+    pub fn default_ready(&self) -> bool {
+        self.model_ready(&self.default)
+    }
+
+    /// Whether `name` has a version ready.
+    pub fn model_ready(&self, name: &str) -> bool {
+        self.models.get(name).is_some_and(|m| !m.ready.is_empty())
     }
 }
 
@@ -190,6 +219,8 @@ pub struct Registry {
     /// per-thread arena: loading on whichever pool thread is free grew the server by ~2 MiB a swap (to
     /// 240 MiB after 80 swaps); on one thread it stays flat.
     loader: Mutex<Option<std::sync::mpsc::Sender<LoadJob>>>,
+    /// Bumped at every publish, for what follows the served models (health).
+    published: tokio::sync::watch::Sender<u64>,
 }
 
 type LoadJob = (Option<String>, std::sync::mpsc::Sender<ReloadReport>);
@@ -244,6 +275,7 @@ impl Registry {
             current: RwLock::new(None),
             reload: Mutex::new(Book::default()),
             loader: Mutex::new(None),
+            published: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -279,6 +311,12 @@ impl Registry {
 
     fn publish(&self, next: Snapshot) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(next));
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes whenever the served models do (a load, a swap, an unload, a drain ending).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// The first load, at start-up: every configured model must have a version that serves, or the server
@@ -316,6 +354,7 @@ impl Registry {
         let mut report = ReloadReport::default();
         let mut next = self.snapshot().map(|s| (*s).clone()).unwrap_or_default();
         next.default = self.settings.default.name.clone();
+        next.configured = self.settings.models.clone();
         for name in &self.settings.models {
             if only.is_some_and(|o| o != name) {
                 continue;
@@ -515,6 +554,10 @@ impl Registry {
         let mut book = self.reload.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = self.snapshot().map(|s| (*s).clone()).unwrap_or_default();
         let Some(mut served) = next.models.remove(name) else {
+            if self.is_configured(name) {
+                // Already unloaded: nothing more to do.
+                return Ok(ReloadReport::default());
+            }
             return Err(RequestError::UnknownModel {
                 name: clip(name),
                 loaded: next.models.keys().cloned().collect::<Vec<_>>().join(", "),

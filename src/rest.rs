@@ -15,16 +15,24 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use std::time::Instant;
+
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::{
     classify::Classifier,
     connections::ConnectionInfo,
-    error::{ErrorKind, ServiceError, clip},
+    control::{ControlCall, ModelControl},
+    error::{ErrorKind, QueueError, ServiceError, clip},
     oip::{self, InferRequest, InputTensor, OutputData, OutputTensor, Param, TensorData, TensorSpec},
+    preprocess::PIXELS,
+    rest_json::{self, Scalar},
 };
+
+/// The largest body a repository call may carry: a few parameters.
+const MAX_CONTROL_BODY_BYTES: usize = 4096;
 
 /// The header that says how long the JSON part of a binary-extension body is.
 const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -37,6 +45,9 @@ pub fn status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
+        ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
     }
 }
 
@@ -62,14 +73,29 @@ impl IntoResponse for Failed {
     }
 }
 
+/// What the REST routes need besides the core; built from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct RestSettings {
+    /// A request body's bound, as the gRPC message limit bounds a call.
+    pub max_body_bytes: usize,
+    /// The server's `--request-timeout-s`. An inference call ends a little before it ([`TIMEOUT_MARGIN`]) with
+    /// its own 504 and JSON error: the server-wide timeout would answer a REST client in gRPC's terms
+    /// (HTTP 200, `grpc-status`).
+    pub request_timeout: std::time::Duration,
+}
+
+/// How much earlier than the server-wide timeout a REST inference call gives up.
+const TIMEOUT_MARGIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 #[derive(Clone)]
 struct Rest {
     core: Classifier,
-    max_body_bytes: usize,
+    control: ModelControl,
+    settings: RestSettings,
 }
 
-/// The routes; `max_body_bytes` bounds a request body as the gRPC message limit bounds a call.
-pub fn router(core: Classifier, max_body_bytes: usize) -> Router {
+/// The routes; `control` gates the repository's load and unload.
+pub fn router(core: Classifier, control: ModelControl, settings: RestSettings) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -83,7 +109,11 @@ pub fn router(core: Classifier, max_body_bytes: usize) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{name}/load", post(load))
         .route("/v2/repository/models/{name}/unload", post(unload))
-        .with_state(Rest { core, max_body_bytes })
+        .with_state(Rest {
+            core,
+            control,
+            settings,
+        })
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,39 +197,80 @@ async fn repository_index(State(rest): State<Rest>, body: axum::body::Bytes) -> 
     Ok(Json(Value::Array(entries)))
 }
 
-async fn load(State(rest): State<Rest>, Path(name): Path<String>) -> Result<Json<Value>, Failed> {
-    oip::load_model(&rest.core, &name).await?;
+/// A control call as the gate needs it: the caller's address and its `authorization` header.
+fn control_call<'a>(action: &'static str, model: &'a str, parts: &'a axum::http::request::Parts) -> ControlCall<'a> {
+    ControlCall {
+        action,
+        model,
+        peer: parts.extensions.get::<ConnectionInfo>().and_then(|c| c.remote),
+        authorization: parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+    }
+}
+
+async fn load(State(rest): State<Rest>, Path(name): Path<String>, request: Request) -> Result<Json<Value>, Failed> {
+    let (parts, _) = request.into_parts();
+    oip::load_model(&rest.core, &rest.control, control_call("load", &name, &parts)).await?;
     Ok(Json(json!({})))
 }
 
-async fn unload(State(rest): State<Rest>, Path(name): Path<String>) -> Result<Json<Value>, Failed> {
-    oip::unload_model(&rest.core, &name)?;
+/// The body Triton's unload takes, `{"parameters": {...}}`; only `force` means anything here.
+#[derive(Debug, Default, Deserialize)]
+struct UnloadRequest {
+    #[serde(default)]
+    parameters: UnloadParameters,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct UnloadParameters {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn unload(State(rest): State<Rest>, Path(name): Path<String>, request: Request) -> Result<Json<Value>, Failed> {
+    let (parts, body) = request.into_parts();
+    let call = control_call("unload", &name, &parts);
+    let body = read_body(body, MAX_CONTROL_BODY_BYTES).await?;
+    let request: UnloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        UnloadRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ServiceError::invalid(format!("unload request: {e}")))?
+    };
+    oip::unload_model(&rest.core, &rest.control, call, request.parameters.force)?;
     Ok(Json(json!({})))
 }
 
 async fn infer(State(rest): State<Rest>, Path(path): Path<ModelPath>, request: Request) -> Result<Response, Failed> {
+    let deadline = Instant::now() + rest.settings.request_timeout.saturating_sub(TIMEOUT_MARGIN);
+    tokio::time::timeout_at(deadline.into(), infer_until(rest, path, request, deadline))
+        .await
+        .unwrap_or_else(|_| Err(ServiceError::from(QueueError::DeadlineExceeded).into()))
+}
+
+async fn infer_until(rest: Rest, path: ModelPath, request: Request, deadline: Instant) -> Result<Response, Failed> {
     let (parts, body) = request.into_parts();
     let share = parts.extensions.get::<ConnectionInfo>().map(|c| c.share.clone());
-    let body = read_body(body, rest.max_body_bytes).await?;
+    let body = read_body(body, rest.settings.max_body_bytes).await?;
     let (json_part, binary) = split_binary(&parts.headers, &body)?;
-    let request: JsonInferRequest = serde_json::from_slice(json_part)
+    let max_images = rest.core.policy().max_images_per_request;
+    let request = rest_json::parse(json_part, max_images.saturating_mul(PIXELS))
         .map_err(|e| ServiceError::invalid(format!("request body is not an inference request: {e}")))?;
     let binary_by_default = request
         .parameters
         .get("binary_data_output")
-        .and_then(Value::as_bool)
+        .and_then(Scalar::as_bool)
         .unwrap_or(false);
     let binary_outputs: Vec<(String, bool)> = request
         .outputs
+        .0
         .iter()
         .map(|o| {
-            let binary = o.parameters.get("binary_data").and_then(Value::as_bool);
+            let binary = o.parameters.get("binary_data").and_then(Scalar::as_bool);
             (o.name.clone(), binary.unwrap_or(binary_by_default))
         })
         .collect();
     let id = request.id.clone();
-    let call = oip::read_call(from_json(request, path, binary)?)?;
-    let response = rest.core.classify(call.request, share, None).await?;
+    let call = oip::read_call(from_json(request, path, binary, max_images)?)?;
+    let response = rest.core.classify(call.request, share, Some(deadline)).await?;
     let outputs = oip::outputs(&response, &call.outputs);
     let wants_binary = |name: &str| {
         binary_outputs
@@ -276,39 +347,16 @@ fn split_binary<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<(&'a [u8], &'
     Ok(body.split_at(length))
 }
 
-#[derive(Debug, Deserialize)]
-struct JsonInferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<JsonInput>,
-    #[serde(default)]
-    outputs: Vec<JsonOutput>,
-}
-
-#[derive(Debug, Deserialize)]
-struct JsonInput {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    #[serde(default)]
-    data: Option<Value>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-struct JsonOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
-fn from_json(request: JsonInferRequest, path: ModelPath, binary: &[u8]) -> Result<InferRequest, ServiceError> {
+/// `max_images`: the most BYTES elements a binary input may hold.
+fn from_json(
+    request: rest_json::InferRequest,
+    path: ModelPath,
+    binary: &[u8],
+    max_images: usize,
+) -> Result<InferRequest, ServiceError> {
     let mut binary = binary;
-    let mut inputs = Vec::with_capacity(request.inputs.len());
-    for input in request.inputs {
+    let mut inputs = Vec::with_capacity(request.inputs.0.len());
+    for input in request.inputs.0 {
         let name = clip(&input.name);
         let data = match input.parameters.get("binary_data_size") {
             Some(size) => {
@@ -324,19 +372,18 @@ fn from_json(request: JsonInferRequest, path: ModelPath, binary: &[u8]) -> Resul
                     })?;
                 let (raw, rest) = binary.split_at(size);
                 binary = rest;
-                TensorData::from_raw(&input.name, &input.datatype, raw)?
+                TensorData::from_raw(&input.name, &input.datatype, raw, max_images)?
             }
             None => {
-                let base64 = input.parameters.get("content_type").and_then(Value::as_str) == Some("base64");
-                let mut elements = Vec::new();
-                flatten(input.data.unwrap_or(Value::Null), &mut elements);
+                let base64 = input.parameters.get("content_type").and_then(Scalar::as_str) == Some("base64");
+                let elements = input.data.unwrap_or_default().0;
                 json_elements(&input.name, &input.datatype, elements, base64)?
             }
         };
         inputs.push(InputTensor {
             name: input.name,
             datatype: input.datatype,
-            shape: input.shape,
+            shape: input.shape.0,
             data,
         });
     }
@@ -350,18 +397,18 @@ fn from_json(request: JsonInferRequest, path: ModelPath, binary: &[u8]) -> Resul
         model_name: path.name,
         model_version: path.version,
         inputs,
-        outputs: request.outputs.into_iter().map(|o| o.name).collect(),
+        outputs: request.outputs.0.into_iter().map(|o| o.name).collect(),
         parameters: request
             .parameters
+            .0
             .into_iter()
             .map(|(key, value)| {
                 let param = match value {
-                    Value::Bool(b) => Param::Bool(b),
-                    Value::Number(n) => n
-                        .as_i64()
-                        .map_or_else(|| Param::Double(n.as_f64().unwrap_or(f64::NAN)), Param::Int),
-                    Value::String(s) => Param::Str(s),
-                    other => Param::Str(other.to_string()),
+                    Scalar::Bool(b) => Param::Bool(b),
+                    Scalar::Int(n) => Param::Int(n),
+                    Scalar::Uint(n) => i64::try_from(n).map_or(Param::Double(n as f64), Param::Int),
+                    Scalar::Float(x) => Param::Double(x),
+                    Scalar::Str(s) => Param::Str(s),
                 };
                 (key, param)
             })
@@ -369,17 +416,8 @@ fn from_json(request: JsonInferRequest, path: ModelPath, binary: &[u8]) -> Resul
     })
 }
 
-/// Tensor data may come flat or nested in rows; either way it is read row-major.
-fn flatten(value: Value, out: &mut Vec<Value>) {
-    match value {
-        Value::Array(items) => items.into_iter().for_each(|v| flatten(v, out)),
-        Value::Null => {}
-        other => out.push(other),
-    }
-}
-
-fn json_elements(name: &str, datatype: &str, elements: Vec<Value>, base64: bool) -> Result<TensorData, ServiceError> {
-    let bad = |what: &str, v: &Value| {
+fn json_elements(name: &str, datatype: &str, elements: Vec<Scalar>, base64: bool) -> Result<TensorData, ServiceError> {
+    let bad = |what: &str, v: &Scalar| {
         ServiceError::invalid(format!(
             "input {}: every element must be {what}, got {}",
             clip(name),
@@ -398,19 +436,26 @@ fn json_elements(name: &str, datatype: &str, elements: Vec<Value>, base64: bool)
             .map(TensorData::Uint8),
         "FP32" => elements
             .iter()
-            .map(|v| v.as_f64().map(|f| f as f32).ok_or_else(|| bad("a number", v)))
+            .map(|v| match v {
+                Scalar::Int(n) => Ok(*n as f32),
+                Scalar::Uint(n) => Ok(*n as f32),
+                Scalar::Float(x) => Ok(*x as f32),
+                other => Err(bad("a number", other)),
+            })
             .collect::<Result<_, _>>()
             .map(TensorData::Fp32),
         "BYTES" => elements
-            .iter()
+            .into_iter()
             .map(|v| {
-                let s = v.as_str().ok_or_else(|| bad("a string", v))?;
+                let Scalar::Str(s) = v else {
+                    return Err(bad("a string", &v));
+                };
                 if base64 {
                     base64::engine::general_purpose::STANDARD
                         .decode(s)
                         .map_err(|e| ServiceError::invalid(format!("input {}: not base64: {e}", clip(name))))
                 } else {
-                    Ok(s.as_bytes().to_vec())
+                    Ok(s.into_bytes())
                 }
             })
             .collect::<Result<_, _>>()
@@ -443,28 +488,25 @@ mod tests {
     }
 
     #[test]
-    fn nested_and_flat_data_read_the_same() {
-        let mut nested = Vec::new();
-        flatten(json!([[1, 2], [3, 4]]), &mut nested);
-        let mut flat = Vec::new();
-        flatten(json!([1, 2, 3, 4]), &mut flat);
-        assert_eq!(nested, flat);
-        assert_eq!(
-            json_elements("raw", "UINT8", flat, false).unwrap(),
-            TensorData::Uint8(vec![1, 2, 3, 4])
-        );
-    }
-
-    #[test]
     fn json_elements_are_checked_against_the_datatype() {
-        assert!(json_elements("raw", "UINT8", vec![json!(256)], false).is_err());
-        assert!(json_elements("image", "FP32", vec![json!("x")], false).is_err());
+        let uint = |n| Scalar::Uint(n);
         assert_eq!(
-            json_elements("encoded", "BYTES", vec![json!("aGk=")], true).unwrap(),
+            json_elements("raw", "UINT8", vec![uint(1), uint(2)], false).unwrap(),
+            TensorData::Uint8(vec![1, 2])
+        );
+        assert!(json_elements("raw", "UINT8", vec![uint(256)], false).is_err());
+        assert!(json_elements("raw", "UINT8", vec![Scalar::Int(-1)], false).is_err());
+        assert!(json_elements("image", "FP32", vec![Scalar::Str("x".into())], false).is_err());
+        assert_eq!(
+            json_elements("image", "FP32", vec![uint(1), Scalar::Float(0.5)], false).unwrap(),
+            TensorData::Fp32(vec![1.0, 0.5])
+        );
+        assert_eq!(
+            json_elements("encoded", "BYTES", vec![Scalar::Str("aGk=".into())], true).unwrap(),
             TensorData::Bytes(vec![b"hi".to_vec()])
         );
         assert_eq!(
-            json_elements("encoded", "BYTES", vec![json!("hi")], false).unwrap(),
+            json_elements("encoded", "BYTES", vec![Scalar::Str("hi".into())], false).unwrap(),
             TensorData::Bytes(vec![b"hi".to_vec()])
         );
     }

@@ -5,6 +5,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic_health::server::HealthReporter;
 
 use crate::{
@@ -13,6 +14,7 @@ use crate::{
     classify::{Classifier, Policy},
     config::{Config, DefaultModel},
     connections,
+    control::ModelControl,
     error::ModelError,
     grpc::{
         fashion_mnist::ClassifierService,
@@ -82,6 +84,55 @@ fn default_model(config: &Config) -> Result<DefaultModel, ServeError> {
     Ok(default)
 }
 
+/// The memory limit of the cgroup this process runs in (a container's `resources.limits.memory`), when it has
+/// one: cgroup v2's `memory.max`, else v1's `memory.limit_in_bytes`.
+fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut candidates = Vec::new();
+    for line in own.lines() {
+        // v2: "0::/path"; v1: "N:memory:/path".
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next(), fields.next().unwrap_or(""), fields.next().unwrap_or("/"));
+        if controllers.is_empty() {
+            candidates.push(format!("/sys/fs/cgroup{path}/memory.max"));
+            candidates.push("/sys/fs/cgroup/memory.max".to_string());
+        } else if controllers.split(',').any(|c| c == "memory") {
+            candidates.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+            candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string());
+        }
+    }
+    candidates
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|text| text.trim().parse::<u64>().ok())
+        // v1 says "no limit" with a number near u64::MAX.
+        .find(|&limit| limit < (1 << 60))
+}
+
+/// The budget must fit in the container's memory limit: a pod whose limit is below it is OOM-killed by the
+/// first burst the budget allows, so the server refuses to start unless told to (`--ignore-memory-limit`).
+fn check_memory_limit(config: &Config, budget: &MemoryBudget) -> Result<(), ServeError> {
+    let Some(limit) = cgroup_memory_limit() else {
+        return Ok(());
+    };
+    if budget.total <= limit {
+        tracing::info!(memory_budget = %budget, memory_limit_mib = limit >> 20, "the memory budget fits the cgroup limit");
+        return Ok(());
+    }
+    let message = format!(
+        "the memory budget ({budget}) exceeds this container's memory limit ({} MiB): lower \
+         --max-connections, --max-request-bytes-in-flight or the decode limits, or raise the limit",
+        limit >> 20
+    );
+    if config.ignore_memory_limit {
+        tracing::warn!("{message}; starting anyway (--ignore-memory-limit)");
+        return Ok(());
+    }
+    Err(ServeError::Config(format!(
+        "{message} (or start anyway with --ignore-memory-limit)"
+    )))
+}
+
 /// Loads and warms up every configured model's versions and starts their inference threads: the registry
 /// the server serves from. Blocking: call it off the async runtime.
 pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
@@ -146,17 +197,52 @@ fn tls_acceptor(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Se
         })
 }
 
-async fn set_health(reporter: &HealthReporter, serving: bool) {
-    let status = if serving {
+fn serving_status(serving: bool) -> tonic_health::ServingStatus {
+    if serving {
         tonic_health::ServingStatus::Serving
     } else {
         tonic_health::ServingStatus::NotServing
-    };
+    }
+}
+
+/// The server as a whole (`""` and each service's name): SERVING only while the default model has a ready
+/// version and the server is not draining.
+async fn set_health(reporter: &HealthReporter, serving: bool) {
+    let status = serving_status(serving);
     reporter.set_service_status("", status).await;
-    reporter.set_service_status("fashion_mnist.v1.Classifier", status).await;
     reporter
-        .set_service_status("inference.GRPCInferenceService", status)
+        .set_service_status(<ClassifierServer<ClassifierService> as NamedService>::NAME, status)
         .await;
+    reporter
+        .set_service_status(
+            <GrpcInferenceServiceServer<InferenceService> as NamedService>::NAME,
+            status,
+        )
+        .await;
+}
+
+/// Keeps health equal to what the registry serves: the server's names follow [`Classifier::is_ready`], and each
+/// configured model's name is SERVING while it has a ready version. Runs until the server stops; `drained`
+/// wakes it when the drain begins.
+async fn follow_health(
+    reporter: HealthReporter,
+    core: Classifier,
+    registry: Arc<Registry>,
+    mut drained: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut published = registry.subscribe();
+    loop {
+        set_health(&reporter, core.is_ready()).await;
+        let snapshot = registry.snapshot().unwrap_or_default();
+        for name in registry.configured() {
+            let ready = !core.is_draining() && snapshot.model_ready(name);
+            reporter.set_service_status(name, serving_status(ready)).await;
+        }
+        tokio::select! {
+            changed = published.changed() => if changed.is_err() { return },
+            changed = drained.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// A number in [-1, 1] that differs between processes: the connection-age jitter.
@@ -178,6 +264,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
+    let budget = MemoryBudget::of(&config);
+    check_memory_limit(&config, &budget)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
 
@@ -192,6 +280,8 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let default = default_model(&config)?;
+    crate::codec::allow_images_per_call(config.max_images_per_request);
+    let control = ModelControl::new(config.control_settings().map_err(ServeError::Config)?);
     // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile.
     let registry = Registry::new(config.registry_settings());
     let policy = policy(&config);
@@ -199,18 +289,22 @@ pub async fn serve(
     let classifier = ClassifierServer::new(ClassifierService::new(core.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(core.clone()))
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(core.clone(), control.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let rest = rest::router(core.clone(), config.max_message_bytes);
+    let rest = rest::router(core.clone(), control.clone(), config.rest_settings());
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_reporter = reporter.clone();
+    let draining = core.clone();
+    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
     let stop = async move {
         shutdown.await;
         tracing::info!("shutdown requested: health NOT_SERVING, draining calls in flight");
+        // Draining first: from then on the health follower, woken below, can only report NOT_SERVING.
+        draining.begin_drain();
+        drained_tx.send_replace(true);
         set_health(&shutdown_reporter, false).await;
-        core.begin_drain();
         let _ = drain_tx.send(());
     };
     let addr = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
@@ -253,7 +347,7 @@ pub async fn serve(
     tracing::info!(
         grpc = %addr,
         metrics = %metrics_addr,
-        memory_budget = %MemoryBudget::of(&config),
+        memory_budget = %budget,
         max_connection_age_s = connection_age.map(|a| a.as_secs_f64()),
         "listening; loading models"
     );
@@ -268,8 +362,12 @@ pub async fn serve(
         metrics_task.abort();
         return Err(e.into());
     }
-    set_health(&reporter, true).await;
-    tracing::info!(poll_s = config.model_poll_s, "serving");
+    let health_task = tokio::spawn(follow_health(reporter, core, registry.clone(), drained_rx));
+    tracing::info!(
+        poll_s = config.model_poll_s,
+        model_control = ?config.model_control,
+        "serving"
+    );
     let watcher = tokio::spawn(watch_repository(registry.clone(), config.model_poll()));
 
     let drain_timeout = config.drain_timeout();
@@ -286,6 +384,7 @@ pub async fn serve(
     };
     metrics_task.abort();
     watcher.abort();
+    health_task.abort();
     match result {
         Ok(r) => r.map_err(ServeError::from),
         Err(join) if join.is_cancelled() => Ok(()),

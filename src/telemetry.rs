@@ -43,6 +43,8 @@ pub mod metric {
     pub const MODEL_INFO: &str = "fmnist_model_info";
     /// Version loads and unloads, by `model` and `outcome` (loaded, failed, unloaded).
     pub const MODEL_RELOADS: &str = "fmnist_model_reloads_total";
+    /// Model load and unload calls refused, by `reason` (disabled, missing_key, wrong_key).
+    pub const CONTROL_REFUSALS: &str = "fmnist_model_control_refusals_total";
     /// Connections open on the gRPC port.
     pub const CONNECTIONS_OPEN: &str = "fmnist_connections_open";
     /// Connections the server closed, by `cause` (idle_timeout, tls_handshake_timeout, tls_handshake_failed).

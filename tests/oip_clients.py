@@ -2,9 +2,11 @@
 InferenceGRPCClient, against a real server (tests/oip_clients.sh starts it). No project-generated code talks
 OIP here; the only generated stubs are fashion_mnist.v1's, to ask Classify for the reference answers.
 
-usage: oip_clients.py triton GRPC_ADDR BUSY_GRPC_ADDR
+usage: oip_clients.py triton GRPC_ADDR BUSY_GRPC_ADDR CONTROL_GRPC_ADDR
        oip_clients.py kserve GRPC_ADDR
+  GRPC_ADDR: a server with the defaults (model control off).
   BUSY_GRPC_ADDR: a second server whose queue holds one call and refuses at once (for RESOURCE_EXHAUSTED).
+  CONTROL_GRPC_ADDR: a third, with model control on; its key is in FMNIST_MODEL_CONTROL_KEY.
 
 Each client runs in its own process: tritonclient and the kserve SDK both register the `inference` proto in
 protobuf's default pool, and the second import fails with "duplicate symbol".
@@ -38,6 +40,7 @@ from fashion_mnist.v1 import classifier_pb2, classifier_pb2_grpc  # noqa: E402
 
 ADDR = sys.argv[2]
 BUSY_ADDR = sys.argv[3] if CLIENT == "triton" else None
+CONTROL_ADDR = sys.argv[4] if CLIENT == "triton" else None
 DATASET = Path("/usr/share/datasets/fashion-mnist")
 PIXELS = 28 * 28
 
@@ -188,22 +191,67 @@ def test_resource_exhausted():
        f"{codes.count('StatusCode.RESOURCE_EXHAUSTED')} refused)")
 
 
-def test_repository_calls():
-    """Triton's repository extension, through tritonclient's own calls (README "Updating a model")."""
+def refused(call, *args, **kwargs):
+    """The InferenceServerException a tritonclient call raises; fails if the call succeeds."""
+    try:
+        call(*args, **kwargs)
+    except InferenceServerException as e:
+        return e
+    raise AssertionError(f"{call.__name__}{args} was not refused")
+
+
+def test_repository_calls_refused_by_default():
+    """With the defaults, nobody anonymous changes what the server serves (docs/security.md)."""
     client = tgrpc.InferenceServerClient(ADDR)
+    http = thttp.InferenceServerClient(ADDR)
+    for model in ["cnn", "dense"]:
+        e = refused(client.unload_model, model)
+        assert e.status() == "StatusCode.PERMISSION_DENIED", e
+        assert "--model-control explicit" in e.message(), e.message()
+        assert refused(client.load_model, model).status() == "StatusCode.PERMISSION_DENIED"
+        e = refused(http.unload_model, model)
+        assert e.status() == "403" or "403" in str(e) or "--model-control explicit" in e.message(), e
+        refused(http.load_model, model)
     index = client.get_model_repository_index(as_json=True)["models"]
     assert {(m["name"], m["version"], m["state"]) for m in index} == {
         ("cnn", "1", "READY"), ("cnn-int8", "1", "READY"), ("dense", "1", "READY")}, index
-    client.unload_model("dense")
+    assert client.is_server_ready() and client.is_model_ready("cnn") and client.is_model_ready("dense")
+    ok("tritonclient: anonymous unload_model and load_model refused over gRPC and HTTP (PERMISSION_DENIED / 403)")
+
+
+def test_repository_calls():
+    """Triton's repository extension, through tritonclient's own calls with the operator's key as a header."""
+    import os
+    key = os.environ["FMNIST_MODEL_CONTROL_KEY"]
+    headers = {"authorization": f"Bearer {key}"}
+    client = tgrpc.InferenceServerClient(CONTROL_ADDR)
+    http = thttp.InferenceServerClient(CONTROL_ADDR)
+    assert refused(client.unload_model, "dense").status() == "StatusCode.UNAUTHENTICATED"
+    wrong = {"authorization": "Bearer not-the-operators-key"}
+    assert refused(client.unload_model, "dense", headers=wrong).status() == "StatusCode.UNAUTHENTICATED"
+    refused(http.unload_model, "dense", headers=wrong)
+    assert client.is_model_ready("dense"), "refused calls changed nothing"
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {(m["name"], m["version"], m["state"]) for m in index} == {
+        ("cnn", "1", "READY"), ("cnn-int8", "1", "READY"), ("dense", "1", "READY")}, index
+    client.unload_model("dense", headers=headers)
     assert not client.is_model_ready("dense")
     unloaded = [m for m in client.get_model_repository_index(as_json=True)["models"] if m["name"] == "dense"]
     assert unloaded[0]["state"] == "UNLOADED", unloaded
-    client.load_model("dense")
+    client.load_model("dense", headers=headers)
     assert client.is_model_ready("dense") and client.is_model_ready("dense", "1")
-    http = thttp.InferenceServerClient(ADDR)
+    http.unload_model("dense", headers=headers)
+    assert not http.is_model_ready("dense")
+    http.load_model("dense", headers=headers)
+    assert http.is_model_ready("dense")
     assert {m["name"] for m in http.get_model_repository_index()} == {"cnn", "cnn-int8", "dense"}
-    http.load_model("cnn")
-    ok("tritonclient: repository index, unload_model and load_model over gRPC and HTTP")
+    # The default model goes only with force=true, which tritonclient cannot send (tests/oip_clients.sh does,
+    # with curl).
+    e = refused(client.unload_model, "cnn", headers=headers)
+    assert e.status() == "StatusCode.FAILED_PRECONDITION" and "force=true" in e.message(), e
+    assert client.is_server_ready()
+    ok("tritonclient: unload_model and load_model with the key as a header over gRPC and HTTP; none or a "
+       "wrong one UNAUTHENTICATED; the default model kept without force")
 
 
 def test_full_test_set():
@@ -301,6 +349,7 @@ def main():
     test_invalid_argument()
     test_resource_exhausted()
     test_tritonclient_http()
+    test_repository_calls_refused_by_default()
     test_repository_calls()
     test_full_test_set()
 

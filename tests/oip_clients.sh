@@ -26,7 +26,15 @@ source tests/lib/server.sh
 start_server --max-queued-images 64 --max-queue-wait-ms 0 --max-batch-size 8
 BUSY_ADDR=$GRPC_ADDR
 start_server
-"$VENV/bin/python" tests/oip_clients.py triton "$GRPC_ADDR" "$BUSY_ADDR"
+# A server with model control on (docs/security.md), its key from the environment as a Secret would give it.
+CONTROL_KEY=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+DEFAULT_ADDR=$GRPC_ADDR
+export FMNIST_MODEL_CONTROL=explicit FMNIST_MODEL_CONTROL_KEY=$CONTROL_KEY
+start_server
+unset FMNIST_MODEL_CONTROL FMNIST_MODEL_CONTROL_KEY
+CONTROL_ADDR=$GRPC_ADDR CONTROL_METRICS=$METRICS_ADDR CONTROL_LOG=$SERVER_LOG
+GRPC_ADDR=$DEFAULT_ADDR
+FMNIST_MODEL_CONTROL_KEY=$CONTROL_KEY "$VENV/bin/python" tests/oip_clients.py triton "$GRPC_ADDR" "$BUSY_ADDR" "$CONTROL_ADDR"
 "$VENV/bin/python" tests/oip_clients.py kserve "$GRPC_ADDR"
 "$VENV/bin/python" tests/preprocess_parity.py "$GRPC_ADDR"
 
@@ -41,3 +49,23 @@ outputs = {o["name"]: o["data"] for o in r["outputs"]}
 assert outputs["class_id"] == [9] and outputs["reason"] == ["ACCEPTED"], outputs
 PY
 pass "README curl example classifies ankle-boot-0.png as class 9, ACCEPTED"
+
+# Model control with curl (docs/security.md): refused by default; with the key, a forced unload of the default
+# model takes the server out of readiness until the model is loaded again.
+code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
+[ "$(code -X POST "$GRPC_ADDR/v2/repository/models/cnn/unload")" = 403 ] || fail "anonymous unload not refused"
+[ "$(code "$GRPC_ADDR/v2/health/ready")" = 200 ] || fail "the default server is not ready after a refused unload"
+auth=(-H "Authorization: Bearer $CONTROL_KEY")
+[ "$(code -X POST "$CONTROL_ADDR/v2/repository/models/cnn/unload")" = 401 ] || fail "unload without the key"
+[ "$(code -X POST "${auth[@]}" "$CONTROL_ADDR/v2/repository/models/cnn/unload")" = 409 ] || fail "the default model unloaded without force"
+[ "$(code -X POST "${auth[@]}" -d '{"parameters":{"force":true}}' "$CONTROL_ADDR/v2/repository/models/cnn/unload")" = 200 ] || fail "forced unload with the key"
+[ "$(code "$CONTROL_ADDR/v2/health/ready")" = 503 ] || fail "ready without the default model"
+[ "$(code "$CONTROL_ADDR/v2/models/cnn/ready")" = 503 ] || fail "cnn ready once unloaded"
+[ "$(code "$CONTROL_ADDR/v2/health/live")" = 200 ] || fail "not live"
+[ "$(code -X POST "${auth[@]}" "$CONTROL_ADDR/v2/repository/models/cnn/load")" = 200 ] || fail "load with the key"
+[ "$(code "$CONTROL_ADDR/v2/health/ready")" = 200 ] || fail "not ready once the default model is back"
+refusals=$(curl -s "$CONTROL_METRICS/metrics" | awk '/^fmnist_model_control_refusals_total/{s+=$2} END{print s+0}')
+[ "$refusals" -ge 4 ] || fail "refusals counted: $refusals"
+grep -q "model control call refused" "$CONTROL_LOG" || fail "refusals not logged"
+! grep -q "$CONTROL_KEY" "$CONTROL_LOG" || fail "the key is in the log"
+pass "curl: model control refused by default (403), 401 without the key, 409 for the default model without force; a forced unload makes /v2/health/ready 503 until the model is loaded again; $refusals refusals counted, the key never logged"

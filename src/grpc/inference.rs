@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     classify::Classifier,
     connections::ConnectionInfo,
+    control::{ControlCall, ModelControl},
     error::{ServiceError, clip},
     grpc::layers::Deadline,
     inference_pb as pb,
@@ -16,11 +17,22 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct InferenceService {
     core: Classifier,
+    control: ModelControl,
 }
 
 impl InferenceService {
-    pub fn new(core: Classifier) -> Self {
-        InferenceService { core }
+    pub fn new(core: Classifier, control: ModelControl) -> Self {
+        InferenceService { core, control }
+    }
+}
+
+/// A control call as the gate needs it: the caller's address and its `authorization` metadata.
+fn control_call<'a, T>(action: &'static str, model: &'a str, request: &'a Request<T>) -> ControlCall<'a> {
+    ControlCall {
+        action,
+        model,
+        peer: request.extensions().get::<ConnectionInfo>().and_then(|c| c.remote),
+        authorization: request.metadata().get("authorization").map(|v| v.as_bytes()),
     }
 }
 
@@ -106,7 +118,8 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         &self,
         request: Request<pb::RepositoryModelLoadRequest>,
     ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
-        oip::load_model(&self.core, &request.into_inner().model_name).await?;
+        let call = control_call("load", &request.get_ref().model_name, &request);
+        oip::load_model(&self.core, &self.control, call).await?;
         Ok(Response::new(pb::RepositoryModelLoadResponse {}))
     }
 
@@ -114,7 +127,14 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         &self,
         request: Request<pb::RepositoryModelUnloadRequest>,
     ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
-        oip::unload_model(&self.core, &request.into_inner().model_name)?;
+        let force = request.get_ref().parameters.get(oip::FORCE_PARAMETER).is_some_and(|p| {
+            matches!(
+                p.parameter_choice,
+                Some(pb::model_repository_parameter::ParameterChoice::BoolParam(true))
+            )
+        });
+        let call = control_call("unload", &request.get_ref().model_name, &request);
+        oip::unload_model(&self.core, &self.control, call, force)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 
@@ -126,7 +146,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
         let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
         let request = request.into_inner();
         let id = request.id.clone();
-        let call = oip::read_call(from_proto(request)?)?;
+        let call = oip::read_call(from_proto(request, self.core.policy().max_images_per_request)?)?;
         let response = self.core.classify(call.request, share, deadline).await?;
         let outputs = oip::outputs(&response, &call.outputs);
         Ok(Response::new(pb::ModelInferResponse {
@@ -149,7 +169,8 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
     }
 }
 
-fn from_proto(request: pb::ModelInferRequest) -> Result<InferRequest, ServiceError> {
+/// `max_images`: the most BYTES elements a raw input may hold.
+fn from_proto(request: pb::ModelInferRequest, max_images: usize) -> Result<InferRequest, ServiceError> {
     let raw = request.raw_input_contents;
     if !raw.is_empty() && raw.len() != request.inputs.len() {
         return Err(ServiceError::invalid(format!(
@@ -170,7 +191,7 @@ fn from_proto(request: pb::ModelInferRequest) -> Result<InferRequest, ServiceErr
                         clip(&input.name)
                     )));
                 }
-                (Some(bytes), None) => TensorData::from_raw(&input.name, &input.datatype, &bytes)?,
+                (Some(bytes), None) => TensorData::from_raw(&input.name, &input.datatype, &bytes, max_images)?,
                 (None, contents) => typed(&input.name, &input.datatype, contents.unwrap_or_default())?,
             };
             Ok(InputTensor {

@@ -29,6 +29,26 @@ pub fn config() -> Config {
     config
 }
 
+/// The model control key the tests that load and unload models give their servers.
+pub const CONTROL_KEY: &str = "test-control-key-0123456789";
+
+/// `config` with the model control calls on, gated by [`CONTROL_KEY`].
+pub fn with_model_control(mut config: Config) -> Config {
+    config.model_control = fmnist_serve::config::ModelControlMode::Explicit;
+    config.model_control_key = Some(CONTROL_KEY.into());
+    config
+}
+
+/// `request` carrying [`CONTROL_KEY`] as a bearer credential.
+pub fn authorized<T>(request: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {CONTROL_KEY}").parse().expect("an ASCII header value"),
+    );
+    request
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,

@@ -14,6 +14,7 @@ mod common;
 mod batching;
 mod classify;
 mod cli;
+mod control;
 mod deadlines;
 mod docs;
 mod fuzz_requests;

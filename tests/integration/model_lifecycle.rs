@@ -134,10 +134,10 @@ async fn channel(addr: &str) -> Channel {
 /// `RepositoryModelLoad("cnn")`: the explicit trigger. Ok once the swap is done; Err with the reason when the
 /// new version failed to load.
 async fn load(oip: &mut GrpcInferenceServiceClient<Channel>) -> Result<(), tonic::Status> {
-    oip.repository_model_load(RepositoryModelLoadRequest {
+    oip.repository_model_load(common::authorized(RepositoryModelLoadRequest {
         model_name: "cnn".into(),
         ..Default::default()
-    })
+    }))
     .await
     .map(|_| ())
 }
@@ -179,6 +179,10 @@ async fn twenty_swaps_and_three_broken_versions_under_load_fail_no_call() {
         "cnn",
         "--model-poll-s",
         "1",
+        "--model-control",
+        "explicit",
+        "--model-control-key",
+        common::CONTROL_KEY,
     ]);
     let addr = server.addr.clone();
     let metrics_addr: std::net::SocketAddr = server.metrics_addr.parse().unwrap();
@@ -397,7 +401,7 @@ async fn twenty_swaps_and_three_broken_versions_under_load_fail_no_call() {
 #[tokio::test]
 async fn a_call_pinned_to_a_leaving_version_completes_on_it() {
     let repository = Repository::new("pinned");
-    let mut config = common::config();
+    let mut config = common::with_model_control(common::config());
     config.models_dir = repository.dir.clone();
     config.models = vec!["cnn".into()];
     config.default_model = "cnn".into();
@@ -451,7 +455,7 @@ async fn labels_route_calls_and_pointing_one_back_rolls_back() {
     let repository = Repository::new("labels");
     repository.add(2, &repo().join("models/cnn-int8/1"));
     repository.set_config(r#"{"version_policy": {"all": {}}, "labels": {"stable": 1, "canary": 2}}"#);
-    let mut config = common::config();
+    let mut config = common::with_model_control(common::config());
     config.models_dir = repository.dir.clone();
     config.models = vec!["cnn".into()];
     config.default_model = "cnn".into();

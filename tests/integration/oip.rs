@@ -494,7 +494,7 @@ async fn health_readiness_and_metadata_describe_the_real_model() {
 }
 
 /// One HTTP/1.1 request to the server's port; the status, headers (lower-cased) and body.
-async fn http(
+pub async fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,
