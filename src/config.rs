@@ -183,6 +183,25 @@ pub struct Config {
     #[arg(long, env = "FMNIST_IDLE_TIMEOUT_S", default_value_t = 30)]
     pub idle_timeout_s: u64,
 
+    /// A connection with no call in flight for this long (seconds) is closed, whatever it sends: answering
+    /// pings or dribbling bytes does not keep it (gRPC's MAX_CONNECTION_IDLE). A call is in flight from its
+    /// request head until its response is ready; a streamed response (a health Watch) does not count. At
+    /// --max-connections, a new connection instead evicts the connection idle the longest, counted as
+    /// fmnist_connections_closed_total{cause="evicted"}: never one with a call in flight, one whose last call
+    /// ended under a second ago (a caller between calls), or one opened under 250 ms ago that has not called.
+    #[arg(long, env = "FMNIST_MAX_CONNECTION_IDLE_S", default_value_t = 120)]
+    pub max_connection_idle_s: u64,
+
+    /// An HTTP/1.1 request head must arrive in full within this many seconds of its first byte (of the
+    /// connection's opening, for the first request), or the connection is closed (slowloris).
+    #[arg(long, env = "FMNIST_REQUEST_HEAD_TIMEOUT_S", default_value_t = 10)]
+    pub request_head_timeout_s: u64,
+
+    /// A connection whose writes have been blocked for this long (seconds), because the client does not read
+    /// what it is sent, is closed.
+    #[arg(long, env = "FMNIST_WRITE_STALL_TIMEOUT_S", default_value_t = 30)]
+    pub write_stall_timeout_s: u64,
+
     /// Interval (seconds) of HTTP/2 keepalive pings; a ping unanswered for as long closes the connection.
     #[arg(long, env = "FMNIST_HTTP2_KEEPALIVE_S", default_value_t = 10)]
     pub http2_keepalive_s: u64,
@@ -325,7 +344,7 @@ impl Config {
     /// Checks the settings together, once, at start-up: a bad combination fails with a message naming the
     /// flags instead of being clamped somewhere deep inside.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 12] = [
+        let positive: [(&str, u64); 15] = [
             ("--max-batch-size", self.max_batch_size as u64),
             ("--max-images-per-request", self.max_images_per_request as u64),
             ("--max-queued-images", self.max_queued_images as u64),
@@ -337,6 +356,9 @@ impl Config {
             ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
             ("--max-calls-per-connection", self.max_calls_per_connection as u64),
             ("--idle-timeout-s", self.idle_timeout_s),
+            ("--max-connection-idle-s", self.max_connection_idle_s),
+            ("--request-head-timeout-s", self.request_head_timeout_s),
+            ("--write-stall-timeout-s", self.write_stall_timeout_s),
             ("--http2-keepalive-s", self.http2_keepalive_s),
             ("--tls-handshake-timeout-s", self.tls_handshake_timeout_s),
             ("--request-timeout-s", self.request_timeout_s),
@@ -461,6 +483,9 @@ impl Config {
         ConnectionLimits {
             max_connections: self.max_connections,
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
+            max_idle: Duration::from_secs(self.max_connection_idle_s),
+            head_timeout: Duration::from_secs(self.request_head_timeout_s),
+            write_stall_timeout: Duration::from_secs(self.write_stall_timeout_s),
             tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_s),
         }
     }

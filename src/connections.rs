@@ -1,17 +1,28 @@
 //! Accepting connections on the gRPC port: a global cap on open connections, a backoff when `accept` fails
-//! (file descriptors run out), TLS with a handshake timeout and ALPN `h2` + `http/1.1`, an idle timeout on
-//! every connection, and the per-connection share of the server's work ([`ConnectionShare`]) that handlers
-//! find in their request's extensions.
+//! (file descriptors run out), TLS with a handshake timeout and ALPN `h2` + `http/1.1`, the timeouts that
+//! close a connection (idle, no call in flight, request head, stalled writes), and the per-connection share of
+//! the server's work ([`ConnectionShare`]) that handlers find in their request's extensions.
 //!
 //! Why our own acceptor: tonic's `TcpIncoming` accepts without bound and its TLS acceptor offers only `h2`
 //! and never times a handshake out, so 2,000 silent sockets or stalled handshakes stayed open for good.
+//!
+//! Why "no call in flight" and eviction: a client that only answers HTTP/2 pings, or sends a request head a
+//! byte a second, is never idle in bytes, and 300 of them held all 256 slots while a polite caller got 11 of
+//! 92 calls through. Every connection's [`Slot`] counts its calls in flight (`grpc::layers::CallLimits`);
+//! one without a call for `--max-connection-idle-s` is closed whatever it sends (gRPC's MAX_CONNECTION_IDLE),
+//! and at the cap a new connection evicts the one idle the longest (Envoy's overload manager), never one with
+//! a call in flight.
 
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll, ready},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, Waker, ready},
     time::Duration,
 };
 
@@ -33,10 +44,18 @@ use crate::{
 /// How connections are accepted and when they are closed; from the config, validated there.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Connections open at once; past it the server stops accepting until one closes.
+    /// Connections open at once; past it a new connection evicts the one idle the longest, or waits until
+    /// one is idle or closes.
     pub max_connections: usize,
     /// A connection on which nothing was read or written for this long is closed.
     pub idle_timeout: Duration,
+    /// A connection with no call in flight for this long is closed, whatever it reads or writes.
+    pub max_idle: Duration,
+    /// An HTTP/1.1 request head must arrive in full within this long of its first byte (of the connection's
+    /// opening, for the first request).
+    pub head_timeout: Duration,
+    /// A connection whose writes have been blocked (the client does not read) for this long is closed.
+    pub write_stall_timeout: Duration,
     /// A TLS handshake that has not finished by then is abandoned.
     pub tls_handshake_timeout: Duration,
 }
@@ -46,6 +65,174 @@ pub struct ConnectionLimits {
 pub struct ConnectionInfo {
     pub remote: Option<SocketAddr>,
     pub share: Arc<ConnectionShare>,
+    /// Its calls in flight, and the way to have it closed.
+    pub slot: Arc<Slot>,
+}
+
+/// A connection a new one may evict only once its last call ended this long ago: between the calls of a
+/// caller in use it is not idle.
+const IN_USE: Duration = Duration::from_secs(1);
+/// One that has had no call yet only once it is this old: time for a new client to send its first request,
+/// and a bound on how fast reconnecting clients can evict each other.
+const FRESH: Duration = Duration::from_millis(250);
+/// At the cap with no connection to evict, how often the accept loop looks again.
+const EVICTION_RETRY: Duration = Duration::from_millis(50);
+
+/// Why the server asked a connection to close (see [`Slot::close`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseCause {
+    /// Made room for a new connection at the cap; ignored if a call has started meanwhile.
+    Evicted = 1,
+    /// A request body arrived slower than the minimum rate.
+    BodyTooSlow = 2,
+}
+
+impl CloseCause {
+    fn label(self) -> &'static str {
+        match self {
+            CloseCause::Evicted => "evicted",
+            CloseCause::BodyTooSlow => "body_too_slow",
+        }
+    }
+}
+
+/// What the accept loop and the call layers know of one open connection: its calls in flight, since when it
+/// has had none, and a request to close it, which the connection sees at its next read or write.
+#[derive(Debug)]
+pub struct Slot {
+    opened: Instant,
+    calls: AtomicUsize,
+    calls_started: AtomicU64,
+    /// When its last call ended (or it opened), in nanoseconds after `opened`.
+    idle_since: AtomicU64,
+    close: AtomicU8,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            opened: Instant::now(),
+            calls: AtomicUsize::new(0),
+            calls_started: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+            close: AtomicU8::new(0),
+            waker: Mutex::new(None),
+        }
+    }
+
+    /// Counts a call in flight until the returned guard is dropped.
+    pub fn call_started(self: &Arc<Self>) -> CallInFlight {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.calls_started.fetch_add(1, Ordering::SeqCst);
+        CallInFlight(self.clone())
+    }
+
+    /// Since when the connection has had no call in flight; `None` while it has one.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.calls.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        Some(self.opened + Duration::from_nanos(self.idle_since.load(Ordering::SeqCst)))
+    }
+
+    /// Asks the connection to close: its next read or write fails (an eviction is dropped if a call has
+    /// started by then).
+    pub fn close(&self, cause: CloseCause) {
+        self.close.store(cause as u8, Ordering::SeqCst);
+        if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            waker.wake();
+        }
+    }
+
+    fn close_requested(&self) -> Option<CloseCause> {
+        match self.close.load(Ordering::SeqCst) {
+            1 => Some(CloseCause::Evicted),
+            2 => Some(CloseCause::BodyTooSlow),
+            _ => None,
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.lock().unwrap_or_else(PoisonError::into_inner);
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+}
+
+/// A call counted in flight on its connection's [`Slot`].
+#[derive(Debug)]
+pub struct CallInFlight(Arc<Slot>);
+
+impl Drop for CallInFlight {
+    fn drop(&mut self) {
+        let slot = &self.0;
+        let nanos = u64::try_from(slot.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        slot.idle_since.store(nanos, Ordering::SeqCst);
+        slot.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The open connections' slots, for choosing whom to evict.
+#[derive(Debug, Default)]
+struct Slots {
+    open: Mutex<HashMap<u64, Arc<Slot>>>,
+    next_id: AtomicU64,
+}
+
+impl Slots {
+    fn register(self: &Arc<Self>, slot: Arc<Slot>) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, slot);
+        Registration {
+            slots: self.clone(),
+            id,
+        }
+    }
+
+    /// Asks the connection idle the longest to close; false when none may be evicted (every one has a call in
+    /// flight, is in use between calls, is new, or is closing already).
+    fn evict_longest_idle(&self) -> bool {
+        let now = Instant::now();
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let victim = open
+            .values()
+            .filter(|slot| slot.close_requested().is_none())
+            .filter_map(|slot| {
+                let idle = now.saturating_duration_since(slot.idle_since()?);
+                let never_called = slot.calls_started.load(Ordering::SeqCst) == 0;
+                (idle >= if never_called { FRESH } else { IN_USE }).then_some((idle, slot))
+            })
+            .max_by_key(|(idle, _)| *idle);
+        match victim {
+            Some((_, slot)) => {
+                slot.close(CloseCause::Evicted);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Takes a connection's slot off the list when the connection is dropped.
+struct Registration {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.slots
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
 }
 
 /// The accepted connections as tonic's `serve_with_incoming_shutdown` wants them. Accepting stops, and the
@@ -70,15 +257,16 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<Connection>>,
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Slots::default());
     let mut backoff = Duration::ZERO;
     loop {
-        let permit = tokio::select! {
-            () = tx.closed() => return,
-            permit = open.clone().acquire_owned() => permit.expect("the connection semaphore is never closed"),
-        };
         let (tcp, remote) = tokio::select! {
             () = tx.closed() => return,
             accepted = accept(&listener, &mut backoff) => accepted,
+        };
+        let permit = tokio::select! {
+            () = tx.closed() => return,
+            permit = room(&open, &slots) => permit,
         };
         // Responses that follow a WINDOW_UPDATE otherwise wait for the client's delayed ACK (40 ms per
         // multi-image call, bench/README.md).
@@ -86,10 +274,15 @@ async fn accept_loop(
         let info = ConnectionInfo {
             remote: Some(remote),
             share: Arc::new(ConnectionShare::new(&shares)),
+            slot: Arc::new(Slot::new()),
+        };
+        let held = Held {
+            _open: permit,
+            _registration: slots.register(info.slot.clone()),
         };
         match &tls {
             None => {
-                let connection = Connection::new(Transport::Plain(tcp), info, limits.idle_timeout, permit);
+                let connection = Connection::new(Transport::Plain(tcp), info, limits, held);
                 if tx.send(Ok(connection)).await.is_err() {
                     return;
                 }
@@ -100,7 +293,7 @@ async fn accept_loop(
                     match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let transport = Transport::Tls(Box::new(stream));
-                            let connection = Connection::new(transport, info, limits.idle_timeout, permit);
+                            let connection = Connection::new(transport, info, limits, held);
                             let _ = tx.send(Ok(connection)).await;
                         }
                         Ok(Err(e)) => {
@@ -116,6 +309,22 @@ async fn accept_loop(
                     }
                 });
             }
+        }
+    }
+}
+
+/// A place under the connection cap for a connection just accepted: free at once, or made by evicting the
+/// connection idle the longest, or else waited for (no connection may be evicted while all have calls in
+/// flight or are in use between calls).
+async fn room(open: &Arc<Semaphore>, slots: &Slots) -> OwnedSemaphorePermit {
+    loop {
+        if let Ok(permit) = open.clone().try_acquire_owned() {
+            return permit;
+        }
+        slots.evict_longest_idle();
+        // The evicted connection frees its place when it sees the request, at once unless a call started.
+        if let Ok(permit) = tokio::time::timeout(EVICTION_RETRY, open.clone().acquire_owned()).await {
+            return permit.expect("the connection semaphore is never closed");
         }
     }
 }
@@ -145,62 +354,180 @@ pub enum Transport {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// One accepted connection: closed with a `TimedOut` error once idle for too long, and counted against the
-/// connection cap until dropped.
+/// What an open connection holds until it is dropped: its place under the cap and on the list of slots.
+struct Held {
+    _open: OwnedSemaphorePermit,
+    _registration: Registration,
+}
+
+/// What the first bytes of a connection said it speaks: HTTP/2 opens with its preface ("PRI * HTTP/2.0").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Unknown,
+    Http1,
+    Http2,
+}
+
+/// One accepted connection: closed with an error once one of its timeouts passes or the server asks for it
+/// ([`Slot::close`]), and counted against the connection cap until dropped.
 pub struct Connection {
     transport: Transport,
     info: ConnectionInfo,
-    idle_timeout: Duration,
+    limits: ConnectionLimits,
     /// Progress in either direction moves this; the timer is re-armed lazily, only when it fires.
     last_active: Instant,
-    idle: Pin<Box<Sleep>>,
-    _open: OwnedSemaphorePermit,
+    protocol: Protocol,
+    /// An HTTP/1.1 request head being awaited: since when, and the connection's calls started by then.
+    head: Option<(Instant, u64)>,
+    /// Since when writes have been blocked.
+    write_stalled: Option<Instant>,
+    /// Once closed, why: every later read or write fails too.
+    closed: Option<&'static str>,
+    timer: Pin<Box<Sleep>>,
+    _held: Held,
     _gauge: OpenGauge,
 }
 
 impl Connection {
-    fn new(transport: Transport, info: ConnectionInfo, idle_timeout: Duration, permit: OwnedSemaphorePermit) -> Self {
+    fn new(transport: Transport, info: ConnectionInfo, limits: ConnectionLimits, held: Held) -> Self {
         let now = Instant::now();
         Connection {
             transport,
             info,
-            idle_timeout,
+            limits,
             last_active: now,
-            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
-            _open: permit,
+            protocol: Protocol::Unknown,
+            head: Some((now, 0)),
+            write_stalled: None,
+            closed: None,
+            timer: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
+            _held: held,
             _gauge: OpenGauge::new(),
         }
     }
 
-    /// Called when the transport is not ready: an error once the connection has been idle for too long.
-    fn poll_idle(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        loop {
-            let due = self.last_active + self.idle_timeout;
-            if self.idle.deadline() != due {
-                self.idle.as_mut().reset(due);
+    /// The earliest of the connection's deadlines, or why it must close now.
+    fn next_deadline(&mut self, now: Instant) -> Result<Instant, &'static str> {
+        let slot = &self.info.slot;
+        if let Some((_, started)) = self.head
+            && slot.calls_started.load(Ordering::SeqCst) != started
+        {
+            self.head = None;
+        }
+        let deadlines = [
+            (Some(self.last_active + self.limits.idle_timeout), "idle_timeout"),
+            (slot.idle_since().map(|since| since + self.limits.max_idle), "max_idle"),
+            (
+                self.head.map(|(since, _)| since + self.limits.head_timeout),
+                "head_timeout",
+            ),
+            (
+                self.write_stalled.map(|since| since + self.limits.write_stall_timeout),
+                "write_stall",
+            ),
+        ];
+        let mut next = None::<Instant>;
+        for (deadline, cause) in deadlines {
+            let Some(deadline) = deadline else { continue };
+            if now >= deadline {
+                return Err(cause);
             }
-            match self.idle.as_mut().poll(cx) {
-                Poll::Pending => return Ok(()),
-                Poll::Ready(()) if Instant::now() >= self.last_active + self.idle_timeout => {
-                    metrics::counter!(metric::CONNECTIONS_CLOSED, "cause" => "idle_timeout").increment(1);
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "connection idle timeout"));
-                }
-                Poll::Ready(()) => continue,
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        Ok(next.expect("the idle timeout is always armed"))
+    }
+
+    /// Called when the transport is not ready: an error once a deadline has passed.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>) -> Result<(), &'static str> {
+        loop {
+            let due = self.next_deadline(Instant::now())?;
+            if self.timer.deadline() != due {
+                self.timer.as_mut().reset(due);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Ok(());
             }
         }
+    }
+
+    /// The server's request to close, if one is pending and still applies.
+    fn close_requested(&self) -> Option<&'static str> {
+        let slot = &self.info.slot;
+        match slot.close_requested()? {
+            CloseCause::Evicted if slot.calls.load(Ordering::SeqCst) > 0 => {
+                // A call started after the eviction was decided: the accept loop will pick another.
+                slot.close.store(0, Ordering::SeqCst);
+                None
+            }
+            cause => Some(cause.label()),
+        }
+    }
+
+    fn fail<T>(&mut self, cause: &'static str) -> Poll<io::Result<T>> {
+        if self.closed.is_none() {
+            self.closed = Some(cause);
+            tracing::debug!(remote = ?self.info.remote, cause, "closing connection");
+            metrics::counter!(metric::CONNECTIONS_CLOSED, "cause" => cause).increment(1);
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connection closed by the server: {cause}"),
+        )))
     }
 
     fn progress<T>(&mut self, result: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
         match result {
             Poll::Ready(r) => {
                 self.last_active = Instant::now();
+                if let Some(cause) = self.close_requested() {
+                    return self.fail(cause);
+                }
                 Poll::Ready(r)
             }
-            Poll::Pending => match self.poll_idle(cx) {
-                Ok(()) => Poll::Pending,
-                Err(e) => Poll::Ready(Err(e)),
-            },
+            Poll::Pending => {
+                self.info.slot.register(cx.waker());
+                if let Some(cause) = self.close_requested() {
+                    return self.fail(cause);
+                }
+                match self.poll_deadlines(cx) {
+                    Ok(()) => Poll::Pending,
+                    Err(cause) => self.fail(cause),
+                }
+            }
         }
+    }
+
+    /// Notes what a read brought: which protocol the connection speaks, and the start of an HTTP/1.1 request
+    /// head (bytes arriving while no call is in flight).
+    fn on_read(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.protocol == Protocol::Unknown {
+            // Reads of fewer than 3 bytes at first are rare enough to call HTTP/1 (the stricter rules).
+            self.protocol = if bytes.starts_with(b"PRI") {
+                Protocol::Http2
+            } else {
+                Protocol::Http1
+            };
+        }
+        let slot = &self.info.slot;
+        match self.protocol {
+            Protocol::Http2 => self.head = None,
+            _ if self.head.is_none() && slot.calls.load(Ordering::SeqCst) == 0 => {
+                self.head = Some((Instant::now(), slot.calls_started.load(Ordering::SeqCst)));
+            }
+            _ => {}
+        }
+    }
+
+    fn write_progress<T>(&mut self, result: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        if result.is_pending() {
+            self.write_stalled.get_or_insert_with(Instant::now);
+        } else {
+            self.write_stalled = None;
+        }
+        self.progress(result, cx)
     }
 }
 
@@ -215,10 +542,17 @@ impl Connected for Connection {
 impl AsyncRead for Connection {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(cause) = this.closed {
+            return this.fail(cause);
+        }
+        let before = buf.filled().len();
         let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         };
+        if let Poll::Ready(Ok(())) = result {
+            this.on_read(&buf.filled()[before..]);
+        }
         this.progress(result, cx)
     }
 }
@@ -226,11 +560,14 @@ impl AsyncRead for Connection {
 impl AsyncWrite for Connection {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if let Some(cause) = this.closed {
+            return this.fail(cause);
+        }
         let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         };
-        this.progress(result, cx)
+        this.write_progress(result, cx)
     }
 
     fn poll_write_vectored(
@@ -239,11 +576,14 @@ impl AsyncWrite for Connection {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if let Some(cause) = this.closed {
+            return this.fail(cause);
+        }
         let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         };
-        this.progress(result, cx)
+        this.write_progress(result, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -255,11 +595,14 @@ impl AsyncWrite for Connection {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(cause) = this.closed {
+            return this.fail(cause);
+        }
         let result = match &mut this.transport {
             Transport::Plain(s) => Pin::new(s).poll_flush(cx),
             Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         };
-        this.progress(result, cx)
+        this.write_progress(result, cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -47,7 +47,9 @@ pub mod metric {
     pub const CONTROL_REFUSALS: &str = "fmnist_model_control_refusals_total";
     /// Connections open on the gRPC port.
     pub const CONNECTIONS_OPEN: &str = "fmnist_connections_open";
-    /// Connections the server closed, by `cause` (idle_timeout, tls_handshake_timeout, tls_handshake_failed).
+    /// Connections the server closed, by `cause`: idle_timeout (no bytes), max_idle (no call in flight),
+    /// head_timeout, body_too_slow, write_stall, evicted (for a new connection at the cap),
+    /// tls_handshake_timeout, tls_handshake_failed.
     pub const CONNECTIONS_CLOSED: &str = "fmnist_connections_closed_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
     pub const ACCEPT_ERRORS: &str = "fmnist_accept_errors_total";

@@ -1,7 +1,8 @@
 //! The layers every call goes through, whatever its service (classifier, OIP, health, reflection, gRPC-Web
 //! calls of the page, and the OIP's REST routes): [`RpcLayer`] gives it a request id, a span, duration and
 //! status metrics and its deadline; [`CallLimitsLayer`] holds it to its connection's share of calls and
-//! request bytes. A REST call is refused in its own protocol (JSON, an HTTP status), a gRPC call with a status.
+//! request bytes, and counts it in flight on its connection. A REST call is refused in its own protocol
+//! (JSON, an HTTP status), a gRPC call with a status.
 
 use std::{
     collections::HashMap,
@@ -22,7 +23,7 @@ use tonic::{Status, body::Body};
 use tracing::Instrument;
 
 use crate::{
-    connections::ConnectionInfo,
+    connections::{ConnectionInfo, Slot},
     error::{AdmissionError, ErrorKind, ServiceError},
     grpc, rest,
     telemetry::metric,
@@ -361,7 +362,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
+        let connection = request.extensions().get::<ConnectionInfo>();
+        let (share, slot) = (connection.map(|c| c.share.clone()), connection.map(|c| c.slot.clone()));
+        // Until its response is ready the call keeps its connection from counting as idle (a streamed
+        // response, such as a health Watch, does not).
+        let in_flight = slot.as_ref().map(Slot::call_started);
         let call = match &share {
             Some(share) => match share.calls.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
@@ -391,7 +396,7 @@ where
         Box::pin(async move {
             let response = response.await;
             // The handler has finished with the request's bytes (a streaming response holds none of them).
-            drop((charge, call));
+            drop((charge, call, in_flight));
             response
         })
     }
