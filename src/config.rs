@@ -9,6 +9,7 @@ use crate::{
     admission::SharePolicy,
     connections::ConnectionLimits,
     control::{ControlKey, ControlSettings},
+    grpc::layers::MinBodyRate,
     model::RuntimeOptions,
     preprocess::{DecodeLimits, InputCheck},
 };
@@ -197,6 +198,15 @@ pub struct Config {
     #[arg(long, env = "FMNIST_REQUEST_HEAD_TIMEOUT_S", default_value_t = 10)]
     pub request_head_timeout_s: u64,
 
+    /// Slowest request body accepted (bytes/s): after --request-body-grace-s, a body must have averaged at
+    /// least this since its call began, or the call fails and its connection is closed.
+    #[arg(long, env = "FMNIST_MIN_REQUEST_BODY_RATE", default_value_t = 1024)]
+    pub min_request_body_rate: u64,
+
+    /// Seconds a request body may take before --min-request-body-rate applies (slow starts, small bodies).
+    #[arg(long, env = "FMNIST_REQUEST_BODY_GRACE_S", default_value_t = 5)]
+    pub request_body_grace_s: u64,
+
     /// A connection whose writes have been blocked for this long (seconds), because the client does not read
     /// what it is sent, is closed.
     #[arg(long, env = "FMNIST_WRITE_STALL_TIMEOUT_S", default_value_t = 30)]
@@ -344,7 +354,7 @@ impl Config {
     /// Checks the settings together, once, at start-up: a bad combination fails with a message naming the
     /// flags instead of being clamped somewhere deep inside.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 15] = [
+        let positive: [(&str, u64); 16] = [
             ("--max-batch-size", self.max_batch_size as u64),
             ("--max-images-per-request", self.max_images_per_request as u64),
             ("--max-queued-images", self.max_queued_images as u64),
@@ -358,6 +368,7 @@ impl Config {
             ("--idle-timeout-s", self.idle_timeout_s),
             ("--max-connection-idle-s", self.max_connection_idle_s),
             ("--request-head-timeout-s", self.request_head_timeout_s),
+            ("--min-request-body-rate", self.min_request_body_rate),
             ("--write-stall-timeout-s", self.write_stall_timeout_s),
             ("--http2-keepalive-s", self.http2_keepalive_s),
             ("--tls-handshake-timeout-s", self.tls_handshake_timeout_s),
@@ -487,6 +498,14 @@ impl Config {
             head_timeout: Duration::from_secs(self.request_head_timeout_s),
             write_stall_timeout: Duration::from_secs(self.write_stall_timeout_s),
             tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_s),
+        }
+    }
+
+    /// The slowest a request body may arrive.
+    pub fn min_body_rate(&self) -> MinBodyRate {
+        MinBodyRate {
+            grace: Duration::from_secs(self.request_body_grace_s),
+            bytes_per_s: self.min_request_body_rate,
         }
     }
 

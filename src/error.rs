@@ -138,6 +138,10 @@ pub enum AdmissionError {
     ConnectionRequestBytes,
     #[error("server busy: too many request bytes in flight; retry with backoff")]
     RequestBytes,
+    #[error(
+        "the request body arrived slower than {bytes_per_s} bytes/s (after the first {grace_s} s); the connection is closed"
+    )]
+    BodyTooSlow { bytes_per_s: u64, grace_s: u64 },
 }
 
 /// The longest client-supplied string quoted back in a status message or a log line.

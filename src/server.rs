@@ -339,7 +339,10 @@ pub async fn serve(
         .http2_max_pending_accept_reset_streams(Some(config.http2_max_pending_resets))
         .timeout(Duration::from_secs(config.request_timeout_s))
         .layer(RpcLayer)
-        .layer(CallLimitsLayer::new(config.max_request_bytes_in_flight))
+        .layer(CallLimitsLayer::new(
+            config.max_request_bytes_in_flight,
+            config.min_body_rate(),
+        ))
         .add_routes(web::with_grpc_web_and_page(grpc, rest))
         .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);

@@ -1,15 +1,15 @@
 //! The layers every call goes through, whatever its service (classifier, OIP, health, reflection, gRPC-Web
 //! calls of the page, and the OIP's REST routes): [`RpcLayer`] gives it a request id, a span, duration and
 //! status metrics and its deadline; [`CallLimitsLayer`] holds it to its connection's share of calls and
-//! request bytes, and counts it in flight on its connection. A REST call is refused in its own protocol
-//! (JSON, an HTTP status), a gRPC call with a status.
+//! request bytes and to a minimum body rate, and counts it in flight on its connection. A REST call is
+//! refused in its own protocol (JSON, an HTTP status), a gRPC call with a status.
 
 use std::{
     collections::HashMap,
     pin::Pin,
     sync::{
         Arc, Mutex, OnceLock, PoisonError, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -18,12 +18,15 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Sleep,
+};
 use tonic::{Status, body::Body};
 use tracing::Instrument;
 
 use crate::{
-    connections::{ConnectionInfo, Slot},
+    connections::{CloseCause, ConnectionInfo, Slot},
     error::{AdmissionError, ErrorKind, ServiceError},
     grpc, rest,
     telemetry::metric,
@@ -288,9 +291,31 @@ fn is_safe_request_id(id: &str) -> bool {
 /// An eighth of the bytes is kept for small calls (whose body so far is at most [`SMALL_CALL_BYTES`]): a few
 /// uploads stalled at 15 MiB can fill the rest, but not refuse everyone else's ordinary calls for the 30 s
 /// before the idle or request timeout ends them.
+///
+/// A request body must also arrive at [`MinBodyRate`] until the call is answered: one sent a byte every few
+/// seconds otherwise held its call, and so its connection's slot, for the whole request timeout. Below it the
+/// call fails and the connection is closed. A call answered before its body ends (a bidirectional stream such
+/// as reflection) is not held to it.
 #[derive(Debug, Clone)]
 pub struct CallLimitsLayer {
     pools: Arc<BytePools>,
+    rate: MinBodyRate,
+}
+
+/// The slowest a request body may arrive: after `grace`, at least `bytes_per_s` on average since the call
+/// began (nginx's client_body_timeout as a rate); from the config, validated there.
+#[derive(Debug, Clone, Copy)]
+pub struct MinBodyRate {
+    pub grace: Duration,
+    pub bytes_per_s: u64,
+}
+
+impl MinBodyRate {
+    /// When a body that began at `started` and has brought `received` bytes falls below the rate.
+    fn due(&self, started: tokio::time::Instant, received: usize) -> tokio::time::Instant {
+        let earned = Duration::from_secs_f64(received as f64 / self.bytes_per_s as f64);
+        started + self.grace + earned.min(Duration::from_secs(86_400))
+    }
 }
 
 /// A call whose body has reached this many bytes no longer counts as small.
@@ -305,13 +330,14 @@ struct BytePools {
 }
 
 impl CallLimitsLayer {
-    pub fn new(max_request_bytes_in_flight: usize) -> Self {
+    pub fn new(max_request_bytes_in_flight: usize, rate: MinBodyRate) -> Self {
         let small = max_request_bytes_in_flight / 8;
         CallLimitsLayer {
             pools: Arc::new(BytePools {
                 shared: Arc::new(Semaphore::new(max_request_bytes_in_flight - small)),
                 small_calls: Arc::new(Semaphore::new(small)),
             }),
+            rate,
         }
     }
 }
@@ -323,6 +349,7 @@ impl<S> tower::Layer<S> for CallLimitsLayer {
         CallLimits {
             inner,
             pools: self.pools.clone(),
+            rate: self.rate,
         }
     }
 }
@@ -331,6 +358,7 @@ impl<S> tower::Layer<S> for CallLimitsLayer {
 pub struct CallLimits<S> {
     inner: S,
     pools: Arc<BytePools>,
+    rate: MinBodyRate,
 }
 
 type Charge = Arc<Mutex<Held>>;
@@ -383,6 +411,7 @@ where
             None => None,
         };
         let charge: Charge = Arc::default();
+        let answered = Arc::new(AtomicBool::new(false));
         let request = request.map(|inner| {
             Body::new(ChargedBody {
                 inner,
@@ -390,11 +419,17 @@ where
                 connection: share.map(|s| s.bytes.clone()),
                 charge: charge.clone(),
                 received: 0,
+                rate: self.rate,
+                started: tokio::time::Instant::now(),
+                too_slow: None,
+                slot,
+                answered: answered.clone(),
             })
         });
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
+            answered.store(true, Ordering::Relaxed);
             // The handler has finished with the request's bytes (a streaming response holds none of them).
             drop((charge, call, in_flight));
             response
@@ -409,6 +444,14 @@ struct ChargedBody {
     charge: Charge,
     /// Body bytes so far.
     received: usize,
+    rate: MinBodyRate,
+    started: tokio::time::Instant,
+    /// Fires when the body falls below the rate unless more arrives first.
+    too_slow: Option<Pin<Box<Sleep>>>,
+    /// The call's connection, closed when the body is too slow.
+    slot: Option<Arc<Slot>>,
+    /// Set once the call's response is ready: the rate no longer applies.
+    answered: Arc<AtomicBool>,
 }
 
 impl ChargedBody {
@@ -447,6 +490,35 @@ impl ChargedBody {
     }
 }
 
+impl ChargedBody {
+    /// While the body is awaited: fails the call, and has its connection closed, once the body has fallen
+    /// below the minimum rate.
+    fn poll_rate(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.answered.load(Ordering::Relaxed) {
+            self.too_slow = None;
+            return Poll::Pending;
+        }
+        let due = self.rate.due(self.started, self.received);
+        let timer = self
+            .too_slow
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        if let Some(slot) = &self.slot {
+            slot.close(CloseCause::BodyTooSlow);
+        }
+        let error = AdmissionError::BodyTooSlow {
+            bytes_per_s: self.rate.bytes_per_s,
+            grace_s: self.rate.grace.as_secs(),
+        };
+        Poll::Ready(Some(Err(ServiceError::from(error).into())))
+    }
+}
+
 impl HttpBody for ChargedBody {
     type Data = Bytes;
     type Error = Status;
@@ -456,7 +528,7 @@ impl HttpBody for ChargedBody {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => return self.poll_rate(cx),
         };
         if let Some(data) = frame.data_ref()
             && let Err(status) = self.charge(data.len())
