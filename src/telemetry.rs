@@ -1,8 +1,9 @@
 //! Logs (tracing) and metrics (Prometheus) setup, and the names of every metric the service records.
 
 use std::{
+    collections::BTreeMap,
     io::IsTerminal,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::Duration,
 };
 
@@ -10,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::Semaphore,
+    sync::{Semaphore, oneshot},
 };
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -51,6 +52,8 @@ pub mod metric {
     /// head_timeout, body_too_slow, write_stall, evicted (for a new connection at the cap),
     /// tls_handshake_timeout, tls_handshake_failed.
     pub const CONNECTIONS_CLOSED: &str = "fmnist_connections_closed_total";
+    /// Connections the metrics port closed, by `cause` (head_timeout, evicted).
+    pub const METRICS_CONNECTIONS_CLOSED: &str = "fmnist_metrics_connections_closed_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
     pub const ACCEPT_ERRORS: &str = "fmnist_accept_errors_total";
     /// Request body bytes held by calls in flight (bounded by --max-request-bytes-in-flight).
@@ -121,30 +124,60 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
             upkeep.run_upkeep();
         }
     }));
-    // A scraper needs one connection at a time; a client that opens many, or never finishes its request,
-    // gets a bounded number of them and a few seconds each.
+    // A scraper needs one connection at a time and sends its request at once. A connection must bring its
+    // request within METRICS_HEAD_TIMEOUT; at the cap, a new one evicts the one that has waited longest for
+    // its request (40 slow or 175 silent sockets once made scrapes wait 5 s, and fail).
     let open = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
+    let waiting = Arc::new(Mutex::new(BTreeMap::<u64, oneshot::Sender<()>>::new()));
     let mut backoff = Duration::ZERO;
-    loop {
-        let permit = open.clone().acquire_owned().await.expect("never closed");
-        let (mut stream, _) = crate::connections::accept(&listener, &mut backoff).await;
-        let handle = handle.clone();
+    for id in 0u64.. {
+        let (stream, _) = crate::connections::accept(&listener, &mut backoff).await;
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let oldest = waiting.lock().unwrap_or_else(PoisonError::into_inner).pop_first();
+                if let Some((_, evict)) = oldest {
+                    let _ = evict.send(());
+                }
+                // Evicted connections drop their permit at once; without one, a scrape in progress is about to.
+                match tokio::time::timeout(METRICS_HEAD_TIMEOUT, open.clone().acquire_owned()).await {
+                    Ok(permit) => permit.expect("never closed"),
+                    Err(_) => continue,
+                }
+            }
+        };
+        let (evict, evicted) = oneshot::channel();
+        waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(id, evict);
+        let (handle, waiting) = (handle.clone(), waiting.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = tokio::time::timeout(METRICS_TIMEOUT, answer(&mut stream, &handle)).await;
+            let mut stream = stream;
+            let head = tokio::select! {
+                _ = evicted => Err("evicted"),
+                head = tokio::time::timeout(METRICS_HEAD_TIMEOUT, read_head(&mut stream)) => head.map_err(|_| "head_timeout"),
+            };
+            waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            match head {
+                Ok(head) => {
+                    let _ = tokio::time::timeout(METRICS_TIMEOUT, answer(&mut stream, &head, &handle)).await;
+                }
+                Err(cause) => metrics::counter!(metric::METRICS_CONNECTIONS_CLOSED, "cause" => cause).increment(1),
+            }
         });
     }
 }
 
-/// Scrapes served at once; further connections wait in the listen backlog.
+/// Connections open at once; past it a new one evicts the one waiting longest for its request.
 const METRICS_MAX_CONNECTIONS: usize = 16;
-/// The whole exchange (request head in, exposition out) must fit in this.
+/// The request head must arrive within this.
+const METRICS_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The answer must be written within this.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn answer(stream: &mut TcpStream, handle: &PrometheusHandle) {
+/// The request head (or the first 4 KiB of it, or what came before the client closed).
+async fn read_head(stream: &mut TcpStream) -> String {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
-    // Read until the end of the request head (or the buffer is full: then answer anyway).
     while len < buf.len() {
         match stream.read(&mut buf[len..]).await {
             Ok(0) | Err(_) => break,
@@ -154,7 +187,10 @@ async fn answer(stream: &mut TcpStream, handle: &PrometheusHandle) {
             break;
         }
     }
-    let head = String::from_utf8_lossy(&buf[..len]);
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+async fn answer(stream: &mut TcpStream, head: &str, handle: &PrometheusHandle) {
     let path = head.split_whitespace().nth(1).unwrap_or("");
     let (status, content_type, body) =
         if head.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
