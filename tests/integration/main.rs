@@ -28,3 +28,4 @@ mod operations;
 mod reference_outputs;
 mod reliability;
 mod request_bytes;
+mod slots;

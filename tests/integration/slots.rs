@@ -1,0 +1,354 @@
+//! Hostile clients that hold connection slots (issue #27): HTTP/2 connections that only answer pings,
+//! slowloris request heads, request bodies a byte at a time, and slow or silent sockets on the metrics port.
+//! Each attack holds every slot of a small server while a polite caller and health probes arrive; they must
+//! get through. On the code before slots were reclaimed, each of these starved them.
+
+use crate::common;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use common::{TestServer, config, fixture, metric, raw, request};
+use fmnist_serve::{config::Config, pb::classifier_client::ClassifierClient};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinHandle,
+};
+use tonic::transport::Channel;
+
+/// Slots the tests' servers have: attackers open more than this.
+const SLOTS: usize = 8;
+/// Attackers per test: more than the slots, as in the issue (300 on 256).
+const ATTACKERS: usize = 12;
+
+/// A small server with short timeouts, so each attack plays out in seconds.
+fn slot_config() -> Config {
+    let mut config = config();
+    config.max_connections = SLOTS;
+    config.max_connection_idle_s = 3;
+    config.request_head_timeout_s = 2;
+    config.min_request_body_rate = 1000;
+    config.request_body_grace_s = 1;
+    config
+}
+
+type Attempt = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// `n` attackers, each running `attempt` (one connection, until the server closes it) again and again.
+struct Attack {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Attack {
+    fn start(n: usize, addr: SocketAddr, attempt: fn(SocketAddr) -> Attempt) -> Attack {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        attempt(addr).await;
+                        // Reconnect when closed, as the issue's attackers did (not in a tight loop).
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+            })
+            .collect();
+        Attack { stop, tasks }
+    }
+}
+
+impl Drop for Attack {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// An HTTP/2 connection that never calls; the h2 client answers the server's pings.
+fn ping_only(addr: SocketAddr) -> Attempt {
+    Box::pin(async move {
+        let Ok(tcp) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let Ok((client, connection)) = h2::client::handshake(tcp).await else {
+            return;
+        };
+        let _ = connection.await;
+        drop(client);
+    })
+}
+
+/// An HTTP/1.1 request head sent a byte every 500 ms, never finished.
+fn slowloris(addr: SocketAddr) -> Attempt {
+    Box::pin(async move {
+        let Ok(mut tcp) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let head = b"GET /v2/health/ready HTTP/1.1\r\nHost: test\r\nX-Padding: ";
+        for &byte in head.iter().chain(std::iter::repeat(&b'a')) {
+            if tcp.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// An OIP REST inference whose chunked body comes one byte every 500 ms.
+fn byte_at_a_time_body(addr: SocketAddr) -> Attempt {
+    Box::pin(async move {
+        let Ok(mut tcp) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let head = "POST /v2/models/cnn/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n";
+        if tcp.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        loop {
+            if tcp.write_all(b"1\r\n \r\n").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// A socket that connects and says nothing.
+fn silent(addr: SocketAddr) -> Attempt {
+    Box::pin(async move {
+        let Ok(mut tcp) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let mut buf = [0u8; 64];
+        while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+}
+
+/// A metrics request a byte every 500 ms.
+fn slow_scrape(addr: SocketAddr) -> Attempt {
+    Box::pin(async move {
+        let Ok(mut tcp) = TcpStream::connect(addr).await else {
+            return;
+        };
+        for &byte in b"GET /metrics HTTP/1.1\r\nHost: test\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if tcp.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// Waits until the attackers hold every slot (the open-connections gauge at the cap).
+async fn until_slots_are_held(server: &TestServer) {
+    let started = Instant::now();
+    while metric(&server.metrics().await, "fmnist_connections_open") < SLOTS as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the attackers never filled the slots"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A polite caller arriving during the attack: its own connection, one Classify every 250 ms, each given
+/// 2 s (connecting included). How many of how many were served.
+async fn polite_caller(addr: SocketAddr, calls: usize) -> (usize, usize) {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let mut client = ClassifierClient::new(channel);
+    let (pixels, label) = fixture()[0];
+    let mut served = 0;
+    for _ in 0..calls {
+        let mut call = tonic::Request::new(request(vec![raw(&pixels)]));
+        call.set_timeout(Duration::from_secs(2));
+        if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(2), client.classify(call)).await {
+            assert_eq!(
+                response.into_inner().results[0].prediction.as_ref().unwrap().class_id,
+                label
+            );
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (served, calls)
+}
+
+/// A kubelet-style readiness probe: a fresh connection, `GET /v2/health/ready`, 2 s to answer 200.
+async fn ready_probe(addr: SocketAddr) -> bool {
+    let probe = async {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        tcp.write_all(b"GET /v2/health/ready HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        tcp.read_to_end(&mut answer).await.ok()?;
+        Some(answer.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// Probes every 500 ms while `calls` polite calls run; both outcomes.
+async fn polite_caller_and_probes(addr: SocketAddr) -> ((usize, usize), (usize, usize)) {
+    let probes = tokio::spawn(async move {
+        let (mut answered, mut sent) = (0, 0);
+        while sent < 12 {
+            sent += 1;
+            answered += usize::from(ready_probe(addr).await);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        (answered, sent)
+    });
+    let polite = polite_caller(addr, 24).await;
+    (polite, probes.await.unwrap())
+}
+
+fn assert_got_through(attack: &str, (served, calls): (usize, usize), (answered, probes): (usize, usize)) {
+    eprintln!("{attack}: polite caller {served} of {calls} served, health {answered} of {probes} probes answered");
+    assert!(
+        served * 100 >= calls * 95,
+        "{attack}: the polite caller got {served} of {calls} calls served"
+    );
+    assert!(
+        answered * 100 >= probes * 95,
+        "{attack}: health answered {answered} of {probes} probes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_that_only_answer_pings_are_evicted_for_a_polite_caller_and_probes() {
+    let server = TestServer::start(slot_config()).await;
+    let attack = Attack::start(ATTACKERS, server.addr, ping_only);
+    until_slots_are_held(&server).await;
+    let (polite, probes) = polite_caller_and_probes(server.addr).await;
+    drop(attack);
+    let evicted = metric(
+        &server.metrics().await,
+        "fmnist_connections_closed_total{cause=\"evicted\"}",
+    );
+    assert_got_through("ping-only HTTP/2 connections", polite, probes);
+    assert!(evicted >= 1.0, "{evicted} evictions counted");
+}
+
+#[tokio::test]
+async fn a_connection_with_no_call_in_flight_is_closed_whatever_pings_it_answers() {
+    let server = TestServer::start(slot_config()).await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let started = Instant::now();
+    // Keepalive pings every 10 s and the client answers them: only "no call in flight" can close it.
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection).await;
+    drop(client);
+    assert!(closed.is_ok(), "the connection was still open after 10 s with no call");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2500),
+        "closed after {waited:?}, before --max-connection-idle-s"
+    );
+    let closes = metric(
+        &server.metrics().await,
+        "fmnist_connections_closed_total{cause=\"max_idle\"}",
+    );
+    assert!(closes >= 1.0, "{closes} max_idle closes counted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_heads_are_evicted_and_timed_out_for_a_polite_caller_and_probes() {
+    let server = TestServer::start(slot_config()).await;
+    let attack = Attack::start(ATTACKERS, server.addr, slowloris);
+    until_slots_are_held(&server).await;
+    let (polite, probes) = polite_caller_and_probes(server.addr).await;
+    drop(attack);
+    assert_got_through("slowloris heads", polite, probes);
+    // Below the cap, the head timeout closes one alone.
+    let mut lone = TcpStream::connect(server.addr).await.unwrap();
+    let started = Instant::now();
+    lone.write_all(b"GET /v2/health/ready HTTP/1.1\r\n").await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if lone.write_all(b"X").await.is_err() {
+                return;
+            }
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(1), lone.read(&mut buf)).await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a slowloris head was still open after 10 s");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "a slowloris head closed after {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_sent_a_byte_at_a_time_fail_and_free_their_slots_for_a_polite_caller_and_probes() {
+    let server = TestServer::start(slot_config()).await;
+    let attack = Attack::start(ATTACKERS, server.addr, byte_at_a_time_body);
+    until_slots_are_held(&server).await;
+    let (polite, probes) = polite_caller_and_probes(server.addr).await;
+    drop(attack);
+    let too_slow = metric(
+        &server.metrics().await,
+        "fmnist_connections_closed_total{cause=\"body_too_slow\"}",
+    );
+    assert_got_through("bodies a byte at a time", polite, probes);
+    assert!(too_slow >= 1.0, "{too_slow} slow bodies closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_sockets_on_the_metrics_port_do_not_hold_up_scrapes() {
+    let server = TestServer::start(slot_config()).await;
+    let silent_ones = Attack::start(20, server.metrics_addr, silent);
+    let slow_ones = Attack::start(20, server.metrics_addr, slow_scrape);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut times = Vec::new();
+    let scrapes = 20;
+    for _ in 0..scrapes {
+        let started = Instant::now();
+        if let Ok(text) = tokio::time::timeout(Duration::from_secs(1), server.metrics()).await {
+            assert!(text.contains("fmnist_connections_open"));
+            times.push(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop((silent_ones, slow_ones));
+    times.sort();
+    let p50 = times.get(times.len() / 2).copied();
+    eprintln!(
+        "metrics port under attack: {} of {scrapes} scrapes within 1 s, p50 {p50:?}",
+        times.len()
+    );
+    assert!(
+        times.len() * 100 >= scrapes * 95,
+        "{} of {scrapes} scrapes answered within 1 s",
+        times.len()
+    );
+    assert!(
+        p50.is_some_and(|p| p < Duration::from_millis(500)),
+        "scrape p50 {p50:?}"
+    );
+}
