@@ -7,8 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("descriptor.bin"))
         // Maps are read into BTreeMap so parameters are walked in a stable order.
         .btree_map(".")
-        // prost's codec with the element counts of each request bounded before it is decoded (src/codec.rs).
-        .codec_path("crate::codec::BoundedCodec")
+        // prost's codec with the element counts of each request bounded before it is decoded (src/transport/codec.rs).
+        .codec_path("crate::transport::codec::BoundedCodec")
         .compile_protos(
             &[
                 "proto/fashion_mnist/v1/classifier.proto",

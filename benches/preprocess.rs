@@ -9,9 +9,9 @@ use std::{hint::black_box, io::Cursor, path::PathBuf};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use fmnist_serve::{
-    classify::Classifier,
+    api::fashion_mnist::FashionMnistService,
+    classify::Pipeline,
     config::Config,
-    grpc::fashion_mnist::ClassifierService,
     model::calibrated_softmax,
     ood::{Detector, energy},
     pb::{self, classifier_server::Classifier as _},
@@ -131,7 +131,7 @@ fn validation(c: &mut Criterion) {
             return;
         }
     };
-    let service = ClassifierService::new(Classifier::new(models, server::policy(&config)));
+    let service = FashionMnistService::new(Pipeline::new(models, config.policy()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

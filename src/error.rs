@@ -1,5 +1,5 @@
 //! Error types of each layer, and the protocol-neutral [`ErrorKind`] each one has. Adapters map a kind to their
-//! own codes in one place each (`grpc::code`, `rest::status`); nothing here knows a protocol.
+//! own codes in one place (`transport::status`); nothing here knows a protocol.
 //!
 //! A problem with a single image is not here: it is data in that image's verdict (see `verdict::Verdict`).
 

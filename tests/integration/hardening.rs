@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, config, encoded, fixture, metric, png, raw, repo, request, spawn_binary};
 use fmnist_serve::{
-    admission::MemoryBudget,
+    app::budget::MemoryBudget,
     config::Config,
     pb::{self, classifier_client::ClassifierClient},
 };

@@ -24,7 +24,7 @@ async fn the_request_id_header_is_echoed_back() {
 #[tokio::test]
 async fn sigterm_under_load_finishes_every_accepted_call_and_exits_zero() {
     // The per-call "call finished" line is DEBUG (a line per call at INFO costs throughput): keep it here.
-    let mut server = common::spawn_binary_logging(&[], "info,fmnist_serve::grpc::layers=debug");
+    let mut server = common::spawn_binary_logging(&[], "info,fmnist_serve::transport::layers=debug");
     let addr = server.addr.clone();
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()

@@ -424,11 +424,11 @@ async fn tls_and_mutual_tls_refuse_clients_without_a_valid_certificate() {
 
 #[tokio::test]
 async fn calls_before_the_models_are_loaded_are_unavailable() {
-    use fmnist_serve::classify::{Classifier, ClassifyRequest, ImageInput};
+    use fmnist_serve::classify::{ClassifyRequest, ImageInput, Pipeline};
     // The server listens (and answers health NOT_SERVING) while its models load; the core says why.
-    let core = Classifier::new(
+    let core = Pipeline::new(
         fmnist_serve::registry::Registry::new(config().registry_settings()),
-        server::policy(&config()),
+        config().policy(),
     );
     let (pixels, _) = fixture()[0];
     let call = ClassifyRequest {

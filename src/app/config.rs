@@ -6,12 +6,19 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 
 use crate::{
-    admission::SharePolicy,
-    connections::ConnectionLimits,
-    control::{ControlKey, ControlSettings},
-    grpc::layers::MinBodyRate,
-    model::RuntimeOptions,
-    preprocess::{DecodeLimits, InputCheck},
+    api::oip::rest::RestSettings,
+    core::admission::SharePolicy,
+    core::control::{ControlKey, ControlSettings},
+    core::model::RuntimeOptions,
+    core::preprocess::{DecodeLimits, InputCheck},
+    core::{
+        batching::BatchConfig,
+        classify::Policy,
+        registry::{DefaultModel, RegistrySettings},
+    },
+    telemetry::LogFormat,
+    transport::connections::ConnectionLimits,
+    transport::layers::MinBodyRate,
 };
 
 #[derive(Debug, Clone, Args)]
@@ -35,7 +42,7 @@ pub struct Config {
     pub model_poll_s: u64,
 
     /// Models to load, by name (comma-separated). cnn-int8 is the CNN statically quantized to INT8 (within 0.3
-    /// accuracy points of cnn, about twice as fast on CPUs with VNNI; see bench/README.md).
+    /// accuracy points of cnn, 1.3-1.4x the throughput of cnn end to end on CPUs with VNNI; see bench/README.md).
     #[arg(
         long,
         env = "FMNIST_MODELS",
@@ -45,7 +52,7 @@ pub struct Config {
     pub models: Vec<String>,
 
     /// Model used when a request names none. `auto`: cnn-int8 where the CPU has 8-bit dot-product instructions
-    /// (AVX512-VNNI or AVX-VNNI; every CPU with AMX has them), where it is about twice as fast at the same accuracy and OOD
+    /// (AVX512-VNNI or AVX-VNNI; every CPU with AMX has them), where it serves 1.3-1.4x the images per second at the same accuracy and OOD
     /// rejection, and cnn elsewhere (README "INT8 where it pays"). The choice is logged and in GetModelInfo.
     #[arg(long, env = "FMNIST_DEFAULT_MODEL", default_value = "auto")]
     pub default_model: String,
@@ -311,12 +318,6 @@ pub enum ModelControlMode {
     Explicit,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 impl Config {
     pub fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
@@ -434,8 +435,37 @@ impl Config {
         Ok(())
     }
 
-    pub fn rest_settings(&self) -> crate::rest::RestSettings {
-        crate::rest::RestSettings {
+    /// How each model's queue and batches are formed.
+    pub fn batch_config(&self) -> BatchConfig {
+        BatchConfig {
+            max_batch_size: self.max_batch_size,
+            max_batch_delay: self.max_batch_delay(),
+            max_queued_images: self.max_queued_images,
+            max_queue_wait: self.max_queue_wait(),
+            // A connection past its share borrows from what is left once its own share and one more (for
+            // whoever comes next) are set aside: a lone client still gets queue - share.
+            spare_images: self
+                .max_queued_images
+                .saturating_sub(2 * self.max_queued_images_per_connection),
+        }
+    }
+
+    /// The per-call settings of the classification pipeline.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            limits: self.decode_limits(),
+            check: self.input_check(),
+            min_confidence: self.min_confidence,
+            max_ood_score: self.max_ood_score,
+            max_images_per_request: self.max_images_per_request,
+            batch: self.batch_config(),
+            max_concurrent_decodes: self.decode_slots(),
+            small_decode_pixels: self.small_decode_pixels,
+        }
+    }
+
+    pub fn rest_settings(&self) -> RestSettings {
+        RestSettings {
             max_body_bytes: self.max_message_bytes,
             request_timeout: Duration::from_secs(self.request_timeout_s),
         }
@@ -518,13 +548,13 @@ impl Config {
     }
 
     /// How the registry finds, loads and batches model versions.
-    pub fn registry_settings(&self) -> crate::registry::RegistrySettings {
-        crate::registry::RegistrySettings {
+    pub fn registry_settings(&self) -> RegistrySettings {
+        RegistrySettings {
             dir: self.models_dir.clone(),
             models: self.models.clone(),
             default: self.default_model_choice(),
             runtime: self.runtime_options(),
-            batch: crate::server::batch_config(self),
+            batch: self.batch_config(),
             warmup_batch: self.max_batch_size,
         }
     }
@@ -579,6 +609,21 @@ impl Config {
     }
 }
 
+/// The CPU's 8-bit dot-product instruction set that ONNX Runtime's INT8 kernels use, if it has one.
+pub fn int8_dot_product() -> Option<&'static str> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // AMX-INT8 detection is unstable in std; every CPU with AMX (Sapphire Rapids on) has AVX512-VNNI too.
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            return Some("AVX512-VNNI");
+        }
+        if std::arch::is_x86_feature_detected!("avxvnni") {
+            return Some("AVX-VNNI");
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,56 +673,4 @@ mod tests {
         config.max_connections = 0;
         assert_eq!(config.validate().unwrap_err(), "--max-connections must be at least 1");
     }
-}
-
-/// The server's default model and the reason it was chosen.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DefaultModel {
-    pub name: String,
-    pub why: String,
-}
-
-impl DefaultModel {
-    /// `requested` is `--default-model`; `int8` names the CPU's 8-bit dot-product instruction set, if any.
-    pub fn choose(requested: &str, models: &[String], int8: Option<&str>) -> DefaultModel {
-        let loaded = |name: &str| models.iter().any(|m| m == name);
-        let (name, why) = if requested != "auto" {
-            (requested.to_string(), "set by --default-model".to_string())
-        } else {
-            match int8 {
-                Some(isa) if loaded("cnn-int8") => (
-                    "cnn-int8".into(),
-                    format!(
-                        "auto: this CPU has {isa}, where cnn-int8 runs about twice as fast as cnn within 0.1 point                          of its accuracy and 1 point of its OOD rejection"
-                    ),
-                ),
-                Some(_) if loaded("cnn") => ("cnn".into(), "auto: cnn-int8 is not among --models".into()),
-                None if loaded("cnn") => (
-                    "cnn".into(),
-                    "auto: this CPU has no 8-bit dot-product instructions (AVX512-VNNI or AVX-VNNI), so INT8 would not pay"
-                        .into(),
-                ),
-                _ => (
-                    models.first().cloned().unwrap_or_default(),
-                    "auto: the first of --models (neither cnn nor cnn-int8 is loaded)".into(),
-                ),
-            }
-        };
-        DefaultModel { name, why }
-    }
-}
-
-/// The CPU's 8-bit dot-product instruction set that ONNX Runtime's INT8 kernels use, if it has one.
-pub fn int8_dot_product() -> Option<&'static str> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // AMX-INT8 detection is unstable in std; every CPU with AMX (Sapphire Rapids on) has AVX512-VNNI too.
-        if std::arch::is_x86_feature_detected!("avx512vnni") {
-            return Some("AVX512-VNNI");
-        }
-        if std::arch::is_x86_feature_detected!("avxvnni") {
-            return Some("AVX-VNNI");
-        }
-    }
-    None
 }

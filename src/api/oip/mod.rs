@@ -1,17 +1,21 @@
 //! The Open Inference Protocol (KServe v2) for this service, whatever carries it: the tensors a `ModelInfer`
 //! call may send and gets back, and how they become a [`ClassifyRequest`] and come out of [`Verdict`]s. The
-//! transports (`grpc::inference` for gRPC, `rest` for HTTP/JSON) only move these tensors to and from their
+//! transports (`grpc` for gRPC, `rest` for HTTP/JSON) only move these tensors to and from their
 //! wire formats; classification itself is the core's.
 //!
 //! A call sends exactly one input, N images in one of three forms, and gets up to six outputs of N rows.
 
+pub mod grpc;
+pub mod json;
+pub mod rest;
+
 use crate::{
-    classify::{Classifier, ClassifyRequest, ClassifyResponse, ImageInput},
-    control::{ControlCall, ModelControl},
+    core::classify::{ClassifyRequest, ClassifyResponse, ImageInput, Pipeline},
+    core::control::{ControlCall, ModelControl},
+    core::model::CLASSES,
+    core::preprocess::{PIXELS, SIDE},
+    core::verdict::Verdict,
     error::{ErrorKind, ServiceError, clip},
-    model::CLASSES,
-    preprocess::{PIXELS, SIDE},
-    verdict::Verdict,
 };
 
 /// What `ServerMetadata` reports.
@@ -96,7 +100,7 @@ pub struct ModelDescription {
 }
 
 /// `ModelMetadata` for the model a call names (the version it names must be ready, as for `ModelInfer`).
-pub fn describe_model(core: &Classifier, name: &str, version: &str) -> Result<ModelDescription, ServiceError> {
+pub fn describe_model(core: &Pipeline, name: &str, version: &str) -> Result<ModelDescription, ServiceError> {
     if name.is_empty() {
         return Err(ServiceError::invalid(
             "the model name is empty: name the model to describe",
@@ -113,14 +117,14 @@ pub fn describe_model(core: &Classifier, name: &str, version: &str) -> Result<Mo
 
 /// `ModelReady`: the server is not draining, and the model has the version named (or any, when none is named).
 /// As Triton answers it, an unknown model or version is simply not ready.
-pub fn model_ready(core: &Classifier, name: &str, version: &str) -> bool {
+pub fn model_ready(core: &Pipeline, name: &str, version: &str) -> bool {
     !core.is_draining() && !name.is_empty() && core.models().is_ok_and(|m| m.find(name, version).is_ok())
 }
 
 /// `RepositoryModelLoad`, once `control` lets the call through: reads the model's folder now and swaps in
 /// what is new or changed. It answers once that is done; a version that failed to load is an error naming it
 /// and why (the versions serving before keep serving).
-pub async fn load_model(core: &Classifier, control: &ModelControl, call: ControlCall<'_>) -> Result<(), ServiceError> {
+pub async fn load_model(core: &Pipeline, control: &ModelControl, call: ControlCall<'_>) -> Result<(), ServiceError> {
     control.authorize(call)?;
     let name = call.model;
     let registry = core.registry();
@@ -148,7 +152,7 @@ pub const FORCE_PARAMETER: &str = "force";
 /// calls in flight finish. The default model goes only with `force`: without it, every call that names no
 /// model would fail, and the server would report itself not ready.
 pub fn unload_model(
-    core: &Classifier,
+    core: &Pipeline,
     control: &ModelControl,
     call: ControlCall<'_>,
     force: bool,

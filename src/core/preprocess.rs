@@ -11,7 +11,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, GrayImage, ImageError, ImageFormat, ImageReader, imageops::FilterType};
 
-pub use crate::verdict::Reason;
+pub use crate::core::reason::Reason;
 
 /// Side of the model's square input.
 pub const SIDE: usize = 28;

@@ -26,11 +26,11 @@ use tonic::{Status, body::Body};
 use tracing::Instrument;
 
 use crate::{
-    connections::{CloseCause, ConnectionInfo, Slot},
     error::{AdmissionError, ErrorKind, ServiceError},
-    grpc, rest,
     telemetry::metric,
     traces,
+    transport::connections::{CloseCause, ConnectionInfo, Slot},
+    transport::status,
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -112,9 +112,9 @@ where
                 let received = started + Duration::from_nanos(received.load(Ordering::Relaxed));
                 let elapsed = received.elapsed();
                 // A failed unary call answers "trailers-only": its status is in the headers. A REST call's
-                // failure carries its kind (`rest::error_response`), counted under the same code names.
+                // failure carries its kind (`status::http_response`), counted under the same code names.
                 let status = match response.extensions().get::<ErrorKind>() {
-                    Some(&kind) => Some(Status::new(grpc::code(kind), response.status().to_string())),
+                    Some(&kind) => Some(Status::new(status::code(kind), response.status().to_string())),
                     None => Status::from_header_map(response.headers()),
                 };
                 let code = status.as_ref().map_or(tonic::Code::Ok, Status::code);
@@ -403,7 +403,7 @@ where
                     let refusal = if is_grpc(request.headers()) {
                         Status::from(refused).into_http()
                     } else {
-                        rest::error_response(refused).map(Body::new)
+                        status::http_response(refused).map(Body::new)
                     };
                     return Box::pin(async move { Ok(refusal) });
                 }

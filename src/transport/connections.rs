@@ -37,7 +37,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::{
-    admission::{ConnectionShare, SharePolicy},
+    core::admission::{ConnectionShare, SharePolicy},
     telemetry::metric,
 };
 

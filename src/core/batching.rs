@@ -23,10 +23,9 @@ use std::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::{
-    admission,
+    core::model::{BatchOutput, CLASSES, ImageOutput, Model},
+    core::preprocess::{ModelInput, PIXELS},
     error::{ModelError, QueueError},
-    model::{BatchOutput, CLASSES, Model},
-    preprocess::{ModelInput, PIXELS},
     telemetry::metric,
     traces,
 };
@@ -41,14 +40,6 @@ pub struct BatchConfig {
     /// Queue room a caller past its own share may borrow ([`Batcher::reserve_spare`]); the rest of the
     /// queue stays free for callers within theirs.
     pub spare_images: usize,
-}
-
-/// The model's answer for one image.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ImageOutput {
-    pub probabilities: [f32; CLASSES],
-    pub logits: [f32; CLASSES],
-    pub ood_score: f32,
 }
 
 type Reply = Result<Vec<ImageOutput>, QueueError>;
@@ -187,10 +178,10 @@ impl Batcher {
     }
 
     /// Like [`Self::reserve`], but when the queue is full waits for room until `until`, in turn
-    /// ([`admission::acquire_until`]). Fails with `Full` when `until` passes.
+    /// ([`acquire_until`]). Fails with `Full` when `until` passes.
     pub async fn reserve_waiting(&self, n: usize, until: Instant) -> Result<Reservation, QueueError> {
         let started = Instant::now();
-        match admission::acquire_until(&self.permits, n, until, &self.waiting).await {
+        match acquire_until(&self.permits, n, until, &self.waiting).await {
             Some(permit) => Ok(Reservation {
                 _permit: permit,
                 _also: None,
@@ -448,5 +439,44 @@ impl InferenceLoop {
                 }
             }
         }
+    }
+}
+
+/// `n` permits of `semaphore`: at once when they are free, or else waited for until `until`, behind the calls
+/// that were waiting first (tokio's semaphore hands released permits to its waiters in order, so a newcomer
+/// cannot take them first), while `waiting` counts the `n` images. `None` once `until` has passed; when it
+/// already has, no timer is armed (tokio's would first wait for its next 1 ms tick).
+pub(crate) async fn acquire_until(
+    semaphore: &Arc<Semaphore>,
+    n: usize,
+    until: Instant,
+    waiting: &metrics::Gauge,
+) -> Option<OwnedSemaphorePermit> {
+    let permits = u32::try_from(n).ok()?;
+    if let Ok(permit) = semaphore.clone().try_acquire_many_owned(permits) {
+        return Some(permit);
+    }
+    if Instant::now() >= until {
+        return None;
+    }
+    let _counted = Waiting::count(waiting, n);
+    let acquire = semaphore.clone().acquire_many_owned(permits);
+    tokio::time::timeout_at(until.into(), acquire).await.ok()?.ok()
+}
+
+/// Images counted on a waiting gauge for as long as it lives: taken off however the wait ends, the caller
+/// going away (its future dropped) included.
+struct Waiting<'a>(&'a metrics::Gauge, f64);
+
+impl<'a> Waiting<'a> {
+    fn count(gauge: &'a metrics::Gauge, n: usize) -> Self {
+        gauge.increment(n as f64);
+        Waiting(gauge, n as f64)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(self.1);
     }
 }

@@ -155,7 +155,7 @@ fn msp(logits: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::CLASSES;
+    use crate::core::model::CLASSES;
 
     const LOGITS: [f32; CLASSES] = [2.0, 1.0, 0.0, -1.0, 9.0, 0.5, -2.0, 0.0, 1.5, -0.5];
 

@@ -14,15 +14,15 @@ use std::{
 use tracing::Instrument;
 
 use crate::{
-    admission::{self, ConnectionShare, DecodeLanes},
-    batching::{BatchConfig, Reservation},
+    core::admission::{self, ConnectionShare, DecodeLanes},
+    core::batching::{BatchConfig, Reservation},
+    core::model::ModelMetadata,
+    core::preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, Rejection},
+    core::registry::{Registry, Snapshot},
+    core::verdict::{self, Reason, Thresholds, Verdict},
     error::{QueueError, RequestError, ServiceError},
-    model::ModelMetadata,
-    preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, Rejection},
-    registry::{Registry, Snapshot},
     telemetry::metric,
     traces,
-    verdict::{self, Reason, Thresholds, Verdict},
 };
 
 /// Everything a call needs besides its own request; built once from `Config`.
@@ -87,16 +87,16 @@ pub struct ClassifyResponse {
 
 /// The pipeline; cheap to clone, shared by every adapter.
 #[derive(Debug, Clone)]
-pub struct Classifier {
+pub struct Pipeline {
     registry: Arc<Registry>,
     policy: Arc<Policy>,
     lanes: DecodeLanes,
     draining: Arc<AtomicBool>,
 }
 
-impl Classifier {
+impl Pipeline {
     pub fn new(registry: Arc<Registry>, policy: Policy) -> Self {
-        Classifier {
+        Pipeline {
             registry,
             lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
             policy: Arc::new(policy),

@@ -9,22 +9,21 @@ use tonic::server::NamedService;
 use tonic_health::server::HealthReporter;
 
 use crate::{
-    admission::MemoryBudget,
-    batching::BatchConfig,
-    classify::{Classifier, Policy},
-    config::{Config, DefaultModel},
-    connections,
-    control::ModelControl,
+    api::oip::rest,
+    api::{fashion_mnist::FashionMnistService, oip::grpc::InferenceService},
+    app::budget::{self, MemoryBudget},
+    app::config::Config,
+    app::web,
+    core::classify::Pipeline,
+    core::control::ModelControl,
+    core::registry::DefaultModel,
+    core::registry::Registry,
     error::ModelError,
-    grpc::{
-        fashion_mnist::ClassifierService,
-        inference::InferenceService,
-        layers::{CallLimitsLayer, RpcLayer},
-    },
     inference_pb::grpc_inference_service_server::GrpcInferenceServiceServer,
     pb::{self, classifier_server::ClassifierServer},
-    registry::Registry,
-    rest, telemetry, web,
+    telemetry,
+    transport::connections,
+    transport::layers::{CallLimitsLayer, RpcLayer},
 };
 
 /// Why the server could not start or stopped abnormally.
@@ -44,34 +43,6 @@ pub enum ServeError {
     Config(String),
 }
 
-pub fn batch_config(config: &Config) -> BatchConfig {
-    BatchConfig {
-        max_batch_size: config.max_batch_size,
-        max_batch_delay: config.max_batch_delay(),
-        max_queued_images: config.max_queued_images,
-        max_queue_wait: config.max_queue_wait(),
-        // A connection past its share borrows from what is left once its own share and one more (for
-        // whoever comes next) are set aside: a lone client still gets queue - share.
-        spare_images: config
-            .max_queued_images
-            .saturating_sub(2 * config.max_queued_images_per_connection),
-    }
-}
-
-/// The per-call settings of the classifier service, from the config.
-pub fn policy(config: &Config) -> Policy {
-    Policy {
-        limits: config.decode_limits(),
-        check: config.input_check(),
-        min_confidence: config.min_confidence,
-        max_ood_score: config.max_ood_score,
-        max_images_per_request: config.max_images_per_request,
-        batch: batch_config(config),
-        max_concurrent_decodes: config.decode_slots(),
-        small_decode_pixels: config.small_decode_pixels,
-    }
-}
-
 /// The default model `--default-model` resolves to, which must be one of `--models`.
 fn default_model(config: &Config) -> Result<DefaultModel, ServeError> {
     let default = config.default_model_choice();
@@ -82,55 +53,6 @@ fn default_model(config: &Config) -> Result<DefaultModel, ServeError> {
         });
     }
     Ok(default)
-}
-
-/// The memory limit of the cgroup this process runs in (a container's `resources.limits.memory`), when it has
-/// one: cgroup v2's `memory.max`, else v1's `memory.limit_in_bytes`.
-fn cgroup_memory_limit() -> Option<u64> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mut candidates = Vec::new();
-    for line in own.lines() {
-        // v2: "0::/path"; v1: "N:memory:/path".
-        let mut fields = line.splitn(3, ':');
-        let (_, controllers, path) = (fields.next(), fields.next().unwrap_or(""), fields.next().unwrap_or("/"));
-        if controllers.is_empty() {
-            candidates.push(format!("/sys/fs/cgroup{path}/memory.max"));
-            candidates.push("/sys/fs/cgroup/memory.max".to_string());
-        } else if controllers.split(',').any(|c| c == "memory") {
-            candidates.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
-            candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string());
-        }
-    }
-    candidates
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .filter_map(|text| text.trim().parse::<u64>().ok())
-        // v1 says "no limit" with a number near u64::MAX.
-        .find(|&limit| limit < (1 << 60))
-}
-
-/// The budget must fit in the container's memory limit: a pod whose limit is below it is OOM-killed by the
-/// first burst the budget allows, so the server refuses to start unless told to (`--ignore-memory-limit`).
-fn check_memory_limit(config: &Config, budget: &MemoryBudget) -> Result<(), ServeError> {
-    let Some(limit) = cgroup_memory_limit() else {
-        return Ok(());
-    };
-    if budget.total <= limit {
-        tracing::info!(memory_budget = %budget, memory_limit_mib = limit >> 20, "the memory budget fits the cgroup limit");
-        return Ok(());
-    }
-    let message = format!(
-        "the memory budget ({budget}) exceeds this container's memory limit ({} MiB): lower \
-         --max-connections, --max-request-bytes-in-flight or the decode limits, or raise the limit",
-        limit >> 20
-    );
-    if config.ignore_memory_limit {
-        tracing::warn!("{message}; starting anyway (--ignore-memory-limit)");
-        return Ok(());
-    }
-    Err(ServeError::Config(format!(
-        "{message} (or start anyway with --ignore-memory-limit)"
-    )))
 }
 
 /// Loads and warms up every configured model's versions and starts their inference threads: the registry
@@ -211,7 +133,7 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
     let status = serving_status(serving);
     reporter.set_service_status("", status).await;
     reporter
-        .set_service_status(<ClassifierServer<ClassifierService> as NamedService>::NAME, status)
+        .set_service_status(<ClassifierServer<FashionMnistService> as NamedService>::NAME, status)
         .await;
     reporter
         .set_service_status(
@@ -221,12 +143,12 @@ async fn set_health(reporter: &HealthReporter, serving: bool) {
         .await;
 }
 
-/// Keeps health equal to what the registry serves: the server's names follow [`Classifier::is_ready`], and each
+/// Keeps health equal to what the registry serves: the server's names follow [`Pipeline::is_ready`], and each
 /// configured model's name is SERVING while it has a ready version. Runs until the server stops; `drained`
 /// wakes it when the drain begins.
 async fn follow_health(
     reporter: HealthReporter,
-    core: Classifier,
+    core: Pipeline,
     registry: Arc<Registry>,
     mut drained: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -265,7 +187,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     config.validate().map_err(ServeError::Config)?;
     let budget = MemoryBudget::of(&config);
-    check_memory_limit(&config, &budget)?;
+    budget::check_memory_limit(&budget, config.ignore_memory_limit).map_err(ServeError::Config)?;
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, false).await;
 
@@ -280,13 +202,13 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let default = default_model(&config)?;
-    crate::codec::allow_images_per_call(config.max_images_per_request);
+    crate::transport::codec::allow_images_per_call(config.max_images_per_request);
     let control = ModelControl::new(config.control_settings().map_err(ServeError::Config)?);
     // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile.
     let registry = Registry::new(config.registry_settings());
-    let policy = policy(&config);
-    let core = Classifier::new(registry.clone(), policy);
-    let classifier = ClassifierServer::new(ClassifierService::new(core.clone()))
+    let policy = config.policy();
+    let core = Pipeline::new(registry.clone(), policy);
+    let classifier = ClassifierServer::new(FashionMnistService::new(core.clone()))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(core.clone(), control.clone()))
@@ -346,7 +268,10 @@ pub async fn serve(
         .add_routes(web::with_grpc_web_and_page(grpc, rest))
         .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);
-    let metrics_task = tokio::spawn(telemetry::serve_metrics(metrics_listener, telemetry::metrics_handle()));
+    let metrics_task = tokio::spawn(crate::app::metrics::serve_metrics(
+        metrics_listener,
+        telemetry::metrics_handle(),
+    ));
     tracing::info!(
         grpc = %addr,
         metrics = %metrics_addr,

@@ -5,23 +5,23 @@
 use tonic::{Request, Response, Status};
 
 use crate::{
-    classify::Classifier,
-    connections::ConnectionInfo,
-    control::{ControlCall, ModelControl},
+    api::oip::{self, InferRequest, InputTensor, Param, TensorData},
+    core::classify::Pipeline,
+    core::control::{ControlCall, ModelControl},
     error::{ServiceError, clip},
-    grpc::layers::Deadline,
     inference_pb as pb,
-    oip::{self, InferRequest, InputTensor, Param, TensorData},
+    transport::connections::ConnectionInfo,
+    transport::layers::Deadline,
 };
 
 #[derive(Debug, Clone)]
 pub struct InferenceService {
-    core: Classifier,
+    core: Pipeline,
     control: ModelControl,
 }
 
 impl InferenceService {
-    pub fn new(core: Classifier, control: ModelControl) -> Self {
+    pub fn new(core: Pipeline, control: ModelControl) -> Self {
         InferenceService { core, control }
     }
 }

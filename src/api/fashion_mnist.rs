@@ -4,27 +4,27 @@
 use tonic::{Request, Response, Status};
 
 use crate::{
-    classify::{Classifier, ClassifyRequest, ClassifyResponse, ImageInput},
-    connections::ConnectionInfo,
-    grpc::layers::Deadline,
+    core::classify::{ClassifyRequest, ClassifyResponse, ImageInput, Pipeline},
+    core::preprocess::PIXELS,
+    core::verdict::{self, Reason, Verdict},
     pb,
-    preprocess::PIXELS,
-    verdict::{self, Reason, Verdict},
+    transport::connections::ConnectionInfo,
+    transport::layers::Deadline,
 };
 
 #[derive(Debug, Clone)]
-pub struct ClassifierService {
-    core: Classifier,
+pub struct FashionMnistService {
+    core: Pipeline,
 }
 
-impl ClassifierService {
-    pub fn new(core: Classifier) -> Self {
-        ClassifierService { core }
+impl FashionMnistService {
+    pub fn new(core: Pipeline) -> Self {
+        FashionMnistService { core }
     }
 }
 
 #[tonic::async_trait]
-impl pb::classifier_server::Classifier for ClassifierService {
+impl pb::classifier_server::Classifier for FashionMnistService {
     async fn classify(&self, request: Request<pb::ClassifyRequest>) -> Result<Response<pb::ClassifyResponse>, Status> {
         let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         let share = request.extensions().get::<ConnectionInfo>().map(|c| c.share.clone());
@@ -100,7 +100,7 @@ fn reason(reason: Reason) -> pb::Reason {
     }
 }
 
-impl ClassifierService {
+impl FashionMnistService {
     fn model_info(&self) -> Result<pb::GetModelInfoResponse, Status> {
         let models = self.core.models()?;
         let p = self.core.policy();

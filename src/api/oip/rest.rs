@@ -22,13 +22,14 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::{
-    classify::Classifier,
-    connections::ConnectionInfo,
-    control::{ControlCall, ModelControl},
+    api::oip::json::{self, Scalar},
+    api::oip::{self, InferRequest, InputTensor, OutputData, OutputTensor, Param, TensorData, TensorSpec},
+    core::classify::Pipeline,
+    core::control::{ControlCall, ModelControl},
+    core::preprocess::PIXELS,
     error::{ErrorKind, QueueError, ServiceError, clip},
-    oip::{self, InferRequest, InputTensor, OutputData, OutputTensor, Param, TensorData, TensorSpec},
-    preprocess::PIXELS,
-    rest_json::{self, Scalar},
+    transport::connections::ConnectionInfo,
+    transport::status,
 };
 
 /// The largest body a repository call may carry: a few parameters.
@@ -36,28 +37,6 @@ const MAX_CONTROL_BODY_BYTES: usize = 4096;
 
 /// The header that says how long the JSON part of a binary-extension body is.
 const HEADER_LENGTH: &str = "inference-header-content-length";
-
-/// The HTTP status of each kind of failure.
-pub fn status(kind: ErrorKind) -> StatusCode {
-    match kind {
-        ErrorKind::Invalid => StatusCode::BAD_REQUEST,
-        ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
-        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
-        ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
-    }
-}
-
-/// A failure as the protocol answers it, `{"error": "..."}`; the kind rides along in the response's
-/// extensions for the call metrics.
-pub fn error_response(e: ServiceError) -> Response {
-    let mut response = (status(e.kind), Json(json!({ "error": e.message }))).into_response();
-    response.extensions_mut().insert(e.kind);
-    response
-}
 
 struct Failed(ServiceError);
 
@@ -69,7 +48,7 @@ impl From<ServiceError> for Failed {
 
 impl IntoResponse for Failed {
     fn into_response(self) -> Response {
-        error_response(self.0)
+        status::http_response(self.0)
     }
 }
 
@@ -89,13 +68,13 @@ const TIMEOUT_MARGIN: std::time::Duration = std::time::Duration::from_millis(100
 
 #[derive(Clone)]
 struct Rest {
-    core: Classifier,
+    core: Pipeline,
     control: ModelControl,
     settings: RestSettings,
 }
 
 /// The routes; `control` gates the repository's load and unload.
-pub fn router(core: Classifier, control: ModelControl, settings: RestSettings) -> Router {
+pub fn router(core: Pipeline, control: ModelControl, settings: RestSettings) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -252,7 +231,7 @@ async fn infer_until(rest: Rest, path: ModelPath, request: Request, deadline: In
     let body = read_body(body, rest.settings.max_body_bytes).await?;
     let (json_part, binary) = split_binary(&parts.headers, &body)?;
     let max_images = rest.core.policy().max_images_per_request;
-    let request = rest_json::parse(json_part, max_images.saturating_mul(PIXELS))
+    let request = json::parse(json_part, max_images.saturating_mul(PIXELS))
         .map_err(|e| ServiceError::invalid(format!("request body is not an inference request: {e}")))?;
     let binary_by_default = request
         .parameters
@@ -349,7 +328,7 @@ fn split_binary<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<(&'a [u8], &'
 
 /// `max_images`: the most BYTES elements a binary input may hold.
 fn from_json(
-    request: rest_json::InferRequest,
+    request: json::InferRequest,
     path: ModelPath,
     binary: &[u8],
     max_images: usize,
@@ -477,15 +456,6 @@ fn data(output: &OutputTensor) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_kind_of_failure_has_its_http_status() {
-        assert_eq!(status(ErrorKind::Invalid), StatusCode::BAD_REQUEST);
-        assert_eq!(status(ErrorKind::Overloaded), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(status(ErrorKind::Deadline), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(status(ErrorKind::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(status(ErrorKind::Internal), StatusCode::INTERNAL_SERVER_ERROR);
-    }
 
     #[test]
     fn json_elements_are_checked_against_the_datatype() {

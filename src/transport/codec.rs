@@ -46,7 +46,7 @@ impl Max {
         match self {
             Max::Fixed(n) => n,
             Max::Images => images,
-            Max::Pixels => images.saturating_mul(crate::preprocess::PIXELS),
+            Max::Pixels => images.saturating_mul(crate::core::preprocess::PIXELS),
         }
     }
 }

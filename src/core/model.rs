@@ -102,6 +102,14 @@ pub struct AcceptMetadata {
     pub test_coverage: f32,
 }
 
+/// The model's answer for one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageOutput {
+    pub probabilities: [f32; CLASSES],
+    pub logits: [f32; CLASSES],
+    pub ood_score: f32,
+}
+
 /// What a batch run gives back, image after image. Reused from run to run by the inference thread
 /// ([`Model::run_into`]), so its buffers are allocated once.
 #[derive(Debug, Clone, Default)]
@@ -110,7 +118,7 @@ pub struct BatchOutput {
     pub probabilities: Vec<f32>,
     /// `n * CLASSES` logits.
     pub logits: Vec<f32>,
-    /// `n` out-of-distribution scores (see [`crate::ood`]).
+    /// `n` out-of-distribution scores (see [`crate::core::ood`]).
     pub ood_scores: Vec<f32>,
     /// `n * k` OOD score components from the graph, read only when the detector needs them.
     components: Vec<f32>,
@@ -176,7 +184,7 @@ impl Model {
     /// Loads a version directory: its `model.json` and the ONNX file it names. Checks the file's sha256 and
     /// the graph's signature, and warms the session up at batch sizes 1 and `warmup_batch`.
     pub fn load(dir: &Path, options: &RuntimeOptions, warmup_batch: usize) -> Result<Model, ModelError> {
-        let meta_path = dir.join(crate::repository::METADATA_FILE);
+        let meta_path = dir.join(crate::core::repository::METADATA_FILE);
         let meta_text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Metadata {
             path: meta_path.clone(),
             reason: format!(
