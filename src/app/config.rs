@@ -61,9 +61,16 @@ pub struct Config {
     #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".ort/libonnxruntime.so.1.31.1")]
     pub ort_dylib: PathBuf,
 
-    /// ONNX Runtime intra-op threads per model; 0 = one per available core.
+    /// ONNX Runtime intra-op threads per model instance; 0 = the available cores shared out among the
+    /// --instances (at least one each).
     #[arg(long, env = "FMNIST_ORT_THREADS", default_value_t = 0)]
     pub ort_threads: usize,
+
+    /// Instances of each model version: each its own ONNX Runtime session and inference thread, taking
+    /// batches from the version's one queue side by side (Triton's instance_group count). More instances
+    /// with fewer threads each let a batch run while another forms; each costs one more session's memory.
+    #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 1)]
+    pub instances: usize,
 
     /// Let idle ONNX Runtime intra-op threads spin-wait for work (ONNX Runtime's default). Off by default: on a
     /// small machine the spinning thread takes CPU from the gRPC workers (see bench/README.md).
@@ -341,7 +348,10 @@ impl Config {
         use ort::session::builder::GraphOptimizationLevel as Level;
         RuntimeOptions {
             dylib: self.ort_dylib.clone(),
-            intra_threads: self.ort_threads,
+            intra_threads: match self.ort_threads {
+                0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / self.instances.max(1)).max(1),
+                n => n,
+            },
             intra_spinning: self.ort_spinning,
             optimization: match self.ort_optimization {
                 OrtOptimization::Disable => Level::Disable,
@@ -355,8 +365,9 @@ impl Config {
     /// Checks the settings together, once, at start-up: a bad combination fails with a message naming the
     /// flags instead of being clamped somewhere deep inside.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 16] = [
+        let positive: [(&str, u64); 17] = [
             ("--max-batch-size", self.max_batch_size as u64),
+            ("--instances", self.instances as u64),
             ("--max-images-per-request", self.max_images_per_request as u64),
             ("--max-queued-images", self.max_queued_images as u64),
             (
@@ -556,6 +567,7 @@ impl Config {
             runtime: self.runtime_options(),
             batch: self.batch_config(),
             warmup_batch: self.max_batch_size,
+            instances: self.instances,
         }
     }
 

@@ -13,7 +13,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         mpsc::{self, RecvTimeoutError, TryRecvError},
     },
     thread,
@@ -108,15 +108,19 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    /// Starts the inference thread for `model`. The thread ends once every `Batcher` clone is dropped and the
+    /// Starts one inference thread per model instance in `instances` (each its own session of the same
+    /// version), all taking batches from this one queue: while one instance runs a batch, the next forms and
+    /// runs on another, as Triton's instance groups do, so a preempted intra-op thread delays one batch, not
+    /// all of them. The returned thread joins them; they end once every `Batcher` clone is dropped and the
     /// queue is empty, so dropping the server drains the queue instead of losing it.
-    /// Its metrics are labelled with the model's `name` and `version`.
+    /// Metrics are labelled with the model's `name` and `version`.
     pub fn spawn(
-        model: Model,
+        instances: Vec<Model>,
         config: BatchConfig,
         name: &str,
         version: u64,
     ) -> Result<(Batcher, thread::JoinHandle<()>), ModelError> {
+        assert!(!instances.is_empty(), "a model version has at least one instance");
         let name: Arc<str> = name.into();
         let version: Arc<str> = version.to_string().into();
         let (sender, receiver) = mpsc::channel();
@@ -124,7 +128,26 @@ impl Batcher {
             .name(format!("infer-{name}-{version}"))
             .spawn({
                 let (name, version) = (name.clone(), version.clone());
-                move || InferenceLoop::new(model, config, name, version).run(receiver)
+                move || {
+                    let receiver = Mutex::new(receiver);
+                    let count = instances.len();
+                    thread::scope(|scope| {
+                        let mut loops = instances
+                            .into_iter()
+                            .map(|model| InferenceLoop::new(model, config, name.clone(), version.clone()));
+                        let first = loops.next().expect("at least one instance");
+                        for (i, other) in loops.enumerate() {
+                            let receiver = &receiver;
+                            let spawned = thread::Builder::new()
+                                .name(format!("infer-{name}-{version}-{}", i + 1))
+                                .spawn_scoped(scope, move || other.run(receiver));
+                            if let Err(e) = spawned {
+                                tracing::warn!(model = %name, instances = count, error = %e, "cannot start a model instance's thread; the others serve");
+                            }
+                        }
+                        first.run(&receiver);
+                    });
+                }
             })
             .map_err(|e| ModelError::Environment(format!("cannot start inference thread: {e}")))?;
         let batcher = Batcher {
@@ -287,8 +310,14 @@ impl InferenceLoop {
         }
     }
 
-    fn run(mut self, receiver: mpsc::Receiver<Job>) {
-        while let Some(batch) = self.next_batch(&receiver) {
+    /// Forms a batch holding the queue (the other instances wait for it meanwhile), then runs it without.
+    fn run(mut self, receiver: &Mutex<mpsc::Receiver<Job>>) {
+        loop {
+            let batch = {
+                let receiver = receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.next_batch(&receiver)
+            };
+            let Some(batch) = batch else { break };
             self.execute(batch);
         }
         tracing::debug!(model = %self.name, "inference thread stopped: queue closed and empty");

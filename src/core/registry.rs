@@ -205,6 +205,8 @@ pub struct RegistrySettings {
     pub runtime: RuntimeOptions,
     pub batch: BatchConfig,
     pub warmup_batch: usize,
+    /// Sessions per version, each on its own inference thread, sharing the version's queue.
+    pub instances: usize,
 }
 
 /// The live set of models; see the module documentation.
@@ -581,9 +583,11 @@ impl Registry {
         dir: &std::path::Path,
     ) -> Result<(LoadedModel, JoinHandle<()>), ModelError> {
         let s = &self.settings;
-        let model = Model::load(dir, &s.runtime, s.warmup_batch)?;
-        let meta = model.meta.clone();
-        let (batcher, thread) = Batcher::spawn(model, s.batch, name, version)?;
+        let instances = (0..s.instances.max(1))
+            .map(|_| Model::load(dir, &s.runtime, s.warmup_batch))
+            .collect::<Result<Vec<Model>, ModelError>>()?;
+        let meta = instances[0].meta.clone();
+        let (batcher, thread) = Batcher::spawn(instances, s.batch, name, version)?;
         Ok((
             LoadedModel {
                 name: name.to_string(),

@@ -55,7 +55,18 @@ async fn lone_answers(client: &mut ClassifierClient<Channel>, model: &str, count
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_image_gets_its_own_answer_however_calls_are_batched_and_carried_over() {
+    every_image_gets_its_own_answer(1).await;
+}
+
+/// The same with two instances of each model taking batches from one queue side by side (`--instances 2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_instances_every_image_still_gets_its_own_answer() {
+    every_image_gets_its_own_answer(2).await;
+}
+
+async fn every_image_gets_its_own_answer(instances: usize) {
     let mut config = config();
+    config.instances = instances;
     assert_eq!(
         config.models, DEFAULT_MODELS,
         "the test covers every model loaded by default"
