@@ -509,6 +509,26 @@ def markdown(done: dict) -> str:
             cell = f"{pct(r['mean'])} ({'/'.join(pct(v) for v in r['seeds'].values())}; int8 {pct(q['mean'])})"
             cells.append(f"**{cell}**" if g == done[m]["cnn"]["worst_group"] else cell)
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    timing = BUILD / "timings.json"
+    if timing.exists():
+        times = json.loads(timing.read_text())
+        lines += ["", "## Time", "", "One method's whole leave-one-group-out run (22 folds x 3 seeds + 3 shipped fits; "
+                  "energy and stats-maha fit once per fold), 1 thread, niced, on the shared 2-core machine "
+                  "while others built Rust: " + "; ".join(
+                      f"{m}: {t[-1]['wall_seconds'] / 60:.1f} min ({t[-1]['fits']} fits, {t[-1]['date']})"
+                      for m, t in times.items() if m in done) + "."]
+    tp = RESULTS / "ood-head-throughput.json"
+    if tp.exists():
+        lines += ["", "## Throughput of the exported graph", "",
+                  "ONNX Runtime, 1 thread, best of interleaved repeats (training/ood_head.py bench): images/s without -> "
+                  "with the head, and the cost.", "", "| head | model | batch 1 | batch 64 |", "|---|---|---:|---:|"]
+        for fit, res in json.loads(tp.read_text()).items():
+            for model in ("cnn", "cnn-int8"):
+                cells = [f"{r['base_images_per_s']:.0f} -> {r['head_images_per_s']:.0f} ({r['cost'] * 100:+.1f}%)"
+                         for r in (res[f"{model}/batch1"], res[f"{model}/batch64"])]
+                lines.append(f"| {fit} | {model} | " + " | ".join(cells) + " |")
+            cpu = res['machine']['cpu'].split(':', 1)[-1].strip()
+            lines.append(f"| | machine | {cpu} | {res['machine']['date']} |")
     lines += ["", "Held-out (build/ood-held-out, measured once with each method's shipped fit: seed "
               f"{SEEDS[0]}, every group): "
               + "; ".join(f"{m}: " + ", ".join(f"{g} {pct(v)}%" for g, v in s["cnn"]["shipped_fit"]["held_out"].items())
@@ -629,17 +649,22 @@ def bench(out_root: Path, threads: int, repeats: int) -> None:
                     for i in range(0, n, batch):
                         sess.run(outs, {"image": x[i : i + batch]})
                     best[key] = max(best[key], n / (time.perf_counter() - t0))
-            res[f"{model}/batch{batch}"] = {"base_images_per_s": best["base"], "head_images_per_s": best["head"],
+            res[f"{model}/batch{batch}"] = {"head": json.loads((out_root / model / "1/ood.json").read_text())["head"]["fit"],
+                                            "base_images_per_s": best["base"], "head_images_per_s": best["head"],
                                             "cost": 1 - best["head"] / best["base"]}
             print(f"{model} batch {batch}: {best['base']:.0f} -> {best['head']:.0f} images/s "
                   f"({(1 - best['head'] / best['base']) * 100:+.1f}% cost)", flush=True)
     import platform
     import subprocess
 
-    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True).stdout.strip()
+    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name'"], capture_output=True, text=True).stdout.split(":", 1)[-1].strip()
     res["machine"] = {"cpu": cpu, "threads": threads, "python": platform.python_version(), "onnxruntime": ort.__version__,
                       "date": time.strftime("%Y-%m-%d")}
-    (RESULTS / "ood-head-throughput.json").write_text(json.dumps(res, indent=1) + "\n")
+    fit = res["cnn/batch64"]["head"]
+    path = RESULTS / "ood-head-throughput.json"
+    allres = json.loads(path.read_text()) if path.exists() else {}
+    allres[fit] = res
+    path.write_text(json.dumps(allres, indent=1) + "\n")
 
 
 def main() -> None:
