@@ -6,7 +6,7 @@ TRAIN_VENV := .venv-train
 PY_VENV := .venv-tools
 OIP_VENV := .venv-oip
 
-.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fixtures clean
+.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fresh-check fixtures clean
 
 ## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
 run: build
@@ -68,6 +68,10 @@ tools: $(PY_VENV)/.installed
 $(PY_VENV)/.installed: requirements-tools.txt scripts/install-lock.sh
 	bash scripts/install-lock.sh python3 $(PY_VENV) requirements-tools.txt
 	touch $@
+
+## fresh-check: install every Python environment's lock (and the ONNX Runtime wheel) as on a fresh machine: fresh venvs of every Python here, pyenv's included, with the pip each comes with; pass/fail per environment and Python (not part of make test; about 40 min, tens of GB downloaded)
+fresh-check:
+	bash scripts/fresh-check.sh
 
 # tritonclient and the kserve SDK for tests/oip_clients.sh: their own environment, as they need protobuf < 7.
 oip-venv: $(OIP_VENV)/.installed
