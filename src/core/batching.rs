@@ -129,7 +129,7 @@ impl Batcher {
             .spawn({
                 let (name, version) = (name.clone(), version.clone());
                 move || {
-                    let receiver = Mutex::new(receiver);
+                    let receiver = Mutex::new(Queue { receiver, carry: None });
                     let count = instances.len();
                     thread::scope(|scope| {
                         let mut loops = instances
@@ -261,6 +261,15 @@ impl Batcher {
     }
 }
 
+/// A model version's queue, shared by its instances: whichever holds it forms the next batch.
+struct Queue {
+    receiver: mpsc::Receiver<Job>,
+    /// A job received while filling a batch that did not fit; it opens the next batch, on whichever instance
+    /// comes next (kept by the instance that carried it, it would wait for that instance's next turn while
+    /// another blocks on an empty queue).
+    carry: Option<Job>,
+}
+
 struct InferenceLoop {
     model: Model,
     config: BatchConfig,
@@ -269,8 +278,6 @@ struct InferenceLoop {
     /// Reused input and output buffers: no allocation per batch on the hot path.
     input: Vec<f32>,
     output: BatchOutput,
-    /// A job received while filling a batch that did not fit; it opens the next batch.
-    carry: Option<Job>,
     metrics: LoopMetrics,
 }
 
@@ -305,17 +312,16 @@ impl InferenceLoop {
             version,
             input,
             output: BatchOutput::default(),
-            carry: None,
             metrics,
         }
     }
 
     /// Forms a batch holding the queue (the other instances wait for it meanwhile), then runs it without.
-    fn run(mut self, receiver: &Mutex<mpsc::Receiver<Job>>) {
+    fn run(mut self, queue: &Mutex<Queue>) {
         loop {
             let batch = {
-                let receiver = receiver.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                self.next_batch(&receiver)
+                let mut queue = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                self.next_batch(&mut queue)
             };
             let Some(batch) = batch else { break };
             self.execute(batch);
@@ -325,9 +331,10 @@ impl InferenceLoop {
 
     /// Blocks for the first live job, then takes what else is queued, up to the batch size (and, when a batch
     /// delay is set, waits up to that long after the oldest job was queued). `None` once the queue is closed.
-    fn next_batch(&mut self, receiver: &mpsc::Receiver<Job>) -> Option<Vec<Job>> {
+    fn next_batch(&mut self, queue: &mut Queue) -> Option<Vec<Job>> {
+        let receiver = &queue.receiver;
         let first = loop {
-            let job = match self.carry.take() {
+            let job = match queue.carry.take() {
                 Some(job) => job,
                 None => receiver.recv().ok()?,
             };
@@ -356,7 +363,7 @@ impl InferenceLoop {
             let Some(job) = self.admit(job) else { continue };
             if size + job.inputs.len() > self.config.max_batch_size {
                 self.metrics.carried.increment(1);
-                self.carry = Some(job);
+                queue.carry = Some(job);
                 break;
             }
             size += job.inputs.len();

@@ -153,10 +153,19 @@ fn slow_scrape(addr: SocketAddr) -> Attempt {
     })
 }
 
-/// Waits until the attackers hold every slot (the open-connections gauge at the cap).
-async fn until_slots_are_held(server: &TestServer) {
+/// Connections open in this process now: the gauge is process-wide, and servers of earlier tests may still
+/// hold some (read before this test's server starts).
+fn open_elsewhere() -> f64 {
+    metric(
+        &fmnist_serve::telemetry::metrics_handle().render(),
+        "fmnist_connections_open",
+    )
+}
+
+/// Waits until the attackers hold every slot (the open-connections gauge at the cap, beyond `elsewhere`).
+async fn until_slots_are_held(server: &TestServer, elsewhere: f64) {
     let started = Instant::now();
-    while metric(&server.metrics().await, "fmnist_connections_open") < SLOTS as f64 {
+    while metric(&server.metrics().await, "fmnist_connections_open") < elsewhere + SLOTS as f64 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the attackers never filled the slots"
@@ -236,9 +245,10 @@ fn assert_got_through(attack: &str, (served, calls): (usize, usize), (answered, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_connections_that_only_answer_pings_are_evicted_for_a_polite_caller_and_probes() {
+    let elsewhere = open_elsewhere();
     let server = TestServer::start(slot_config()).await;
     let attack = Attack::start(ATTACKERS, server.addr, ping_only);
-    until_slots_are_held(&server).await;
+    until_slots_are_held(&server, elsewhere).await;
     let (polite, probes) = polite_caller_and_probes(server.addr).await;
     drop(attack);
     let evicted = metric(
@@ -273,9 +283,10 @@ async fn a_connection_with_no_call_in_flight_is_closed_whatever_pings_it_answers
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_heads_are_evicted_and_timed_out_for_a_polite_caller_and_probes() {
+    let elsewhere = open_elsewhere();
     let server = TestServer::start(slot_config()).await;
     let attack = Attack::start(ATTACKERS, server.addr, slowloris);
-    until_slots_are_held(&server).await;
+    until_slots_are_held(&server, elsewhere).await;
     let (polite, probes) = polite_caller_and_probes(server.addr).await;
     drop(attack);
     assert_got_through("slowloris heads", polite, probes);
@@ -306,9 +317,10 @@ async fn slowloris_heads_are_evicted_and_timed_out_for_a_polite_caller_and_probe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_sent_a_byte_at_a_time_fail_and_free_their_slots_for_a_polite_caller_and_probes() {
+    let elsewhere = open_elsewhere();
     let server = TestServer::start(slot_config()).await;
     let attack = Attack::start(ATTACKERS, server.addr, byte_at_a_time_body);
-    until_slots_are_held(&server).await;
+    until_slots_are_held(&server, elsewhere).await;
     let (polite, probes) = polite_caller_and_probes(server.addr).await;
     drop(attack);
     let too_slow = metric(
