@@ -33,7 +33,7 @@ def png(w, h, gray):
 def exr_bomb():
     """A valid 64x64 ZIP-compressed RGB OpenEXR whose dataWindow.xmin is then set to -369,098,752.
     The display window stays 64x64, so an EXR decoder's dimension limits pass, and its own threads then try to
-    allocate 35,433,486,336 bytes: an allocation failure aborts the process (issue: "493-byte request")."""
+    allocate 35,433,486,336 bytes: an allocation failure aborts the process (the issue said "493-byte request"; the file written here is 509 bytes)."""
     side = 64
 
     def attr(name, kind, value):
