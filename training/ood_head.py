@@ -653,6 +653,7 @@ def export(method: str, out_root: Path, seed: int) -> None:
             shutil.copy(src.parent / extra, dst / extra)
         meta = json.loads((dst / "model.json").read_text())
         meta["sha256"] = hashlib.sha256((dst / "model.onnx").read_bytes()).hexdigest()
+        meta["version"] = f"{meta['version'].split('.')[0]}.{meta['sha256'][:8]}"  # export.py's build id: date.sha
         meta["outputs"] = [o for o in meta["outputs"] if o["name"] != "ood_components"] + [{
             "name": "ood_components", "shape": ["batch", 1], "dtype": "float32",
             "meaning": "garment head score (training/ood_head.py), higher = less like a garment"}]
