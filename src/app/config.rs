@@ -220,8 +220,8 @@ pub struct Config {
     /// Seconds a request body may take before --min-request-body-rate applies (slow starts, small bodies).
     /// Short, because a call in flight is never evicted: with 5 s, 300 uploads of a byte every 2 s kept the 256
     /// slots full and a polite caller got 61 of 94 calls through (scripts/attacks/round2.py slow-chunks); with
-    /// 1 s, 94 of 94. At 1 KiB/s a 50 KB photo still has 50 s.
-    #[arg(long, env = "FMNIST_REQUEST_BODY_GRACE_S", default_value_t = 1)]
+    /// 2 s, 94 of 94. A body may still pause 2 s before its first kilobyte; at 1 KiB/s a 50 KB photo has 50 s.
+    #[arg(long, env = "FMNIST_REQUEST_BODY_GRACE_S", default_value_t = 2)]
     pub request_body_grace_s: u64,
 
     /// A connection whose writes have been blocked for this long (seconds), because the client does not read

@@ -148,3 +148,76 @@ impl DecodeLanes {
             .expect("decode semaphores are never closed")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn share() -> ConnectionShare {
+        ConnectionShare::new(&SharePolicy {
+            calls: 2,
+            queued_images: 64,
+            decodes: 1,
+            request_bytes: 1024,
+        })
+    }
+
+    #[test]
+    fn a_connection_holds_at_most_its_share_of_images() {
+        let share = share();
+        let first = share.reserve_images(60).expect("within the share");
+        assert!(share.reserve_images(5).is_none(), "60 + 5 is past 64");
+        let second = share.reserve_images(4).expect("60 + 4 fits exactly");
+        drop(first);
+        assert!(share.reserve_images(60).is_some(), "released with the call");
+        drop(second);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_share_ends_at_the_deadline_and_is_counted_meanwhile() {
+        let share = share();
+        let held = share.reserve_images(64).unwrap();
+        let gauge = metrics::Gauge::noop();
+        let until = Instant::now() + Duration::from_millis(50);
+        assert!(
+            share.reserve_images_waiting(1, until, &gauge).await.is_none(),
+            "nothing freed in time"
+        );
+        let until = Instant::now() + Duration::from_secs(5);
+        let waiter = async { share.reserve_images_waiting(8, until, &gauge).await };
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(held);
+        };
+        let (got, ()) = tokio::join!(waiter, release);
+        assert!(got.is_some(), "room freed by the connection's earlier call");
+    }
+
+    #[tokio::test]
+    async fn small_calls_have_a_decode_lane_of_their_own() {
+        let lanes = DecodeLanes::new(1, 1000);
+        let _large = lanes.acquire(Some(5000)).await;
+        // The large lane is full; a small call still gets a slot at once.
+        let small = tokio::time::timeout(Duration::from_millis(100), lanes.acquire(Some(784))).await;
+        assert!(small.is_ok(), "a small call waited behind a large one");
+        // An image whose size is unknown counts as large: it waits.
+        let unknown = tokio::time::timeout(Duration::from_millis(50), lanes.acquire(None)).await;
+        assert!(unknown.is_err(), "an unknown size took a slot from the full large lane");
+    }
+
+    #[tokio::test]
+    async fn a_connection_decodes_one_call_at_a_time_past_its_share() {
+        let share = share();
+        let turn = share.decode_turn().await;
+        let next = tokio::time::timeout(Duration::from_millis(50), share.decode_turn()).await;
+        assert!(next.is_err(), "a second decode turn with the first held");
+        drop(turn);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), share.decode_turn())
+                .await
+                .is_ok()
+        );
+    }
+}

@@ -516,3 +516,70 @@ impl Drop for Waiting<'_> {
         self.0.decrement(self.1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn permits_are_taken_at_once_when_free_and_never_after_the_deadline() {
+        let semaphore = Arc::new(Semaphore::new(4));
+        let gauge = metrics::Gauge::noop();
+        let past = Instant::now() - Duration::from_millis(1);
+        let held = acquire_until(&semaphore, 4, past, &gauge).await;
+        assert!(held.is_some(), "free permits are taken even with no time left");
+        assert!(
+            acquire_until(&semaphore, 1, past, &gauge).await.is_none(),
+            "no time, no room: at once"
+        );
+        let soon = Instant::now() + Duration::from_millis(30);
+        assert!(
+            acquire_until(&semaphore, 1, soon, &gauge).await.is_none(),
+            "nothing freed before the deadline"
+        );
+        assert!(
+            acquire_until(&semaphore, 5, soon, &gauge).await.is_none(),
+            "more than exist"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_first_come_first_served() {
+        let semaphore = Arc::new(Semaphore::new(2));
+        let gauge = metrics::Gauge::noop();
+        let held = acquire_until(&semaphore, 2, Instant::now(), &gauge).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let first = {
+            let (semaphore, order_tx, gauge) = (semaphore.clone(), order_tx.clone(), gauge.clone());
+            tokio::spawn(async move {
+                let permit = acquire_until(&semaphore, 2, until, &gauge).await;
+                order_tx.send("first (2 images)").unwrap();
+                permit
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = {
+            let (semaphore, gauge) = (semaphore.clone(), gauge.clone());
+            tokio::spawn(async move {
+                let permit = acquire_until(&semaphore, 1, until, &gauge).await;
+                order_tx.send("second (1 image)").unwrap();
+                permit
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert_eq!(
+            order.recv().await,
+            Some("first (2 images)"),
+            "a newcomer for fewer images went first"
+        );
+        let first = first.await.unwrap();
+        assert!(first.is_some());
+        drop(first);
+        assert_eq!(order.recv().await, Some("second (1 image)"));
+        assert!(second.await.unwrap().is_some());
+    }
+}

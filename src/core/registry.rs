@@ -707,3 +707,44 @@ impl DefaultModel {
         DefaultModel { name, why }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot serving nothing: `cnn` unloaded, `dense` known with no ready version, as the registry leaves
+    /// them after an unload or before a first load.
+    fn nothing_ready() -> Snapshot {
+        let mut snapshot = Snapshot {
+            default: "cnn".into(),
+            configured: vec!["cnn".into(), "dense".into()],
+            ..Snapshot::default()
+        };
+        snapshot.models.insert("dense".into(), ServedModel::default());
+        snapshot
+    }
+
+    #[test]
+    fn a_configured_model_without_a_ready_version_is_not_ready_not_unknown() {
+        let snapshot = nothing_ready();
+        let kind = |name: &str| snapshot.find(name, "").map(|_| ()).unwrap_err();
+        assert!(matches!(kind(""), RequestError::NotReady { ref model, default: true } if model == "cnn"));
+        assert!(matches!(kind("cnn"), RequestError::NotReady { default: false, .. }));
+        assert!(matches!(kind("dense"), RequestError::NotReady { default: false, .. }));
+        assert!(matches!(kind("resnet"), RequestError::UnknownModel { .. }));
+        assert_eq!(kind("").kind(), crate::error::ErrorKind::Unavailable);
+        assert_eq!(kind("resnet").kind(), crate::error::ErrorKind::Invalid);
+        assert!(!snapshot.default_ready());
+        assert!(!snapshot.model_ready("dense"));
+    }
+
+    #[test]
+    fn auto_picks_int8_only_where_the_cpu_has_8_bit_dot_products() {
+        let all: Vec<String> = ["cnn", "cnn-int8", "dense"].map(String::from).to_vec();
+        assert_eq!(DefaultModel::choose("auto", &all, Some("AVX512-VNNI")).name, "cnn-int8");
+        assert_eq!(DefaultModel::choose("auto", &all, None).name, "cnn");
+        let why = DefaultModel::choose("auto", &all, Some("AVX-VNNI")).why;
+        assert!(!why.contains("  "), "no run of spaces in {why:?}");
+        assert_eq!(DefaultModel::choose("dense", &all, None).why, "set by --default-model");
+    }
+}
