@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -32,25 +32,17 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
     }));
     // A scraper needs one connection at a time and sends its request at once. A connection must bring its
     // request within METRICS_HEAD_TIMEOUT; at the cap, a new one evicts the one that has waited longest for
-    // its request (40 slow or 175 silent sockets once made scrapes wait 5 s, and fail), if it has waited
-    // METRICS_EVICT_MIN_AGE: under a flood of reconnecting sockets the accepts come a millisecond apart, and a
-    // scraper's fresh connection would be evicted before its request was read.
+    // its request (40 slow or 175 silent sockets once made scrapes wait 5 s, and fail).
     let open = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
-    let waiting = Arc::new(Mutex::new(BTreeMap::<u64, (Instant, oneshot::Sender<()>)>::new()));
+    let waiting = Arc::new(Mutex::new(BTreeMap::<u64, oneshot::Sender<()>>::new()));
     let mut backoff = Duration::ZERO;
     for id in 0u64.. {
         let (stream, _) = crate::transport::connections::accept(&listener, &mut backoff).await;
         let permit = match open.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let oldest = {
-                    let mut waiting = waiting.lock().unwrap_or_else(PoisonError::into_inner);
-                    let old_enough = waiting
-                        .first_key_value()
-                        .is_some_and(|(_, (since, _))| since.elapsed() >= METRICS_EVICT_MIN_AGE);
-                    if old_enough { waiting.pop_first() } else { None }
-                };
-                if let Some((_, (_, evict))) = oldest {
+                let oldest = waiting.lock().unwrap_or_else(PoisonError::into_inner).pop_first();
+                if let Some((_, evict)) = oldest {
                     let _ = evict.send(());
                 }
                 // Evicted connections drop their permit at once; without one, a scrape in progress is about to.
@@ -61,10 +53,7 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
             }
         };
         let (evict, evicted) = oneshot::channel();
-        waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, (Instant::now(), evict));
+        waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(id, evict);
         let (handle, waiting) = (handle.clone(), waiting.clone());
         tokio::spawn(async move {
             let _permit = permit;
@@ -86,8 +75,6 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
 
 /// Connections open at once; past it a new one evicts the one waiting longest for its request.
 const METRICS_MAX_CONNECTIONS: usize = 16;
-/// The youngest connection that may be evicted for a new one.
-const METRICS_EVICT_MIN_AGE: Duration = Duration::from_millis(250);
 /// The request head must arrive within this.
 const METRICS_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// The answer must be written within this.
