@@ -6,7 +6,7 @@ TRAIN_VENV := .venv-train
 PY_VENV := .venv-tools
 OIP_VENV := .venv-oip
 
-.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets test-training bench image lint-deploy tools fresh-check fixtures clean
+.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets ood-head test-training bench image lint-deploy tools fresh-check fixtures clean
 
 ## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
 run: build
@@ -119,6 +119,16 @@ train-cv: setup $(TRAIN_VENV)/.installed
 ## bench: in-process ceiling, the service end to end over gRPC and three peers (a Python grpcio server, MLServer, Triton) on this machine -> bench/results/<cpu>.{json,md} (about 15 min; BENCH_ARGS=--quick: a few minutes; results and design notes in bench/README.md)
 bench: setup ort
 	bash bench/run.sh $(BENCH_ARGS)
+
+## ood-head: the garment head (issue #30): its exposure set from Debian's clip-art and icon themes, cached features of both CNNs, a leave-one-group-out run per method, the report (training/results/ood-head.md) and the export into build/models-head (about 90 min on 2 cores; protocol: training/ood_head_protocol.md)
+ood-head: ood-sets
+	bash scripts/setup-system.sh openclipart-png adwaita-icon-theme breeze-icon-theme papirus-icon-theme librsvg2-bin
+	$(TRAIN_VENV)/bin/python training/ood_head_data.py --out build/ood-head
+	for m in cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_head.py extract --model $$m || exit 1; done
+	for m in energy penult-mlp multi-linear multi-mlp multi-mlp-ms stats-maha; do $(TRAIN_VENV)/bin/python training/ood_head.py logo --method $$m || exit 1; done
+	$(TRAIN_VENV)/bin/python training/ood_head.py report
+	$(TRAIN_VENV)/bin/python training/ood_head.py export --method multi-mlp-ms
+	$(TRAIN_VENV)/bin/python training/ood_head.py bench
 
 ## test-training: smoke-train both models (one short epoch) and check export, parity and metadata (needs torch)
 test-training: ood-sets
