@@ -352,7 +352,7 @@ impl Config {
         RuntimeOptions {
             dylib: self.ort_dylib.clone(),
             intra_threads: match self.ort_threads {
-                0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / self.instances.max(1)).max(1),
+                0 => (available_cores() / self.instances.max(1)).max(1),
                 n => n,
             },
             intra_spinning: self.ort_spinning,
@@ -516,7 +516,7 @@ impl Config {
     /// Decode slots per lane: the flag, or one per available core (which follows a container's CPU limit).
     pub fn decode_slots(&self) -> usize {
         match self.max_concurrent_decodes {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => available_cores(),
             n => n,
         }
     }
@@ -622,6 +622,11 @@ impl Config {
             .expect("defaults parse: every field has a default")
             .config
     }
+}
+
+/// The cores this process may use (which follows a container's CPU limit).
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The CPU's 8-bit dot-product instruction set that ONNX Runtime's INT8 kernels use, if it has one.

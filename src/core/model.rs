@@ -128,7 +128,7 @@ pub struct BatchOutput {
 #[derive(Debug, Clone)]
 pub struct RuntimeOptions {
     pub dylib: PathBuf,
-    /// Intra-op threads per session; 0 = one per available core.
+    /// Intra-op threads per session (`Config::runtime_options` resolves `--ort-threads 0` into a count).
     pub intra_threads: usize,
     /// Whether idle intra-op threads spin before sleeping (ONNX Runtime's default). Spinning shortens the hand-off
     /// between batches but burns a core the async runtime could use (see bench/README.md).
@@ -230,11 +230,7 @@ impl Model {
         }
 
         let env = environment(options)?;
-        let threads = if options.intra_threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            options.intra_threads
-        };
+        let threads = options.intra_threads.max(1);
         let file_err = |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::File {
             path: onnx_path.clone(),
             reason: e.to_string(),

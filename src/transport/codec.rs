@@ -115,7 +115,7 @@ impl<U: prost::Message + Default + Bounded> Decoder for BoundedDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         if !U::LIMITS.is_empty() {
             // A gRPC message arrives whole in one buffer, so the scan sees all of it.
-            check(buf.chunk(), U::LIMITS, "").map_err(Status::invalid_argument)?;
+            check(buf.chunk(), U::LIMITS).map_err(Status::invalid_argument)?;
         }
         self.0.decode(buf)
     }
@@ -125,8 +125,9 @@ impl<U: prost::Message + Default + Bounded> Decoder for BoundedDecoder<U> {
     }
 }
 
-/// Counts the bounded fields of one message (and of the bounded fields' messages) on the wire.
-fn check(mut buf: &[u8], limits: &[FieldLimit], path: &str) -> Result<(), String> {
+/// Counts the bounded fields of one message (and of the bounded fields' messages) on the wire. An error names
+/// the field by its path (`inputs.contents.bytes_contents`), built only on the way out.
+fn check(mut buf: &[u8], limits: &[FieldLimit]) -> Result<(), String> {
     let mut counts = vec![0usize; limits.len()];
     while !buf.is_empty() {
         let key = varint(&mut buf).ok_or("malformed message")?;
@@ -155,7 +156,7 @@ fn check(mut buf: &[u8], limits: &[FieldLimit], path: &str) -> Result<(), String
                     Some(l) if l.packing == Packing::Fixed64 => record.len() / 8,
                     Some(l) => {
                         if !l.inside.is_empty() {
-                            check(record, l.inside, &format!("{path}{}.", l.name))?;
+                            check(record, l.inside).map_err(|e| format!("{}.{e}", l.name))?;
                         }
                         1
                     }
@@ -169,7 +170,7 @@ fn check(mut buf: &[u8], limits: &[FieldLimit], path: &str) -> Result<(), String
             let max = limits[i].max.resolve();
             if counts[i] > max {
                 return Err(format!(
-                    "{path}{} has more than {max} elements: at most {max} per call",
+                    "{} has more than {max} elements: at most {max} per call",
                     limits[i].name
                 ));
             }
@@ -301,7 +302,7 @@ mod tests {
     use crate::{inference_pb as oip, pb};
 
     fn scan<M: Message + Bounded>(message: &M) -> Result<(), String> {
-        check(&message.encode_to_vec(), M::LIMITS, "")
+        check(&message.encode_to_vec(), M::LIMITS)
     }
 
     #[test]
@@ -364,6 +365,6 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        assert!(check(&bytes[..bytes.len() - 1], pb::ClassifyRequest::LIMITS, "").is_err());
+        assert!(check(&bytes[..bytes.len() - 1], pb::ClassifyRequest::LIMITS).is_err());
     }
 }

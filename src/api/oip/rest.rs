@@ -161,11 +161,7 @@ struct IndexRequest {
 
 async fn repository_index(State(rest): State<Rest>, body: axum::body::Bytes) -> Result<Json<Value>, Failed> {
     // The body is optional: `{}`, `{"ready": true}`, or nothing.
-    let request: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        IndexRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ServiceError::invalid(format!("index request: {e}")))?
-    };
+    let request: IndexRequest = optional_json(&body, "index request")?;
     let entries: Vec<Value> = rest
         .core
         .registry()
@@ -174,6 +170,14 @@ async fn repository_index(State(rest): State<Rest>, body: axum::body::Bytes) -> 
         .map(|e| json!({ "name": e.name, "version": e.version, "state": e.state, "reason": e.reason }))
         .collect();
     Ok(Json(Value::Array(entries)))
+}
+
+/// A repository call's body, which may be empty (all defaults) or JSON; `what` names it in the error.
+fn optional_json<T: Default + serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ServiceError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ServiceError::invalid(format!("{what}: {e}")))
 }
 
 /// A control call as the gate needs it: the caller's address and its `authorization` header.
@@ -209,11 +213,7 @@ async fn unload(State(rest): State<Rest>, Path(name): Path<String>, request: Req
     let (parts, body) = request.into_parts();
     let call = control_call("unload", &name, &parts);
     let body = read_body(body, MAX_CONTROL_BODY_BYTES).await?;
-    let request: UnloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        UnloadRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ServiceError::invalid(format!("unload request: {e}")))?
-    };
+    let request: UnloadRequest = optional_json(&body, "unload request")?;
     oip::unload_model(&rest.core, &rest.control, call, request.parameters.force)?;
     Ok(Json(json!({})))
 }
