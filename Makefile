@@ -6,7 +6,7 @@ TRAIN_VENV := .venv-train
 PY_VENV := .venv-tools
 OIP_VENV := .venv-oip
 
-.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets ood-head test-training bench image lint-deploy tools fresh-check fixtures clean
+.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets ood-head product-photos test-training bench image lint-deploy tools fresh-check fixtures clean
 
 ## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
 run: build
@@ -129,6 +129,12 @@ ood-head: ood-sets
 	$(TRAIN_VENV)/bin/python training/ood_head.py report
 	$(TRAIN_VENV)/bin/python training/ood_head.py export --method multi-mlp-ms
 	$(TRAIN_VENV)/bin/python training/ood_head.py bench
+
+## product-photos: product photos of garments (validation and test splits) and of non-garments (build/ood), one declared condition per row, for measuring the upload conversion (docs/preprocessing.md; measure with training/product_photos.py measure against a running server)
+product-photos: build $(TRAIN_VENV)/.installed
+	$(TRAIN_VENV)/bin/python training/ood_data.py --set evaluation --out $(OOD_DIR)
+	for s in val test; do $(TRAIN_VENV)/bin/python training/product_photos.py make --split $$s --out build/product-photos/$$s || exit 1; done
+	$(TRAIN_VENV)/bin/python training/product_photos.py make --split ood --ood-dir $(OOD_DIR) --out build/product-photos/ood
 
 ## test-training: smoke-train both models (one short epoch) and check export, parity and metadata (needs torch)
 test-training: ood-sets

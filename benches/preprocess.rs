@@ -66,7 +66,7 @@ fn product_photo() -> RgbImage {
 
 fn preprocessing(c: &mut Criterion) {
     let config = Config::defaults();
-    let (limits, check) = (config.decode_limits(), config.input_check());
+    let settings = config.preprocess_settings();
     let raw = dataset_image();
     let png_28 = encode(
         GrayImage::from_raw(28, 28, raw.to_vec()).expect("784 pixels"),
@@ -78,16 +78,16 @@ fn preprocessing(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("preprocess");
     group.bench_function("raw_28x28", |b| {
-        b.iter(|| preprocess(ImageData::Raw(black_box(&raw)), &limits, &check))
+        b.iter(|| preprocess(ImageData::Raw(black_box(&raw)), &settings))
     });
     group.bench_function("png_28x28", |b| {
-        b.iter(|| preprocess(ImageData::Encoded(black_box(&png_28)), &limits, &check))
+        b.iter(|| preprocess(ImageData::Encoded(black_box(&png_28)), &settings))
     });
     group.bench_function(format!("png_1000x960_photo_{}kB", png_photo.len() / 1000), |b| {
-        b.iter(|| preprocess(ImageData::Encoded(black_box(&png_photo)), &limits, &check))
+        b.iter(|| preprocess(ImageData::Encoded(black_box(&png_photo)), &settings))
     });
     group.bench_function(format!("jpeg_1000x960_photo_{}kB", jpeg_photo.len() / 1000), |b| {
-        b.iter(|| preprocess(ImageData::Encoded(black_box(&jpeg_photo)), &limits, &check))
+        b.iter(|| preprocess(ImageData::Encoded(black_box(&jpeg_photo)), &settings))
     });
     group.finish();
 }

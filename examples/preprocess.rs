@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: preprocess <image-folder> <output-prefix>".into());
     };
     let config = Config::defaults();
-    let (limits, check) = (config.decode_limits(), config.input_check());
+    let settings = config.preprocess_settings();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut pixels, mut table) = (Vec::new(), String::from("file\treason\tdetail\n"));
     for file in files {
         let bytes = std::fs::read(&file)?;
-        let (reason, detail, image) = match preprocess(ImageData::Encoded(&bytes), &limits, &check) {
+        let (reason, detail, image) = match preprocess(ImageData::Encoded(&bytes), &settings) {
             Ok(input) => ("accepted_by_input_check", String::new(), Some(input.pixels)),
             Err(r) => (r.reason.label(), r.detail, r.pixels),
         };

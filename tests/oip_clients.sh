@@ -36,7 +36,11 @@ CONTROL_ADDR=$GRPC_ADDR CONTROL_METRICS=$METRICS_ADDR CONTROL_LOG=$SERVER_LOG
 GRPC_ADDR=$DEFAULT_ADDR
 FMNIST_MODEL_CONTROL_KEY=$CONTROL_KEY "$VENV/bin/python" tests/oip_clients.py triton "$GRPC_ADDR" "$BUSY_ADDR" "$CONTROL_ADDR"
 "$VENV/bin/python" tests/oip_clients.py kserve "$GRPC_ADDR"
-"$VENV/bin/python" tests/preprocess_parity.py "$GRPC_ADDR"
+# Preprocessing parity, on a server without the unsharp mask (the image crate's own; tests/preprocess_parity.py).
+start_server --sharpen-sigma 0
+PARITY_ADDR=$GRPC_ADDR
+GRPC_ADDR=$DEFAULT_ADDR
+"$VENV/bin/python" tests/preprocess_parity.py "$PARITY_ADDR"
 
 # README "Open Inference Protocol": the curl call between the markers, with the server's real address.
 example=$(sed -n '/<!-- curl-example -->/,/<!-- \/curl-example -->/p' README.md | sed '/^```/d;/<!--/d')

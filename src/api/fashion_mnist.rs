@@ -97,6 +97,7 @@ fn reason(reason: Reason) -> pb::Reason {
         Reason::WrongSize => pb::Reason::WrongSize,
         Reason::TooLarge => pb::Reason::TooLarge,
         Reason::OutOfDistribution => pb::Reason::OutOfDistribution,
+        Reason::TinyObject => pb::Reason::TinyObject,
     }
 }
 
@@ -189,19 +190,20 @@ impl FashionMnistService {
             models: info,
             thresholds: Some(pb::Thresholds {
                 min_confidence: default_min_confidence,
-                dark_pixel_level: p.check.dark_level.into(),
-                bright_pixel_level: p.check.bright_level.into(),
-                max_dark_fraction: p.check.max_dark_fraction,
-                max_bright_fraction: p.check.max_bright_fraction,
-                min_contrast: p.check.min_contrast,
+                dark_pixel_level: p.preprocess.check.dark_level.into(),
+                bright_pixel_level: p.preprocess.check.bright_level.into(),
+                max_dark_fraction: p.preprocess.check.max_dark_fraction,
+                max_bright_fraction: p.preprocess.check.max_bright_fraction,
+                min_contrast: p.preprocess.check.min_contrast,
+                background_tolerance: p.preprocess.conversion.background_tolerance.into(),
             }),
             limits: Some(pb::Limits {
                 max_images_per_request: p.max_images_per_request as u32,
                 max_batch_size: p.batch.max_batch_size as u32,
                 max_batch_delay_micros: p.batch.max_batch_delay.as_micros() as u32,
                 max_queued_images: p.batch.max_queued_images as u32,
-                max_decode_dimension: p.limits.max_dimension,
-                max_decode_bytes: p.limits.max_alloc_bytes,
+                max_decode_dimension: p.preprocess.limits.max_dimension,
+                max_decode_bytes: p.preprocess.limits.max_alloc_bytes,
             }),
         })
     }

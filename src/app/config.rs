@@ -10,7 +10,7 @@ use crate::{
     core::admission::SharePolicy,
     core::control::{ControlKey, ControlSettings},
     core::model::RuntimeOptions,
-    core::preprocess::{DecodeLimits, InputCheck},
+    core::preprocess::{DecodeLimits, InputCheck, PreprocessSettings, UploadConversion},
     core::{
         batching::BatchConfig,
         classify::Policy,
@@ -107,6 +107,16 @@ pub struct Config {
     /// Reject images with more than this fraction of near-white pixels (test set max: 0.386).
     #[arg(long, env = "FMNIST_MAX_BRIGHT_FRACTION", default_value_t = 0.80)]
     pub max_bright_fraction: f32,
+
+    /// An uploaded photo's pixels within this many levels of its background count as background: trimmed from
+    /// the edges, then set to 0 (0-254; on the scale where the background is 0 and black on white is 255).
+    #[arg(long, env = "FMNIST_BACKGROUND_TOLERANCE", default_value_t = 16, value_parser = clap::value_parser!(u8).range(0..=254))]
+    pub background_tolerance: u8,
+
+    /// Sigma of the sharpening applied to an uploaded photo once it is 28 pixels long, as Fashion-MNIST's
+    /// conversion did (0: none).
+    #[arg(long, env = "FMNIST_SHARPEN_SIGMA", default_value_t = 0.75)]
+    pub sharpen_sigma: f32,
 
     /// Reject images whose pixel standard deviation is below this (test set min: 18.1).
     #[arg(long, env = "FMNIST_MIN_CONTRAST", default_value_t = 10.0)]
@@ -346,6 +356,21 @@ impl Config {
         }
     }
 
+    pub fn upload_conversion(&self) -> UploadConversion {
+        UploadConversion {
+            background_tolerance: self.background_tolerance,
+            sharpen_sigma: self.sharpen_sigma,
+        }
+    }
+
+    pub fn preprocess_settings(&self) -> PreprocessSettings {
+        PreprocessSettings {
+            limits: self.decode_limits(),
+            conversion: self.upload_conversion(),
+            check: self.input_check(),
+        }
+    }
+
     /// The ONNX Runtime settings every model session is built with (the server and the bench ceiling alike).
     pub fn runtime_options(&self) -> RuntimeOptions {
         use ort::session::builder::GraphOptimizationLevel as Level;
@@ -392,6 +417,13 @@ impl Config {
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
+        }
+        // A blur wider than the 28-pixel garment is no sharpening; NaN would turn every upload into NaN pixels.
+        if !(0.0..=8.0).contains(&self.sharpen_sigma) {
+            return Err(format!(
+                "--sharpen-sigma ({}) must be between 0 and 8",
+                self.sharpen_sigma
+            ));
         }
         let at_least = |flag: &str, value: usize, other: &str, min: usize| {
             if value < min {
@@ -467,8 +499,7 @@ impl Config {
     /// The per-call settings of the classification pipeline.
     pub fn policy(&self) -> Policy {
         Policy {
-            limits: self.decode_limits(),
-            check: self.input_check(),
+            preprocess: self.preprocess_settings(),
             min_confidence: self.min_confidence,
             max_ood_score: self.max_ood_score,
             max_images_per_request: self.max_images_per_request,

@@ -17,7 +17,7 @@ use crate::{
     core::admission::{self, ConnectionShare, DecodeLanes},
     core::batching::{BatchConfig, Reservation},
     core::model::ModelMetadata,
-    core::preprocess::{self, DecodeLimits, ImageData, InputCheck, ModelInput, Rejection},
+    core::preprocess::{self, ImageData, ModelInput, PreprocessSettings, Rejection},
     core::registry::{Registry, Snapshot},
     core::verdict::{self, Reason, Thresholds, Verdict},
     error::{QueueError, RequestError, ServiceError},
@@ -28,8 +28,7 @@ use crate::{
 /// Everything a call needs besides its own request; built once from `Config`.
 #[derive(Debug)]
 pub struct Policy {
-    pub limits: DecodeLimits,
-    pub check: InputCheck,
+    pub preprocess: PreprocessSettings,
     /// Server-wide minimum confidence; `None` uses each model's accept rule.
     pub min_confidence: Option<f32>,
     /// Server-wide OOD threshold; `None` uses each model's calibrated threshold.
@@ -262,7 +261,7 @@ impl Pipeline {
         for bytes in encoded {
             any_encoded = true;
             declared = declared
-                .zip(preprocess::declared_pixels(bytes, &policy.limits))
+                .zip(preprocess::declared_pixels(bytes, &policy.preprocess.limits))
                 .map(|(sum, p)| sum.saturating_add(p));
         }
         if !any_encoded {
@@ -345,5 +344,5 @@ fn prepare(image: &ImageInput, policy: &Policy) -> Result<ModelInput, Rejection>
             });
         }
     };
-    preprocess::preprocess(data, &policy.limits, &policy.check)
+    preprocess::preprocess(data, &policy.preprocess)
 }

@@ -1,11 +1,12 @@
 //! Bytes in, the model's 28x28 input out: the one preprocessing path shared by the server, the CLI, the tests
 //! and the benches.
 //!
-//! Encoded images: decode (with explicit limits) → grayscale (alpha composited over white) → polarity (a light
-//! border means a photo on a light background: invert to the dataset's dark background) → fit into 28x28
-//! keeping the aspect ratio, centred on background. Raw 784-byte images are taken as they are. Both then go
-//! through the same input check, and [`ModelInput::write_scaled`] is the only place that knows the model wants
-//! `pixel / 255`.
+//! Encoded images: decode (with explicit limits) → grayscale (alpha composited over white) → the upload
+//! conversion ([`UploadConversion`]): the way Fashion-MNIST itself was made from product photos (background
+//! estimated from the border, trimmed, the longest edge scaled to 28, centred, the background mapped to 0 and
+//! the garment negated when the photo is light). A 28x28 file is the dataset's own format: it only gets the
+//! polarity step. Raw 784-byte images are taken as they are. Every path then goes through the same input check,
+//! and [`ModelInput::write_scaled`] is the only place that knows the model wants `pixel / 255`.
 
 use std::io::Cursor;
 
@@ -130,8 +131,32 @@ pub struct InputCheck {
     pub min_contrast: f32,
 }
 
+/// How an uploaded photo becomes the model's input (docs/api.md "Preprocessing"). Fashion-MNIST's images were
+/// made from Zalando's product photos by trimming the edges within 5% of the corner pixels' colour, resizing
+/// the longest edge to 28, sharpening (Gaussian, sigma 1.0), centring on a 28x28 canvas and negating (Xiao,
+/// Rasul and Vollgraf 2017, the dataset's README). This does the same, with the background estimated from the
+/// whole border so that uneven light and noise do not move it. The defaults were chosen on product photos made
+/// from the validation split (training/product_photos.py, docs/preprocessing.md).
+#[derive(Debug, Clone, Copy)]
+pub struct UploadConversion {
+    /// How far a pixel may stand out from the background and still count as background, on the scale where
+    /// the background is 0 and black on white is 255: rows and columns with nothing beyond it are trimmed, and
+    /// everything within it becomes exactly 0.
+    pub background_tolerance: u8,
+    /// Sigma of the unsharp mask applied once the garment is 28 pixels long; 0 turns it off.
+    pub sharpen_sigma: f32,
+}
+
+/// Everything [`preprocess`] is configured by.
+#[derive(Debug, Clone, Copy)]
+pub struct PreprocessSettings {
+    pub limits: DecodeLimits,
+    pub conversion: UploadConversion,
+    pub check: InputCheck,
+}
+
 /// Turns one client image into the model's input, or says why it cannot be classified.
-pub fn preprocess(image: ImageData<'_>, limits: &DecodeLimits, check: &InputCheck) -> Result<ModelInput, Rejection> {
+pub fn preprocess(image: ImageData<'_>, settings: &PreprocessSettings) -> Result<ModelInput, Rejection> {
     let mut scaled = None;
     let (pixels, inverted) = match image {
         ImageData::Raw(bytes) => {
@@ -154,13 +179,11 @@ pub fn preprocess(image: ImageData<'_>, limits: &DecodeLimits, check: &InputChec
             (Box::new(pixels), false)
         }
         ImageData::Encoded(bytes) => {
-            let gray = decode_grayscale(bytes, limits)?;
-            let inverted = has_light_border(&gray);
-            let gray = if inverted { invert(gray) } else { gray };
-            (fit_to_model(&gray), inverted)
+            let gray = decode_grayscale(bytes, &settings.limits)?;
+            settings.conversion.convert(&gray)?
         }
     };
-    match check.check(&pixels, inverted) {
+    match settings.check.check(&pixels, inverted) {
         Ok(()) => Ok(ModelInput { pixels, scaled }),
         Err(mut rejection) => {
             rejection.pixels = Some(pixels);
@@ -310,30 +333,237 @@ fn has_light_border(gray: &GrayImage) -> bool {
     sum > 128 * n
 }
 
-fn invert(mut gray: GrayImage) -> GrayImage {
-    image::imageops::invert(&mut gray);
-    gray
+/// What is left of a photo once its background is trimmed, in the photo's pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Content {
+    x: u32,
+    y: u32,
+    w: u32,
+    h: u32,
 }
 
-/// Scales the longest side to 28 and centres the result on background. A 28x28 image passes unchanged, so a
-/// dataset image sent as PNG gives exactly the same input as the same image sent raw.
-fn fit_to_model(gray: &GrayImage) -> Box<[u8; PIXELS]> {
-    let (w, h) = gray.dimensions();
-    let side = SIDE as u32;
-    let resized;
-    let src = if (w, h) == (side, side) {
-        gray
-    } else {
-        let scale = f64::from(side) / f64::from(w.max(h));
-        let nw = ((f64::from(w) * scale).round() as u32).clamp(1, side);
-        let nh = ((f64::from(h) * scale).round() as u32).clamp(1, side);
-        resized = image::imageops::resize(gray, nw, nh, FilterType::Triangle);
-        &resized
+/// The longest side of the cells the content is searched on: each cell is at most a quarter of an output pixel,
+/// and averaging a photo's pixels into cells takes its noise down before the tolerance judges them.
+const SEARCH_SIDE: u32 = 4 * SIDE as u32;
+/// Content shorter than this many pixels, or than [`MIN_CONTENT_SHARE`] of the photo's longer side, is a dot.
+const MIN_CONTENT_PIXELS: u32 = 8;
+const MIN_CONTENT_SHARE: f64 = 0.03;
+/// Content whose shorter side would be under this many of the 28 pixels is a line. Fashion-MNIST's narrowest
+/// garments (sandal soles, trousers seen from the side) keep 4 or more (training set, docs/preprocessing.md).
+const MIN_FITTED_SIDE: f64 = 2.0;
+
+impl UploadConversion {
+    /// The 28x28 input for a decoded image, and whether it was negated (it was light on dark as sent).
+    fn convert(&self, gray: &GrayImage) -> Result<(Box<[u8; PIXELS]>, bool), Rejection> {
+        let (w, h) = gray.dimensions();
+        if (w, h) == (SIDE as u32, SIDE as u32) {
+            // The dataset's own format, trimmed and centred already: only the polarity step, so a dataset image
+            // sent as a file gives exactly the input it gives sent raw.
+            let light = has_light_border(gray);
+            let mut out = Box::new([0u8; PIXELS]);
+            for (o, &p) in out.iter_mut().zip(gray.as_raw()) {
+                *o = if light { 255 - p } else { p };
+            }
+            return Ok((out, light));
+        }
+        let background = Background::of(gray);
+        let ink = background.ink(gray);
+        let Some(content) = content_box(&ink, self.background_tolerance) else {
+            // Nothing stands out from the background: the input check reports a blank image.
+            return Ok((Box::new([0u8; PIXELS]), background.light));
+        };
+        let (long, short) = (content.w.max(content.h), content.w.min(content.h));
+        if long < MIN_CONTENT_PIXELS || f64::from(long) < MIN_CONTENT_SHARE * f64::from(w.max(h)) {
+            return Err(Rejection::new(
+                Reason::TinyObject,
+                format!(
+                    "once the background is trimmed, {}x{} pixels of the {w}x{h} image are left: a dot, too small to classify",
+                    content.w, content.h
+                ),
+            ));
+        }
+        let scale = SIDE as f64 / f64::from(long);
+        if f64::from(short) * scale < MIN_FITTED_SIDE {
+            return Err(Rejection::new(
+                Reason::TinyObject,
+                format!(
+                    "once the background is trimmed, {}x{} pixels of the {w}x{h} image are left: a line, too thin to classify",
+                    content.w, content.h
+                ),
+            ));
+        }
+        let crop = image::imageops::crop_imm(&ink, content.x, content.y, content.w, content.h).to_image();
+        let fit = |side: u32| ((f64::from(side) * scale).round() as u32).clamp(1, SIDE as u32);
+        let mut garment = image::imageops::resize(&crop, fit(content.w), fit(content.h), FilterType::Triangle);
+        self.background_to_zero(&mut garment);
+        if self.sharpen_sigma > 0.0 {
+            garment = image::imageops::unsharpen(&garment, self.sharpen_sigma, 0);
+        }
+        Ok((centred(&garment), background.light))
+    }
+
+    /// Everything within the tolerance becomes 0; the rest is stretched back over 0-255, so black on white
+    /// stays 255.
+    fn background_to_zero(&self, garment: &mut GrayImage) {
+        let tolerance = u32::from(self.background_tolerance);
+        if tolerance == 0 {
+            return;
+        }
+        for p in garment.iter_mut() {
+            let v = u32::from(*p).saturating_sub(tolerance);
+            *p = ((v * 255 + (255 - tolerance) / 2) / (255 - tolerance)) as u8;
+        }
+    }
+}
+
+/// The background of a photo, estimated from its border: the median of each side (robust to a garment that
+/// touches it, and to noise), taken as a plane, so that light falling off across the frame is background too.
+#[derive(Debug, Clone, Copy)]
+struct Background {
+    top: f32,
+    bottom: f32,
+    left: f32,
+    right: f32,
+    /// A light background (a photo on white): the garment is darker than it, and is negated.
+    light: bool,
+}
+
+impl Background {
+    fn of(gray: &GrayImage) -> Background {
+        let (w, h) = gray.dimensions();
+        let row = |y: u32| median((0..w).map(|x| gray.get_pixel(x, y).0[0]));
+        let col = |x: u32| median((0..h).map(|y| gray.get_pixel(x, y).0[0]));
+        let (top, bottom, left, right) = (row(0), row(h - 1), col(0), col(w - 1));
+        let border = median(
+            (0..w)
+                .flat_map(|x| [(x, 0), (x, h - 1)])
+                .chain((0..h).flat_map(|y| [(0, y), (w - 1, y)]))
+                .map(|(x, y)| gray.get_pixel(x, y).0[0]),
+        );
+        Background {
+            top,
+            bottom,
+            left,
+            right,
+            light: border > 128.0,
+        }
+    }
+
+    /// How far each pixel stands out from the background, as the dataset would have it: 0 for background,
+    /// 255 for black on a light background (or white on a dark one). On a light background this is the
+    /// pixel's darkness relative to the light falling there, `1 - pixel / background`, as a photo's
+    /// reflectance is.
+    fn ink(&self, gray: &GrayImage) -> GrayImage {
+        let (w, h) = gray.dimensions();
+        let (sx, sy) = (1.0 / (w.max(2) - 1) as f32, 1.0 / (h.max(2) - 1) as f32);
+        let mut out = vec![0u8; gray.as_raw().len()];
+        for (y, (row, out)) in gray
+            .as_raw()
+            .chunks_exact(w as usize)
+            .zip(out.chunks_exact_mut(w as usize))
+            .enumerate()
+        {
+            let row_level = self.top + (self.bottom - self.top) * (y as f32 * sy);
+            let slope = self.right - self.left;
+            for (x, (&p, o)) in row.iter().zip(out.iter_mut()).enumerate() {
+                let level = row_level + slope * (x as f32 * sx - 0.5);
+                let p = f32::from(p);
+                let ink = if self.light {
+                    let level = level.clamp(1.0, 255.0);
+                    255.0 * (level - p) / level
+                } else {
+                    let level = level.clamp(0.0, 254.0);
+                    255.0 * (p - level) / (255.0 - level)
+                };
+                *o = ink.clamp(0.0, 255.0).round() as u8;
+            }
+        }
+        GrayImage::from_raw(w, h, out).expect("one byte per pixel")
+    }
+}
+
+fn median(values: impl Iterator<Item = u8>) -> f32 {
+    let mut histogram = [0u32; 256];
+    let mut n = 0u32;
+    for v in values {
+        histogram[usize::from(v)] += 1;
+        n += 1;
+    }
+    let mut seen = 0;
+    for (v, &count) in histogram.iter().enumerate() {
+        seen += count;
+        if 2 * seen >= n {
+            return v as f32;
+        }
+    }
+    255.0
+}
+
+/// The smallest box holding every pixel that stands out from the background by more than `tolerance`; `None`
+/// when nothing does. It is found on cells first, each the average of up to `k`x`k` pixels of a grid at most
+/// [`SEARCH_SIDE`] cells long, so that noise does not count as content; then each edge is refined to the pixel
+/// inside its edge cell, where at least two pixels of a row or column (and 1% of them) stand out.
+fn content_box(ink: &GrayImage, tolerance: u8) -> Option<Content> {
+    let (w, h) = ink.dimensions();
+    let k = w.max(h).div_ceil(SEARCH_SIDE).max(1);
+    let (cw, ch) = (w.div_ceil(k), h.div_ceil(k));
+    let mut sums = vec![0u32; (cw * ch) as usize];
+    let mut counts = vec![0u32; (cw * ch) as usize];
+    for (y, row) in ink.as_raw().chunks_exact(w as usize).enumerate() {
+        let cells = (y as u32 / k * cw) as usize;
+        for (cx, pixels) in row.chunks(k as usize).enumerate() {
+            sums[cells + cx] += pixels.iter().map(|&p| u32::from(p)).sum::<u32>();
+            counts[cells + cx] += pixels.len() as u32;
+        }
+    }
+    let (mut rows, mut cols) = (vec![false; ch as usize], vec![false; cw as usize]);
+    for cy in 0..ch {
+        for cx in 0..cw {
+            let cell = (cy * cw + cx) as usize;
+            if sums[cell] > u32::from(tolerance) * counts[cell] {
+                rows[cy as usize] = true;
+                cols[cx as usize] = true;
+            }
+        }
+    }
+    let span = |marks: &[bool]| {
+        Some((
+            marks.iter().position(|&m| m)? as u32,
+            marks.iter().rposition(|&m| m)? as u32,
+        ))
     };
-    let (sw, sh) = src.dimensions();
-    let (ox, oy) = ((side - sw) / 2, (side - sh) / 2);
+    let ((cx0, cx1), (cy0, cy1)) = (span(&cols)?, span(&rows)?);
+    let (x0, x1, y0, y1) = (cx0 * k, ((cx1 + 1) * k).min(w), cy0 * k, ((cy1 + 1) * k).min(h));
+    let stands_out = |x: u32, y: u32| ink.get_pixel(x, y).0[0] > tolerance;
+    let needed = |n: u32| (n / 100).max(2).min(n);
+    let column = |x: u32| (y0..y1).filter(|&y| stands_out(x, y)).count() as u32 >= needed(y1 - y0);
+    let row = |y: u32| (x0..x1).filter(|&x| stands_out(x, y)).count() as u32 >= needed(x1 - x0);
+    // Within the edge cells only: where no pixel line qualifies (heavy noise), the cell's edge stays.
+    let left = (x0..(x0 + k).min(x1)).find(|&x| column(x)).unwrap_or(x0);
+    let right = (x1.saturating_sub(k).max(left)..x1)
+        .rev()
+        .find(|&x| column(x))
+        .map_or(x1, |x| x + 1);
+    let top = (y0..(y0 + k).min(y1)).find(|&y| row(y)).unwrap_or(y0);
+    let bottom = (y1.saturating_sub(k).max(top)..y1)
+        .rev()
+        .find(|&y| row(y))
+        .map_or(y1, |y| y + 1);
+    Some(Content {
+        x: left,
+        y: top,
+        w: right - left,
+        h: bottom - top,
+    })
+}
+
+/// The garment (at most 28 pixels a side) centred on a 28x28 background.
+fn centred(garment: &GrayImage) -> Box<[u8; PIXELS]> {
+    let side = SIDE as u32;
+    let (w, h) = garment.dimensions();
+    let (ox, oy) = ((side - w) / 2, (side - h) / 2);
     let mut out = Box::new([0u8; PIXELS]);
-    for (x, y, p) in src.enumerate_pixels() {
+    for (x, y, p) in garment.enumerate_pixels() {
         out[((y + oy) * side + x + ox) as usize] = p.0[0];
     }
     out
@@ -358,22 +588,24 @@ impl InputCheck {
                 ),
             ));
         }
-        // Thresholds apply to the model input; the reason and detail describe the image as the client sent it.
-        let (dark_name, bright_name) = if inverted {
-            ("white", "black")
+        // The limits apply to the model input; the reason and the detail describe the image as the client sent
+        // it, and name the limit that applied: a light photo is negated, so its near-white pixels are the model
+        // input's near-black ones, and `max_dark_fraction` is their limit.
+        let (dark_reason, dark_name, bright_reason, bright_name) = if inverted {
+            (
+                Reason::MostlyBright,
+                "white as sent (the background, near black once negated)",
+                Reason::MostlyDark,
+                "black as sent (near white once negated)",
+            )
         } else {
-            ("black", "white")
-        };
-        let (dark_reason, bright_reason) = if inverted {
-            (Reason::MostlyBright, Reason::MostlyDark)
-        } else {
-            (Reason::MostlyDark, Reason::MostlyBright)
+            (Reason::MostlyDark, "black", Reason::MostlyBright, "white")
         };
         if dark > self.max_dark_fraction {
             return Err(Rejection::new(
                 dark_reason,
                 format!(
-                    "{:.1}% of pixels are near {dark_name} (limit {:.1}%): nothing to classify",
+                    "{:.1}% of pixels are near {dark_name}, over the limit max_dark_fraction = {:.1}%: nothing to classify",
                     dark * 100.0,
                     self.max_dark_fraction * 100.0
                 ),
@@ -383,7 +615,7 @@ impl InputCheck {
             return Err(Rejection::new(
                 bright_reason,
                 format!(
-                    "{:.1}% of pixels are near {bright_name} (limit {:.1}%)",
+                    "{:.1}% of pixels are near {bright_name}, over the limit max_bright_fraction = {:.1}%",
                     bright * 100.0,
                     self.max_bright_fraction * 100.0
                 ),
@@ -412,6 +644,15 @@ mod tests {
         max_dark_fraction: 0.95,
         max_bright_fraction: 0.80,
         min_contrast: 10.0,
+    };
+    const CONVERSION: UploadConversion = UploadConversion {
+        background_tolerance: 16,
+        sharpen_sigma: 0.75,
+    };
+    const SETTINGS: PreprocessSettings = PreprocessSettings {
+        limits: LIMITS,
+        conversion: CONVERSION,
+        check: CHECK,
     };
 
     /// A garment-like test pattern: a light ellipse on a dark background.
@@ -462,7 +703,7 @@ mod tests {
         );
         assert_eq!(kept, png, "the pixel chunks stay as they were");
         assert_eq!(
-            *preprocess(ImageData::Encoded(&bomb), &LIMITS, &CHECK).unwrap().pixels,
+            *preprocess(ImageData::Encoded(&bomb), &SETTINGS).unwrap().pixels,
             p,
             "the same pixels as without the chunk"
         );
@@ -485,7 +726,7 @@ mod tests {
     #[test]
     fn raw_pixels_are_used_as_they_are() {
         let p = garment();
-        let input = preprocess(ImageData::Raw(&p), &LIMITS, &CHECK).unwrap();
+        let input = preprocess(ImageData::Raw(&p), &SETTINGS).unwrap();
         assert_eq!(*input.pixels, p);
     }
 
@@ -493,10 +734,7 @@ mod tests {
     fn a_28x28_png_gives_exactly_the_raw_pixels() {
         let p = garment();
         let png = encode(&gray(&p, 28, 28), ImageFormat::Png);
-        assert_eq!(
-            *preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels,
-            p
-        );
+        assert_eq!(*preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels, p);
     }
 
     #[test]
@@ -516,15 +754,13 @@ mod tests {
         let p = garment();
         let inverted: Vec<u8> = p.iter().map(|v| 255 - v).collect();
         let png = encode(&gray(&inverted, 28, 28), ImageFormat::Png);
-        assert_eq!(
-            *preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels,
-            p
-        );
+        assert_eq!(*preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels, p);
     }
 
     #[test]
-    fn a_wide_image_is_fitted_keeping_its_aspect_ratio_and_centred() {
-        // 112x56 light rectangle filling the frame, on a dark 2-pixel border: becomes 28x14, centred vertically.
+    fn a_wide_image_is_trimmed_to_its_content_fitted_keeping_its_aspect_ratio_and_centred() {
+        // A 108x52 light rectangle on a dark 2-pixel border: the border is trimmed, the rectangle becomes
+        // 28x13, centred vertically.
         let img = GrayImage::from_fn(112, 56, |x, y| {
             Luma([if (2..110).contains(&x) && (2..54).contains(&y) {
                 200
@@ -533,13 +769,168 @@ mod tests {
             }])
         });
         let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
-        let out = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels;
+        let out = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
         let rows_with_ink: Vec<usize> = (0..SIDE)
             .filter(|y| out[y * SIDE..(y + 1) * SIDE].iter().any(|&v| v > 100))
             .collect();
         assert_eq!(rows_with_ink.first(), Some(&7));
-        assert_eq!(rows_with_ink.last(), Some(&20));
+        assert_eq!(rows_with_ink.last(), Some(&19));
         assert!(out[..7 * SIDE].iter().all(|&v| v == 0), "padding is background");
+        assert!(out[20 * SIDE..].iter().all(|&v| v == 0), "padding is background");
+        assert!(
+            (0..SIDE).all(|x| out[10 * SIDE + x] > 100),
+            "the rectangle spans the width"
+        );
+    }
+
+    /// A photo of `garment` (28x28, 0 = background) as a shop takes it: the garment's pixels scaled up by
+    /// `scale` (nearest neighbour), dark on a `background` level, at (`left`, `top`) of a `w`x`h` frame.
+    fn photo(
+        garment: &[u8; PIXELS],
+        scale: u32,
+        background: u8,
+        (w, h): (u32, u32),
+        (left, top): (u32, u32),
+    ) -> Vec<u8> {
+        let img = GrayImage::from_fn(w, h, |x, y| {
+            let inside = (left..left + 28 * scale).contains(&x) && (top..top + 28 * scale).contains(&y);
+            let v = if inside {
+                garment[(((y - top) / scale) * 28 + (x - left) / scale) as usize]
+            } else {
+                0
+            };
+            // Reflectance: the garment darkens the light falling on it; v = 255 is black.
+            Luma([(f32::from(background) * (1.0 - f32::from(v) / 255.0)).round() as u8])
+        });
+        encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png)
+    }
+
+    fn max_difference(a: &[u8; PIXELS], b: &[u8; PIXELS]) -> u8 {
+        a.iter().zip(b.iter()).map(|(a, b)| a.abs_diff(*b)).max().unwrap()
+    }
+
+    #[test]
+    fn a_garment_with_a_margin_gives_the_input_it_gives_filling_the_frame() {
+        let p = garment();
+        let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
+        for (frame, at) in [((224, 224), (56, 56)), ((400, 300), (17, 150)), ((560, 560), (300, 20))] {
+            let with_margin = preprocess(ImageData::Encoded(&photo(&p, 4, 255, frame, at)), &SETTINGS).unwrap();
+            assert_eq!(
+                max_difference(&with_margin.pixels, &filling.pixels),
+                0,
+                "a {frame:?} frame with the garment at {at:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_off_white_background_becomes_exactly_zero_and_black_stays_255() {
+        let mut p = garment();
+        for y in 12..17 {
+            p[y * 28 + 12..y * 28 + 17].fill(255);
+        }
+        let on_white = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (224, 224), (56, 56))), &SETTINGS)
+            .unwrap()
+            .pixels;
+        assert_eq!(on_white.iter().max(), Some(&255), "black stays black");
+        for background in [235, 200] {
+            let input = preprocess(
+                ImageData::Encoded(&photo(&p, 4, background, (224, 224), (56, 56))),
+                &SETTINGS,
+            )
+            .unwrap()
+            .pixels;
+            assert!(max_difference(&input, &on_white) <= 3, "background {background}");
+            for (i, (&got, &white)) in input.iter().zip(on_white.iter()).enumerate() {
+                if white == 0 {
+                    assert_eq!(got, 0, "background {background}: pixel {i} is background");
+                }
+            }
+            assert_eq!(input[0], 0, "background {background}");
+        }
+    }
+
+    #[test]
+    fn light_falling_off_across_the_frame_is_background_too() {
+        let p = garment();
+        let img = GrayImage::from_fn(300, 300, |x, y| {
+            let light = 250.0 - 40.0 * (x + y) as f32 / 600.0;
+            let inside = (94..206).contains(&x) && (94..206).contains(&y);
+            let v = if inside {
+                p[(((y - 94) / 4) * 28 + (x - 94) / 4) as usize]
+            } else {
+                0
+            };
+            Luma([(light * (1.0 - f32::from(v) / 255.0)).round() as u8])
+        });
+        let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let input = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
+        let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
+        assert!(
+            max_difference(&input, &filling.pixels) <= 12,
+            "{}",
+            max_difference(&input, &filling.pixels)
+        );
+    }
+
+    #[test]
+    fn noise_on_the_background_does_not_widen_the_crop() {
+        let p = garment();
+        let mut seed = 7u32;
+        let mut noise = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            ((seed >> 24) % 17) as i32 - 8
+        };
+        let img = GrayImage::from_fn(300, 300, |x, y| {
+            let inside = (94..206).contains(&x) && (94..206).contains(&y);
+            let v = if inside {
+                p[(((y - 94) / 4) * 28 + (x - 94) / 4) as usize]
+            } else {
+                0
+            };
+            let clean = 240.0 * (1.0 - f32::from(v) / 255.0);
+            Luma([(clean as i32 + noise()).clamp(0, 255) as u8])
+        });
+        let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let input = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
+        let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
+        assert!(
+            max_difference(&input, &filling.pixels) <= 16,
+            "{}",
+            max_difference(&input, &filling.pixels)
+        );
+    }
+
+    #[test]
+    fn a_dot_or_a_line_on_white_is_a_tiny_object() {
+        let mark = |(x0, x1): (u32, u32), (y0, y1): (u32, u32)| {
+            let img = GrayImage::from_fn(400, 400, |x, y| {
+                Luma([if (x0..x1).contains(&x) && (y0..y1).contains(&y) {
+                    0
+                } else {
+                    250
+                }])
+            });
+            let err = preprocess(
+                ImageData::Encoded(&encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png)),
+                &SETTINGS,
+            )
+            .unwrap_err();
+            assert_eq!(err.reason, Reason::TinyObject, "{}", err.detail);
+            err.detail
+        };
+        assert!(mark((200, 206), (100, 106)).contains("a dot"));
+        assert!(mark((50, 350), (200, 203)).contains("a line"));
+        assert!(mark((200, 203), (20, 380)).contains("a line"));
+    }
+
+    #[test]
+    fn a_blank_photo_is_low_contrast() {
+        for level in [0u8, 128, 240, 255] {
+            let img = gray(&vec![level; 200 * 150], 200, 150);
+            let err = preprocess(ImageData::Encoded(&encode(&img, ImageFormat::Png)), &SETTINGS).unwrap_err();
+            assert_eq!(err.reason, Reason::LowContrast, "level {level}: {}", err.detail);
+        }
     }
 
     #[test]
@@ -554,7 +945,7 @@ mod tests {
             }
         });
         let png = encode(&DynamicImage::ImageRgba8(img), ImageFormat::Png);
-        let out = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap().pixels;
+        let out = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
         assert_eq!(out[0], 0, "transparent background becomes the dataset's black");
         assert_eq!(out[14 * 28 + 14], 255 - 40, "the garment becomes light");
     }
@@ -566,21 +957,15 @@ mod tests {
             Luma([u16::from(p[(y * 28 + x) as usize]) * 257])
         });
         let png16 = encode(&DynamicImage::ImageLuma16(img16), ImageFormat::Png);
-        assert_eq!(
-            *preprocess(ImageData::Encoded(&png16), &LIMITS, &CHECK).unwrap().pixels,
-            p
-        );
+        assert_eq!(*preprocess(ImageData::Encoded(&png16), &SETTINGS).unwrap().pixels, p);
         let rgb = DynamicImage::ImageLuma8(GrayImage::from_raw(28, 28, p.to_vec()).unwrap()).to_rgb8();
         let bmp = encode(&DynamicImage::ImageRgb8(rgb), ImageFormat::Bmp);
-        assert_eq!(
-            *preprocess(ImageData::Encoded(&bmp), &LIMITS, &CHECK).unwrap().pixels,
-            p
-        );
+        assert_eq!(*preprocess(ImageData::Encoded(&bmp), &SETTINGS).unwrap().pixels, p);
     }
 
     #[test]
     fn each_blank_kind_of_image_has_its_own_reason() {
-        let reason = |p: &[u8]| preprocess(ImageData::Raw(p), &LIMITS, &CHECK).unwrap_err().reason;
+        let reason = |p: &[u8]| preprocess(ImageData::Raw(p), &SETTINGS).unwrap_err().reason;
         assert_eq!(reason(&[0u8; PIXELS]), Reason::LowContrast);
         assert_eq!(reason(&[255u8; PIXELS]), Reason::LowContrast);
         let mut dark = [0u8; PIXELS];
@@ -593,19 +978,24 @@ mod tests {
     }
 
     #[test]
-    fn an_almost_white_photo_is_reported_as_mostly_bright_not_dark() {
-        // As sent: white page with a small dark mark. Polarity flips it; the reason describes what was sent.
+    fn an_almost_white_photo_is_reported_as_mostly_bright_with_the_limit_that_applied() {
+        // As sent: a white page with two small dark marks in opposite corners, so trimming keeps the page. The
+        // polarity step negates it: the limit is the model input's near-black one, and the detail says so.
         let img = GrayImage::from_fn(100, 100, |x, y| {
-            Luma([if (40..55).contains(&x) && (40..55).contains(&y) {
-                0
-            } else {
-                255
-            }])
+            let mark = |c: u32| (c..c + 6).contains(&x) && (c..c + 6).contains(&y);
+            Luma([if mark(2) || mark(92) { 0 } else { 255 }])
         });
         let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
-        let err = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap_err();
+        let err = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap_err();
         assert_eq!(err.reason, Reason::MostlyBright, "{}", err.detail);
-        assert!(err.detail.contains("near white"), "{}", err.detail);
+        assert!(err.detail.contains("near white as sent"), "{}", err.detail);
+        assert!(err.detail.contains("max_dark_fraction = 95.0%"), "{}", err.detail);
+        // Not negated: near white is near white, and its own limit applies.
+        let mut bright = [255u8; PIXELS];
+        bright[..100].fill(0);
+        let err = preprocess(ImageData::Raw(&bright), &SETTINGS).unwrap_err();
+        assert_eq!(err.reason, Reason::MostlyBright, "{}", err.detail);
+        assert!(err.detail.contains("max_bright_fraction = 80.0%"), "{}", err.detail);
     }
 
     #[test]
@@ -616,7 +1006,7 @@ mod tests {
         crc.update(&png[12..29]);
         png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
         let started = Instant::now();
-        let err = preprocess(ImageData::Encoded(&png), &LIMITS, &CHECK).unwrap_err();
+        let err = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap_err();
         assert_eq!(err.reason, Reason::TooLarge, "{}", err.detail);
         assert!(started.elapsed() < Duration::from_secs(1));
     }
@@ -625,12 +1015,15 @@ mod tests {
     fn an_image_over_the_allocation_limit_is_too_large() {
         let img = gray(&vec![7u8; 600 * 600], 600, 600);
         let png = encode(&img, ImageFormat::Png);
-        let small = DecodeLimits {
-            max_dimension: 8192,
-            max_alloc_bytes: 100_000,
+        let small = PreprocessSettings {
+            limits: DecodeLimits {
+                max_dimension: 8192,
+                max_alloc_bytes: 100_000,
+            },
+            ..SETTINGS
         };
         assert_eq!(
-            preprocess(ImageData::Encoded(&png), &small, &CHECK).unwrap_err().reason,
+            preprocess(ImageData::Encoded(&png), &small).unwrap_err().reason,
             Reason::TooLarge
         );
     }
@@ -648,7 +1041,7 @@ mod tests {
             let mut enc = GifEncoder::new(&mut gif);
             enc.encode_frames(vec![frame(&p), frame(&[0u8; PIXELS])]).unwrap();
         }
-        let out = preprocess(ImageData::Encoded(&gif), &LIMITS, &CHECK).unwrap().pixels;
+        let out = preprocess(ImageData::Encoded(&gif), &SETTINGS).unwrap().pixels;
         let diff = out
             .iter()
             .zip(p.iter())
@@ -672,7 +1065,7 @@ mod tests {
             &[],
             b"\x89PNG\r\n\x1a\n garbage",
         ] {
-            let err = preprocess(ImageData::Encoded(bytes), &LIMITS, &CHECK).unwrap_err();
+            let err = preprocess(ImageData::Encoded(bytes), &SETTINGS).unwrap_err();
             assert_eq!(err.reason, Reason::Undecodable, "{} bytes: {}", bytes.len(), err.detail);
         }
     }
@@ -688,8 +1081,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let started = Instant::now();
-            let _ = preprocess(ImageData::Encoded(&bytes), &LIMITS, &CHECK);
-            let _ = preprocess(ImageData::Raw(&bytes), &LIMITS, &CHECK);
+            let _ = preprocess(ImageData::Encoded(&bytes), &SETTINGS);
+            let _ = preprocess(ImageData::Raw(&bytes), &SETTINGS);
             prop_assert!(started.elapsed() < Duration::from_secs(1));
         }
 
@@ -715,11 +1108,11 @@ mod tests {
                 bytes
             };
             let started = Instant::now();
-            let first = preprocess(ImageData::Encoded(&bytes), &LIMITS, &CHECK);
+            let first = preprocess(ImageData::Encoded(&bytes), &SETTINGS);
             prop_assert!(started.elapsed() < Duration::from_secs(1));
-            prop_assert_eq!(&first, &preprocess(ImageData::Encoded(&bytes), &LIMITS, &CHECK));
+            prop_assert_eq!(&first, &preprocess(ImageData::Encoded(&bytes), &SETTINGS));
             if let Ok(input) = first {
-                let raw = preprocess(ImageData::Raw(&input.pixels[..]), &LIMITS, &CHECK);
+                let raw = preprocess(ImageData::Raw(&input.pixels[..]), &SETTINGS);
                 prop_assert_eq!(raw, Ok(input));
             }
         }
@@ -742,7 +1135,7 @@ mod tests {
         ];
         for (format, bytes) in &seeds {
             assert!(
-                preprocess(ImageData::Encoded(bytes), &LIMITS, &CHECK).is_ok(),
+                preprocess(ImageData::Encoded(bytes), &SETTINGS).is_ok(),
                 "{format:?} seed decodes"
             );
         }

@@ -13,11 +13,13 @@ pub enum Reason {
     WrongSize,
     TooLarge,
     OutOfDistribution,
+    /// Once the background is trimmed, what is left of an upload is a dot or a line.
+    TinyObject,
 }
 
 impl Reason {
     /// Every reason, in declaration order (`reason as usize` indexes it).
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Accepted,
         Reason::LowConfidence,
         Reason::MostlyDark,
@@ -27,6 +29,7 @@ impl Reason {
         Reason::WrongSize,
         Reason::TooLarge,
         Reason::OutOfDistribution,
+        Reason::TinyObject,
     ];
 
     /// Stable snake_case label for metrics and logs.
@@ -41,6 +44,7 @@ impl Reason {
             Reason::WrongSize => "wrong_size",
             Reason::TooLarge => "too_large",
             Reason::OutOfDistribution => "out_of_distribution",
+            Reason::TinyObject => "tiny_object",
         }
     }
 }
@@ -59,6 +63,7 @@ impl Reason {
             Reason::WrongSize => "WRONG_SIZE",
             Reason::TooLarge => "TOO_LARGE",
             Reason::OutOfDistribution => "OUT_OF_DISTRIBUTION",
+            Reason::TinyObject => "TINY_OBJECT",
         }
     }
 }

@@ -29,3 +29,4 @@ mod reference_outputs;
 mod reliability;
 mod request_bytes;
 mod slots;
+mod uploads;

@@ -209,6 +209,7 @@ const REASONS = {
   7: ['REASON_WRONG_SIZE', 'wrong size'],
   8: ['REASON_TOO_LARGE', 'image too large'],
   9: ['REASON_OUT_OF_DISTRIBUTION', 'does not look like a garment'],
+  10: ['REASON_TINY_OBJECT', 'only a dot or a line on the background'],
 };
 
 const HINTS = {
