@@ -1,6 +1,6 @@
 """Preprocessing parity: what the server makes of varied encoded images (tests/fixtures/parity/: resized, inverted,
 transparent, grayscale with alpha, JPEG, small) matches an independent reference, written here from docs/api.md's
-"Preprocessing" steps with Pillow and numpy, within one grey level per pixel.
+"Preprocessing" steps with Pillow and numpy, within two grey levels per pixel.
 
 The server's side comes from Classify with return_model_input (the 28x28 pixels the model saw), through the
 fashion_mnist.v1 stubs tests/oip_clients.sh generates. That server runs with --sharpen-sigma 0: the unsharp mask
@@ -20,6 +20,7 @@ from fashion_mnist.v1 import classifier_pb2, classifier_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 28
+ALLOWED = 2
 
 
 def grayscale(img: Image.Image) -> np.ndarray:
@@ -137,8 +138,10 @@ def main():
         served = np.frombuffer(result.model_input, np.uint8).reshape(SIDE, SIDE).astype(np.int64)
         diff = np.abs(served - reference(f).astype(np.int64))
         worst = max(worst, int(diff.max()))
-        assert diff.max() <= 1, (f"{f.name}: the server's 28x28 differs from the reference by up to {diff.max()} grey "
-                                 f"levels ({int((diff > 1).sum())} pixels over 1)")
+        # The resize filters (the image crate's triangle, Pillow's bilinear) round differently by up to one grey
+        # level; stretching the ink back over 0-255 after the background tolerance (x 255/239) makes that two.
+        assert diff.max() <= ALLOWED, (f"{f.name}: the server's 28x28 differs from the reference by up to "
+                                       f"{diff.max()} grey levels ({int((diff > ALLOWED).sum())} pixels over {ALLOWED})")
         print(f"ok - preprocessing parity: {f.name} within {diff.max()} grey level of the reference "
               f"({int((diff > 0).sum())} of 784 pixels differ)", flush=True)
     print(f"ok - preprocessing parity: {len(files)} images, worst pixel {worst} grey level")
