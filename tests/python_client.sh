@@ -93,4 +93,26 @@ pass "an unknown model exits 4 with the server's INVALID_ARGUMENT message"
 rc=0; err=$(classify --addr "$GRPC_ADDR" tests/fixtures/png/no-such-file.png 2>&1 >/dev/null) || rc=$?
 [ "$rc" -eq 1 ] && grep -q '^error: cannot read tests/fixtures/png/no-such-file.png' <<<"$err" || fail "missing file: $rc $err"
 pass "a missing file exits 1 naming it"
+# TLS and mutual TLS: a CA, a server certificate for localhost and a client certificate, made with openssl.
+tls=$(mktemp -d)
+(
+  cd "$tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca 2>/dev/null
+  for name in localhost client; do
+    openssl req -newkey rsa:2048 -nodes -keyout $name.key -out $name.csr -subj /CN=$name 2>/dev/null
+    printf 'subjectAltName=DNS:%s\n' $name >$name.ext
+    openssl x509 -req -in $name.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $name.pem -days 1 -extfile $name.ext 2>/dev/null
+  done
+)
+start_server --tls-cert "$tls/localhost.pem" --tls-key "$tls/localhost.key" --tls-client-ca "$tls/ca.pem"
+grep -q 'tls="mutual' "$SERVER_LOG" || fail "the start-up log does not name the TLS mode: $(head -3 "$SERVER_LOG")"
+tls_port=${GRPC_ADDR##*:}
+out=$(classify --addr "localhost:$tls_port" --tls-ca "$tls/ca.pem" --tls-cert "$tls/client.pem" --tls-key "$tls/client.key" \
+  --json tests/fixtures/png/ankle-boot-0.png)
+grep -q '"class": "Ankle boot"\|"class":"Ankle boot"' <<<"$out" || fail "mutual TLS: $out"
+pass "mutual TLS: classified with --tls-ca, --tls-cert and --tls-key; the start-up log says tls=mutual"
+rc=0; err=$(classify --addr "localhost:$tls_port" --tls-ca "$tls/ca.pem" --timeout 5 tests/fixtures/png/trouser-2.png 2>&1 >/dev/null) || rc=$?
+[ "$rc" -ne 0 ] && [ "$(wc -l <<<"$err")" -eq 1 ] || fail "mutual TLS without a client certificate: exit $rc: $err"
+pass "mutual TLS without a client certificate: exit $rc, one line"
+rm -rf "$tls"
 echo "python client: all checks passed"

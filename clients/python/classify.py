@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "generated"))
+# gRPC's C core logs a failed TLS handshake in several lines of its own; the client says what failed in one.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 try:
     import grpc
     from fashion_mnist.v1 import classifier_pb2 as pb
@@ -57,7 +59,20 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each call (default %(default)s)")
     p.add_argument("--retries", type=int, default=3,
                    help="retries with exponential backoff while the server is busy (default %(default)s)")
-    return p.parse_args(argv)
+    p.add_argument("--tls-ca", type=Path, default=os.environ.get("FMNIST_CLIENT_TLS_CA"),
+                   help="PEM of the CA that signed the server's certificate: speak TLS (env FMNIST_CLIENT_TLS_CA)")
+    p.add_argument("--tls-cert", type=Path, default=os.environ.get("FMNIST_CLIENT_TLS_CERT"),
+                   help="PEM certificate chain to present for mutual TLS, with --tls-key (env FMNIST_CLIENT_TLS_CERT)")
+    p.add_argument("--tls-key", type=Path, default=os.environ.get("FMNIST_CLIENT_TLS_KEY"),
+                   help="PEM private key of --tls-cert (env FMNIST_CLIENT_TLS_KEY)")
+    p.add_argument("--tls-domain", default=None,
+                   help="the name the server's certificate must carry; default: the address's host")
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None and args.tls_ca is None:
+        p.error("--tls-cert needs --tls-ca: the client certificate is presented over TLS")
+    return args
 
 
 # Calls are spread per call, not per connection: grpc-core's round_robin keeps a connection to every address the
@@ -99,8 +114,23 @@ def channel_target(addr: str) -> str:
     return "ipv4:" + ",".join(dict.fromkeys(resolved))
 
 
-def open_channel(addr: str, extra_options=()) -> grpc.Channel:
-    """A channel that balances calls over every replica `addr` names (see SERVICE_CONFIG)."""
+def tls_credentials(args) -> grpc.ChannelCredentials | None:
+    """TLS with the given CA (and the client's own certificate for mutual TLS); None for plaintext."""
+    if args.tls_ca is None:
+        return None
+    try:
+        ca = args.tls_ca.read_bytes()
+        cert = args.tls_cert.read_bytes() if args.tls_cert else None
+        key = args.tls_key.read_bytes() if args.tls_key else None
+    except OSError as e:
+        raise ClientError(f"cannot read {e.filename}: {e.strerror}", EXIT_FAILED) from e
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def open_channel(addr: str, extra_options=(), tls: grpc.ChannelCredentials | None = None,
+                 tls_domain: str | None = None) -> grpc.Channel:
+    """A channel that balances calls over every replica `addr` names (see SERVICE_CONFIG), over TLS when `tls`
+    is given."""
     options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.service_config", SERVICE_CONFIG),
@@ -109,7 +139,14 @@ def open_channel(addr: str, extra_options=()) -> grpc.Channel:
     if target.startswith("ipv4:"):
         # Else the :authority is the whole address list, which is no valid authority: servers reset the stream.
         options.append(("grpc.default_authority", addr.split(",")[0].strip()))
-    return grpc.insecure_channel(target, options=options)
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    if tls_domain:
+        options.append(("grpc.ssl_target_name_override", tls_domain))
+    elif addr.startswith("dns:///"):
+        # The certificate names the Service, not the addresses it resolves to.
+        options.append(("grpc.ssl_target_name_override", addr[len("dns:///"):].rsplit(":", 1)[0]))
+    return grpc.secure_channel(target, tls, options=options)
 
 
 def read_images(args):
@@ -183,7 +220,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         images = read_images(args)
-        with open_channel(args.addr) as channel:
+        with open_channel(args.addr, tls=tls_credentials(args), tls_domain=args.tls_domain) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             responses = []
             for start in range(0, len(images), IMAGES_PER_CALL):

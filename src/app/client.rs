@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::pb::{self, classifier_client::ClassifierClient};
 
@@ -32,6 +32,45 @@ pub struct ClassifyArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 10)]
     pub timeout_s: u64,
+    /// PEM file of the CA that signed the server's certificate: the client speaks TLS to `https://` addresses
+    /// and trusts this CA only (it carries no system roots).
+    #[arg(long, env = "FMNIST_CLIENT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate chain this client presents to a server that asks for one (mutual TLS), with --tls-key.
+    #[arg(long, env = "FMNIST_CLIENT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FMNIST_CLIENT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the server's certificate must carry; default: the address's host name.
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+}
+
+impl ClassifyArgs {
+    /// The TLS settings for `https://` addresses; `None` when no TLS file was given.
+    fn tls(&self) -> Result<Option<ClientTlsConfig>, String> {
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+        if self.tls_ca.is_none() && self.tls_cert.is_none() {
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        // A dns:/// target resolves to addresses: the certificate is checked against the name that was resolved.
+        let resolved_name = self
+            .addr
+            .strip_prefix("dns:///")
+            .and_then(|name| name.rsplit_once(':').map(|(host, _)| host.to_string()));
+        if let Some(domain) = self.tls_domain.clone().or(resolved_name) {
+            tls = tls.domain_name(domain);
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// Runs the client; the error is the one line to print before exiting non-zero.
@@ -47,7 +86,7 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
         images.push(pb::Image { data: Some(data) });
     }
     let timeout = Duration::from_secs(args.timeout_s);
-    let channel = channel(&args.addr, timeout).await?;
+    let channel = channel(&args.addr, timeout, args.tls()?).await?;
     let mut client = ClassifierClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
@@ -111,14 +150,27 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
 /// A channel to the server(s) `addr` names: one URL, several (comma-separated), or `dns:///name:port`, whose
 /// every address is used. With more than one reachable address, each call goes to the less loaded of two
 /// replicas picked at random (tower's power of two choices), so calls spread per call, not per connection.
-pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
-    let urls = resolve(addr).await?;
+/// `https://` addresses speak TLS with `tls`, which must then be given: the client trusts no CA by default.
+pub async fn channel(addr: &str, timeout: Duration, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let urls = resolve(addr, if tls.is_some() { "https" } else { "http" }).await?;
     let endpoints = urls
         .iter()
         .map(|url| {
-            Endpoint::from_shared(url.clone())
+            let endpoint = Endpoint::from_shared(url.clone())
                 .map(|e| e.connect_timeout(timeout).timeout(timeout))
-                .map_err(|e| format!("invalid address {url:?}: {e}"))
+                .map_err(|e| format!("invalid address {url:?}: {e}"))?;
+            match (url.starts_with("https://"), &tls) {
+                (true, Some(tls)) => endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| format!("TLS for {url}: {}", error_chain(&e))),
+                (true, None) => Err(format!(
+                    "{url} is a TLS address: give the CA that signed the server's certificate with --tls-ca"
+                )),
+                (false, Some(_)) => Err(format!(
+                    "--tls-ca/--tls-cert are given but {url} is plaintext: write the address as https://"
+                )),
+                (false, None) => Ok(endpoint),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     // Connect to every replica first: the balancer would otherwise also pick one that is down and fail the
@@ -144,7 +196,7 @@ pub async fn channel(addr: &str, timeout: Duration) -> Result<Channel, String> {
 }
 
 /// The URLs behind `addr`: a `dns:///name:port` target becomes one URL per address the name has now.
-async fn resolve(addr: &str) -> Result<Vec<String>, String> {
+async fn resolve(addr: &str, dns_scheme: &str) -> Result<Vec<String>, String> {
     let with_scheme = |a: &str| {
         if a.contains("://") {
             a.to_string()
@@ -156,7 +208,7 @@ async fn resolve(addr: &str) -> Result<Vec<String>, String> {
         let addrs = tokio::net::lookup_host(name)
             .await
             .map_err(|e| format!("cannot resolve {name}: {e}"))?;
-        let mut urls: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
+        let mut urls: Vec<String> = addrs.map(|a| format!("{dns_scheme}://{a}")).collect();
         urls.dedup();
         if urls.is_empty() {
             return Err(format!("{name} has no address"));

@@ -32,7 +32,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
 
     /// The model repository: <dir>/<model>/<version>/{model.onnx, model.json}, with an optional
-    /// <dir>/<model>/config.json (version policy, labels). README "Updating a model".
+    /// <dir>/<model>/config.json (version policy, labels). docs/operations.md "Updating a model".
     #[arg(long, env = "FMNIST_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
 
@@ -53,7 +53,7 @@ pub struct Config {
 
     /// Model used when a request names none. `auto`: cnn-int8 where the CPU has 8-bit dot-product instructions
     /// (AVX512-VNNI or AVX-VNNI; every CPU with AMX has them), where it serves 1.3-1.4x the images per second at the same accuracy and OOD
-    /// rejection, and cnn elsewhere (README "INT8 where it pays"). The choice is logged and in GetModelInfo.
+    /// rejection, and cnn elsewhere (docs/models.md "One INT8 file, the same answers on every CPU"). The choice is logged and in GetModelInfo.
     #[arg(long, env = "FMNIST_DEFAULT_MODEL", default_value = "auto")]
     pub default_model: String,
 
@@ -131,7 +131,7 @@ pub struct Config {
     pub max_batch_size: usize,
 
     /// Longest time (microseconds) a batch that is not full waits for more images. 0: a batch runs as soon as
-    /// the model is free, taking whatever has queued meanwhile (see README "Batching policy").
+    /// the model is free, taking whatever has queued meanwhile (see docs/reliability.md "Batching and backpressure").
     #[arg(long, env = "FMNIST_MAX_BATCH_DELAY_US", default_value_t = 0)]
     pub max_batch_delay_us: u64,
 
@@ -142,7 +142,7 @@ pub struct Config {
 
     /// Longest time (milliseconds) a call waits, first come first served, for room in a full queue (or for its
     /// connection's earlier calls, past the connection's share) before it gets RESOURCE_EXHAUSTED; never past
-    /// its deadline. 0: refuse at once (README "Batching policy").
+    /// its deadline. 0: refuse at once (docs/reliability.md "Batching and backpressure").
     #[arg(long, env = "FMNIST_MAX_QUEUE_WAIT_MS", default_value_t = 2000)]
     pub max_queue_wait_ms: u64,
 
@@ -175,7 +175,7 @@ pub struct Config {
     pub max_decode_bytes: u64,
 
     /// Calls with encoded images decoded at the same time, per lane (small and large); 0 = one per available
-    /// core. Peak decoding memory is about this times 2 x --max-decode-bytes (README "Memory budget").
+    /// core. Peak decoding memory is about this times 2 x --max-decode-bytes (docs/reliability.md "Memory budget").
     #[arg(long, env = "FMNIST_MAX_CONCURRENT_DECODES", default_value_t = 0)]
     pub max_concurrent_decodes: usize,
 
@@ -198,7 +198,7 @@ pub struct Config {
     pub max_concurrent_streams: u32,
 
     /// Calls of one connection in progress at once; further calls get RESOURCE_EXHAUSTED at once (never
-    /// queued: README "Limits"). At its default, equal to --max-concurrent-streams, clients meet the stream
+    /// queued: docs/reliability.md "Limits, and why each exists"). At its default, equal to --max-concurrent-streams, clients meet the stream
     /// limit first; lower it to refuse sooner than HTTP/2 makes callers wait.
     #[arg(long, env = "FMNIST_MAX_CALLS_PER_CONNECTION", default_value_t = 100)]
     pub max_calls_per_connection: usize,

@@ -277,6 +277,11 @@ pub async fn serve(
         metrics = %metrics_addr,
         memory_budget = %budget,
         max_connection_age_s = connection_age.map(|a| a.as_secs_f64()),
+        tls = match (&config.tls_cert, &config.tls_client_ca) {
+            (None, _) => "off",
+            (Some(_), None) => "on",
+            (Some(_), Some(_)) => "mutual (client certificates required)",
+        },
         "listening; loading models"
     );
     tracing::info!(model = %default.name, why = %default.why, "default model");

@@ -126,3 +126,105 @@ async fn several_addresses_or_a_dns_target_reach_the_replicas() {
         assert_eq!(line["class"], "Trouser", "{addr}: {line}");
     }
 }
+
+/// A CA, a server certificate for `localhost` and a client certificate, written as PEM files into a new folder.
+fn certificates() -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+    let dir = std::env::temp_dir().join(format!(
+        "fmnist-cli-tls-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for name in ["localhost", "client"] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    dir
+}
+
+#[tokio::test]
+async fn over_mutual_tls_the_client_classifies_with_its_ca_and_certificate_and_says_what_is_missing() {
+    use tonic::transport::{Certificate, Identity};
+    let dir = certificates();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let mut config = config();
+    config.tls_cert = Some(dir.join("localhost.pem"));
+    config.tls_key = Some(dir.join("localhost.key"));
+    config.tls_client_ca = Some(dir.join("ca.pem"));
+    let server = TestServer::start_tls(
+        config,
+        Certificate::from_pem(std::fs::read(dir.join("ca.pem")).unwrap()),
+        Identity::from_pem(
+            std::fs::read(dir.join("client.pem")).unwrap(),
+            std::fs::read(dir.join("client.key")).unwrap(),
+        ),
+    )
+    .await;
+    let addr = format!("https://localhost:{}", server.addr.port());
+    let boot = png("ankle-boot-0.png");
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+
+    let out = fmnist_classify(&[
+        &boot,
+        "--addr",
+        &addr,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--json",
+    ])
+    .await;
+    assert!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("\"class\":\"Ankle boot\""),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // An address given by IP is checked against the name the certificate carries.
+    let by_ip = format!("https://127.0.0.1:{}", server.addr.port());
+    let out = fmnist_classify(&[
+        &boot,
+        "--addr",
+        &by_ip,
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-domain",
+        "localhost",
+    ])
+    .await;
+    assert!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
+
+    let out = fmnist_classify(&[&boot, "--addr", &addr]).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--tls-ca"), "{}", text(&out.stderr));
+
+    // Without a client certificate, the server refuses the handshake: one line, non-zero.
+    let out = fmnist_classify(&[&boot, "--addr", &addr, "--tls-ca", &ca]).await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(text(&out.stderr).trim().lines().count(), 1, "{}", text(&out.stderr));
+
+    let plaintext = format!("http://localhost:{}", server.addr.port());
+    let out = fmnist_classify(&[&boot, "--addr", &plaintext, "--tls-ca", &ca]).await;
+    assert!(text(&out.stderr).contains("https://"), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
