@@ -96,8 +96,13 @@ def triton_input(name, array, datatype):
     return tensor
 
 
+def served_version(model):
+    """The newest version in models/<model>/: the one served (the shipped repository has no version policy)."""
+    return str(max(int(d.name) for d in (REPO / "models" / model).iterdir() if d.name.isdigit()))
+
+
 def metadata_accuracy(model):
-    return json.loads((REPO / f"models/{model}/1/model.json").read_text())["metrics"]["test_accuracy"]
+    return json.loads((REPO / f"models/{model}/{served_version(model)}/model.json").read_text())["metrics"]["test_accuracy"]
 
 
 def test_tritonclient_grpc():
@@ -117,7 +122,7 @@ def test_tritonclient_grpc():
     r = client.infer("cnn", [triton_input("raw", images, "UINT8")])
     assert_close(r.as_numpy("probabilities"), want, "tritonclient gRPC UINT8 [32,28,28]")
     assert (r.as_numpy("class_id") == want.argmax(axis=1)).all(), "class_id is the most probable class"
-    assert r.get_response().model_version == "1", "the repository's version number"
+    assert r.get_response().model_version == served_version("cnn"), "the repository's version number"
 
     scaled = (images.astype(np.float32) / np.float32(255)).reshape(-1, 1, 28, 28)
     r = client.infer("cnn", [triton_input("image", scaled, "FP32")])
@@ -214,7 +219,7 @@ def test_repository_calls_refused_by_default():
         refused(http.load_model, model)
     index = client.get_model_repository_index(as_json=True)["models"]
     assert {(m["name"], m["version"], m["state"]) for m in index} == {
-        ("cnn", "1", "READY"), ("cnn-int8", "1", "READY"), ("dense", "1", "READY")}, index
+        (m, served_version(m), "READY") for m in ("cnn", "cnn-int8", "dense")}, index
     assert client.is_server_ready() and client.is_model_ready("cnn") and client.is_model_ready("dense")
     ok("tritonclient: anonymous unload_model and load_model refused over gRPC and HTTP (PERMISSION_DENIED / 403)")
 
@@ -233,7 +238,7 @@ def test_repository_calls():
     assert client.is_model_ready("dense"), "refused calls changed nothing"
     index = client.get_model_repository_index(as_json=True)["models"]
     assert {(m["name"], m["version"], m["state"]) for m in index} == {
-        ("cnn", "1", "READY"), ("cnn-int8", "1", "READY"), ("dense", "1", "READY")}, index
+        (m, served_version(m), "READY") for m in ("cnn", "cnn-int8", "dense")}, index
     client.unload_model("dense", headers=headers)
     assert not client.is_model_ready("dense")
     unloaded = [m for m in client.get_model_repository_index(as_json=True)["models"] if m["name"] == "dense"]

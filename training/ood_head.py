@@ -113,7 +113,12 @@ METHODS = {
     # Amendment 1 (protocol): without the standard deviations, which cost the graph 18-34% throughput.
     "multi-mlp-ms": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
     "stats-maha": ([f"{b}.{s}" for b in TAPS for s in STATS], "maha", 0),
+    # Amendment 3 (protocol): multi-mlp-ms whose garments also include photographed training garments.
+    "multi-mlp-ms-photos": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
 }
+# Methods whose garment side also holds product photos of training-split garments, converted by the service.
+PHOTO_METHODS = {"multi-mlp-ms-photos"}
+TRAIN_PHOTOS = REPO / "build/product-photos/train/mixed.u8"
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
 
 
@@ -125,9 +130,14 @@ def columns(method: str) -> np.ndarray:
 
 
 def model_path(model: str) -> Path:
-    from repository import latest_version_dir
-
-    return latest_version_dir(REPO / "models", model) / "model.onnx"
+    """The newest version of `model` without a garment head: the graph a head is fitted on and added to. A
+    version this script exported (ood.method garment_head) is never a source, so a second export does not
+    stack a head on a head."""
+    versions = sorted((int(d.name), d) for d in (REPO / "models" / model).iterdir() if d.name.isdigit())
+    for _, d in reversed(versions):
+        if json.loads((d / "model.json").read_text()).get("ood", {}).get("method") != "garment_head":
+            return d / "model.onnx"
+    raise SystemExit(f"models/{model} has no version without a garment head")
 
 
 def add_head_input(model_proto, prefix: str = "head/", wanted: list[str] | None = None,
@@ -235,6 +245,8 @@ def sources() -> dict[str, tuple[np.ndarray | Path, str]]:
     out = {"train": train_x[tr].reshape(-1, 784), "val": train_x[va].reshape(-1, 784), "test": test_x.reshape(-1, 784)}
     for g in list(GROUPS) + list(EXPOSURE) + list(HELD_OUT):
         out[g] = group_file(g)
+    if TRAIN_PHOTOS.exists():  # `product_photos.py make --split train` and examples/preprocess (amendment 3)
+        out["train-photos"] = TRAIN_PHOTOS
     return out
 
 
@@ -373,7 +385,13 @@ def fit(method: str, feats: dict[str, np.ndarray], left_out: list[str], seed: in
         fit_maha(head, feats["train"])
     elif kind == "mlp":
         outliers = {g: feats[g] for g in list(GROUPS) + list(EXPOSURE) if g not in left_out}
-        fit_mlp(head, feats["train"], outliers, seed, threads)
+        garments = feats["train"]
+        if method in PHOTO_METHODS:
+            if "train-photos" not in feats:
+                raise SystemExit(f"{method} needs {TRAIN_PHOTOS}: product_photos.py make --split train, then "
+                                 "examples/preprocess, then extract")
+            garments = np.concatenate([garments, feats["train-photos"]])
+        fit_mlp(head, garments, outliers, seed, threads)
     return head
 
 
@@ -635,7 +653,7 @@ def export(method: str, out_root: Path, seed: int) -> None:
         g.node.extend(nodes)
         g.output.append(helper.make_tensor_value_info("ood_components", TensorProto.FLOAT, ["batch", 1]))
         onnx.checker.check_model(m)
-        dst = out_root / model / "1"
+        dst = out_root / model / str(int(src.parent.name) + 1)
         dst.mkdir(parents=True, exist_ok=True)
         onnx.save(m, str(dst / "model.onnx"))
         # Threshold from this model's own validation garments at the budget (thresholds come from validation only),
@@ -643,6 +661,10 @@ def export(method: str, out_root: Path, seed: int) -> None:
         rec, parity = deployed_measure(dst / "model.onnx", head, model)
         ood = {"method": "garment_head", "threshold": rec["threshold"], "components": ["garment_head"],
                "graph_output": {"name": "ood_components", "components": ["garment_head"]},
+               "description": f"garment head: a small network ({method}) on the CNN's block means and maxima, "
+                              "fitted against clip-art, icon and procedural outliers (training/ood_head.py)",
+               "protocol": "training/ood_head_protocol.md",
+               "test_rejected_per_class": rec["test_rejected_per_class"],
                "head": {"protocol": "training/ood_head_protocol.md", "fit": method, "seed": seed,
                         "val_budget": VAL_BUDGET, "val_rejected": rec["val_rejected"],
                         "test_rejected": rec["test_rejected"], "groups_rejected_in_sample": rec["groups"],
@@ -659,9 +681,15 @@ def export(method: str, out_root: Path, seed: int) -> None:
             "meaning": "garment head score (training/ood_head.py), higher = less like a garment"}]
         meta["ood"] = {"method": "garment_head", "threshold": rec["threshold"], "file": "ood.json",
                        "sha256": hashlib.sha256((dst / "ood.json").read_bytes()).hexdigest()}
+        # The accept rule again, as training/ood_protocol.py makes it, with this head's validation OOD mask: the
+        # lowest calibrated confidence at which accepted validation answers are >= the target right.
+        meta["accept"] = rec["accept"] | {"target_val_accuracy": meta["accept"]["target_val_accuracy"]}
+        meta["versions"] = meta.get("versions", {}) | {"source": src.parent.name}
         (dst / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        per_class = ", ".join(f"{c} {v * 100:.1f}%" for c, v in rec["test_rejected_per_class"].items())
         print(f"{model}: {dst}, threshold {rec['threshold']:.4f}, val {rec['val_rejected'] * 100:.2f}%, "
-              f"test {rec['test_rejected'] * 100:.2f}%, graph vs cached features: {parity}")
+              f"test {rec['test_rejected'] * 100:.2f}%, accept {meta['accept']}, graph vs cached features: {parity}")
+        print(f"{model}: test garments rejected as OOD per class: {per_class}")
 
 
 def deployed_measure(onnx_path: Path, head: Head, model: str) -> tuple[dict, dict]:
@@ -685,12 +713,43 @@ def deployed_measure(onnx_path: Path, head: Head, model: str) -> tuple[dict, dic
     rec = {"threshold": t, "val_rejected": float((graph["val"] > t).mean()),
            "test_rejected": float((graph["test"] > t).mean()),
            "groups": {g: float((graph[g] > t).mean()) for g in GROUPS + list(HELD_OUT)}}
+    rec |= accept_and_per_class(sess, src, graph, t, model)
     diff = {g: rec["groups"][g] - float((cached[g] > tc).mean()) for g in GROUPS + list(HELD_OUT)}
     parity = {"score_max_abs_diff": float(max(np.abs(graph[n] - cached[n]).max() for n in names)),
               "threshold_graph": t, "threshold_cached_features": tc,
               "rejected_max_abs_diff_points": float(max(abs(v) for v in diff.values()) * 100),
               "test_rejected_cached_features": float((cached["test"] > tc).mean())}
     return rec, parity
+
+
+def accept_and_per_class(sess, src, graph: dict, t: float, model: str) -> dict:
+    """The accept rule with this head's OOD mask (validation only; test reported), and the test garments each
+    class loses to the head."""
+    from data import CLASS_NAMES
+    from ood_protocol import ACCEPT_TARGET, accept_threshold, accepted_stats
+    from train import split_train_val
+
+    # The head leaves the logits as they were: the source version's temperature still calibrates them.
+    temperature = json.loads((model_path(model).parent / "model.json").read_text())["calibration"]["temperature"]
+    train_x, train_y = load_split("train", DEFAULT_DATA_DIR)
+    _, test_y = load_split("test", DEFAULT_DATA_DIR)
+    _, va = split_train_val(train_x, train_y, VAL_SIZE, SPLIT_SEED)
+    labels = {"val": train_y[va], "test": test_y}
+    conf, correct = {}, {}
+    for name in ("val", "test"):
+        x = load_images(src[name]).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+        logits = np.concatenate([sess.run(["logits"], {"image": x[i : i + 500]})[0] for i in range(0, len(x), 500)])
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        conf[name], correct[name] = p.max(1), p.argmax(1) == labels[name]
+    ood = {name: graph[name] > t for name in ("val", "test")}
+    min_conf = accept_threshold(conf["val"], correct["val"], ood["val"], ACCEPT_TARGET)
+    val, test = (accepted_stats(conf[n], correct[n], ood[n], min_conf) for n in ("val", "test"))
+    accept = {"min_confidence": min_conf, "val_accuracy": val["accuracy"], "val_coverage": val["coverage"],
+              "test_accuracy": test["accuracy"], "test_coverage": test["coverage"]}
+    per_class = {CLASS_NAMES[c]: float(ood["test"][labels["test"] == c].mean()) for c in range(10)}
+    return {"accept": accept, "test_rejected_per_class": per_class}
 
 
 def int8_mean_scale(feats: dict[str, np.ndarray]) -> dict[str, float]:
@@ -780,6 +839,33 @@ def bench(out_root: Path, threads: int, repeats: int) -> None:
     path.write_text(json.dumps(allres, indent=1) + "\n")
 
 
+def fixtures(models_dir: Path) -> None:
+    """tests/fixtures/ood-scores-cnn.json for the newest cnn version under `models_dir` when it carries a garment
+    head: the same 20 model inputs as the fixture committed by training/ood_protocol.py (10 test garments, 10
+    silhouettes), with the head's score, the class and the calibrated probability its exported graph gives."""
+    import onnxruntime as ort
+    from repository import latest_version_dir
+
+    path = REPO / "tests/fixtures/ood-scores-cnn.json"
+    fixture = json.loads(path.read_text())
+    version_dir = latest_version_dir(models_dir, "cnn")
+    meta = json.loads((version_dir / "model.json").read_text())
+    if meta["ood"]["method"] != "garment_head":
+        raise SystemExit(f"{version_dir} has no garment head")
+    sess = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.array([i["pixels"] for i in fixture["images"]], np.float32).reshape(-1, 1, 28, 28) / 255.0
+    logits, scores = sess.run(["logits", "ood_components"], {"image": x})
+    z = logits.astype(np.float64) / meta["calibration"]["temperature"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    for i, image in enumerate(fixture["images"]):
+        image |= {"ood_score": float(scores[i, 0]), "class_id": int(p[i].argmax()), "probability": float(p[i].max())}
+    fixture |= {"version": version_dir.name, "ood_method": "garment_head"}
+    path.write_text(json.dumps(fixture) + "\n")
+    rejected = int((scores[10:, 0] > meta["ood"]["threshold"]).sum())
+    print(f"{path}: version {version_dir.name}, {rejected} of 10 silhouettes over the threshold")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -791,6 +877,8 @@ def main() -> None:
     ex = sub.add_parser("export")
     ex.add_argument("--method", choices=list(METHODS), required=True)
     ex.add_argument("--seed", type=int, default=SEEDS[0])
+    fx = sub.add_parser("fixtures", help="tests/fixtures/ood-scores-cnn.json for the installed head version")
+    fx.add_argument("--models-dir", type=Path, default=REPO / "models")
     b = sub.add_parser("bench")
     b.add_argument("--repeats", type=int, default=5)
     for s in (e, lg, ex, b):
@@ -807,6 +895,8 @@ def main() -> None:
         report()
     elif a.cmd == "export":
         export(a.method, Path(a.out), a.seed)
+    elif a.cmd == "fixtures":
+        fixtures(a.models_dir)
     else:
         bench(Path(a.out), a.threads, a.repeats)
     print(f"{a.cmd}: {time.time() - t0:.0f}s", flush=True)

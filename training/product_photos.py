@@ -11,7 +11,9 @@ and tallies what came back.
     measure        python training/product_photos.py measure --dir build/product-photos/val --addr http://127.0.0.1:50051
 
 Splits: `val` is the training run's own 5,000-image validation split (models/cnn/1/model.json, seed 42): the
-conversion's tolerances are chosen on it. `test` is Fashion-MNIST's test split, measured once after they were
+conversion's tolerances are chosen on it. `train` draws 5,000 photos under the `mixed` condition from the other
+55,000 (the training indices): the garment head's photographed garments (training/ood_head_protocol.md,
+amendment 3). `test` is Fashion-MNIST's test split, measured once after they were
 fixed. `ood` takes the evaluation groups of training/ood_data.py (build/ood) as the object instead of a garment:
 non-garments made into the same kind of photo.
 
@@ -75,6 +77,7 @@ CONDITIONS: dict[str, dict] = {
 # Non-garments are photographed under fewer conditions: the plain photo, the two the issue found worst, and the mix.
 OOD_CONDITIONS = ("plain", "fill-50", "bg-235", "mixed")
 PER_CONDITION = 300
+TRAIN_PHOTOS = 5000
 MIXED = 1000
 
 
@@ -149,10 +152,11 @@ def sources(split: str, ood_dir: Path | None, seed: int) -> tuple[list[np.ndarra
     from data import load_split  # training/data.py
     from train import split_train_val
 
-    if split == "val":
+    if split in ("val", "train"):
         x, y = load_split("train")
         meta = json.loads(Path("models/cnn/1/model.json").read_text())["training"]["config"]
-        _, idx = split_train_val(x, y, meta["val_size"], meta["seed"])
+        train_idx, val_idx = split_train_val(x, y, meta["val_size"], meta["seed"])
+        idx = val_idx if split == "val" else train_idx
     else:
         x, y = load_split("test")
         idx = np.arange(len(x))
@@ -167,6 +171,11 @@ def make(a: argparse.Namespace) -> None:
     cursor = 0
     for ci, (name, change) in enumerate(CONDITIONS.items()):
         count = MIXED if name == "mixed" else PER_CONDITION
+        if a.split == "train":
+            # Training material for the garment head (training/ood_head_protocol.md, amendment 3): the mix only.
+            if name != "mixed":
+                continue
+            count = TRAIN_PHOTOS
         if a.split == "ood":
             if name not in OOD_CONDITIONS:
                 continue
@@ -188,6 +197,8 @@ def make(a: argparse.Namespace) -> None:
         if a.split != "ood":
             cursor += count
     # The same images as the dataset (or build/ood) has them: what a photo's acceptance is compared with.
+    if a.split == "train":
+        cursor = 0
     name = "as-is" if a.split == "ood" else "28x28"
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
@@ -243,7 +254,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make")
-    m.add_argument("--split", choices=["val", "test", "ood"], required=True)
+    m.add_argument("--split", choices=["train", "val", "test", "ood"], required=True)
     m.add_argument("--ood-dir", type=Path, default=Path("build/ood"))
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=39)

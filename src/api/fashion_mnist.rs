@@ -156,17 +156,21 @@ impl FashionMnistService {
                     ood_method: meta.ood.as_ref().map_or_else(
                         || "energy: -logsumexp(logits); no threshold calibrated".into(),
                         |o| {
-                            let how = match o.method.as_str() {
-                                "energy" => "-logsumexp(logits)",
-                                "msp" => "-max softmax(logits)",
-                                _ => {
+                            // The model's own ood.json says what its method is; older files do not, and were
+                            // all written by training/ood_protocol.py.
+                            let how = match (o.description.as_deref(), o.method.as_str()) {
+                                (Some(description), _) => description,
+                                (None, "energy") => "-logsumexp(logits)",
+                                (None, "msp") => "-max softmax(logits)",
+                                (None, _) => {
                                     "a weighted sum of standardised scores: energy on the logits, Mahalanobis and \
                                      kNN on the penultimate features (the graph's ood_components output)"
                                 }
                             };
+                            let protocol = o.protocol.as_deref().unwrap_or("training/ood_protocol.py");
                             format!(
                                 "{}: {how}; threshold fixed on the validation split before any out-of-distribution \
-                                 measurement (leave-one-group-out protocol, training/ood_protocol.py)",
+                                 measurement (leave-one-group-out protocol, {protocol})",
                                 o.method
                             )
                         },

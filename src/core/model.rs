@@ -79,6 +79,12 @@ pub struct OodMetadata {
     pub file: Option<String>,
     #[serde(default)]
     pub sha256: Option<String>,
+    /// What the method is and the protocol that fixed it, as the model's `ood.json` says (filled in when the
+    /// model loads; model.json does not carry them).
+    #[serde(skip)]
+    pub description: Option<String>,
+    #[serde(skip)]
+    pub protocol: Option<String>,
 }
 
 /// Temperature scaling (Guo et al. 2017) fitted by training/ood_protocol.py on the validation split: the
@@ -212,6 +218,11 @@ impl Model {
             path: meta_path.clone(),
             reason,
         })?;
+        let mut meta = meta;
+        if let Some(ood) = meta.ood.as_mut() {
+            ood.description = detector.description().map(str::to_owned);
+            ood.protocol = detector.protocol().map(str::to_owned);
+        }
         let onnx_path = dir.join(&meta.file);
         let bytes = std::fs::read(&onnx_path).map_err(|e| ModelError::File {
             path: onnx_path.clone(),

@@ -18,6 +18,11 @@ struct OodFile {
     fusion: Option<FusionFile>,
     #[serde(default)]
     graph_output: Option<GraphOutputFile>,
+    /// What the method is, in a sentence, and the protocol that fixed it (training/ood_head.py writes both).
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +60,9 @@ pub struct Detector {
     fusion: Vec<(f32, f32, f32)>,
     /// The graph output the detector reads, and its width; `None` when it reads only the logits.
     graph_output: Option<(String, usize)>,
+    /// What `ood.json` says the method is, and the protocol that fixed its threshold.
+    description: Option<String>,
+    protocol: Option<String>,
 }
 
 impl Default for Detector {
@@ -65,6 +73,8 @@ impl Default for Detector {
             components: vec![Component::Energy],
             fusion: Vec::new(),
             graph_output: None,
+            description: None,
+            protocol: None,
         }
     }
 }
@@ -109,7 +119,19 @@ impl Detector {
                 .graph_output
                 .filter(|g| !g.components.is_empty())
                 .map(|g| (g.name, g.components.len())),
+            description: file.description,
+            protocol: file.protocol,
         })
+    }
+
+    /// What the model's `ood.json` says the method is, when it says.
+    pub fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+
+    /// The protocol that fixed the method and its threshold, when `ood.json` names it.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
     }
 
     pub fn method(&self) -> &str {
@@ -158,6 +180,21 @@ mod tests {
     use crate::core::model::CLASSES;
 
     const LOGITS: [f32; CLASSES] = [2.0, 1.0, 0.0, -1.0, 9.0, 0.5, -2.0, 0.0, 1.5, -0.5];
+
+    #[test]
+    fn a_detector_says_what_its_ood_json_says_it_is() {
+        let head = Detector::from_json(
+            r#"{"method": "garment_head", "components": ["garment_head"],
+                "graph_output": {"name": "ood_components", "components": ["garment_head"]},
+                "description": "garment head: a small network", "protocol": "training/ood_head_protocol.md"}"#,
+        )
+        .unwrap();
+        assert_eq!(head.description(), Some("garment head: a small network"));
+        assert_eq!(head.protocol(), Some("training/ood_head_protocol.md"));
+        assert_eq!(head.graph_output(), Some(("ood_components", 1)));
+        let energy = Detector::from_json(r#"{"method": "energy"}"#).unwrap();
+        assert_eq!((energy.description(), energy.protocol()), (None, None));
+    }
 
     #[test]
     fn energy_is_minus_logsumexp() {

@@ -92,7 +92,10 @@ async fn every_image_gets_its_own_answer(instances: usize) {
             .map(|model| {
                 metric(
                     &m,
-                    &format!("fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"1\"}}"),
+                    &format!(
+                        "fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"{}\"}}",
+                        common::served_version(model)
+                    ),
                 )
             })
             .collect()
@@ -153,7 +156,10 @@ async fn every_image_gets_its_own_answer(instances: usize) {
     for (model, before) in DEFAULT_MODELS.iter().zip(carried_before) {
         let carried = metric(
             &m,
-            &format!("fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"1\"}}"),
+            &format!(
+                "fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"{}\"}}",
+                common::served_version(model)
+            ),
         ) - before;
         assert!(carried >= 1.0, "{model}: no call was carried over to the next batch");
     }

@@ -403,9 +403,9 @@ fn histogram_count_le1(metrics: &str) -> (f64, f64) {
     (
         metric(
             metrics,
-            "fmnist_batch_size_images_bucket{model=\"cnn\",version=\"1\",le=\"1\"}",
+            "fmnist_batch_size_images_bucket{model=\"cnn\",version=\"2\",le=\"1\"}",
         ),
-        metric(metrics, "fmnist_batch_size_images_count{model=\"cnn\",version=\"1\"}"),
+        metric(metrics, "fmnist_batch_size_images_count{model=\"cnn\",version=\"2\"}"),
     )
 }
 

@@ -402,9 +402,21 @@ pub async fn classify_all(
     results
 }
 
-/// The shipped metadata of a model: models/<name>/1/model.json.
+/// The version of a shipped model that calls naming no version get: the newest one in models/<name>/ (the
+/// shipped repository has no config.json, so the policy is the newest one).
+pub fn served_version(model: &str) -> String {
+    std::fs::read_dir(repo().join("models").join(model))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .expect("a numbered version")
+        .to_string()
+}
+
+/// The shipped metadata of the version of a model that is served: models/<name>/<newest>/model.json.
 pub fn shipped_metadata(model: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(repo().join(format!("models/{model}/1/model.json"))).unwrap();
+    let version = served_version(model);
+    let text = std::fs::read_to_string(repo().join(format!("models/{model}/{version}/model.json"))).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 

@@ -23,25 +23,25 @@ async fn metrics_count_calls_images_reasons_and_batches() {
         1.0
     );
     assert_eq!(
-        delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"low_contrast\"}"),
+        delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"rejected\",reason=\"low_contrast\"}"),
         1.0
     );
-    let accepted = delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"accepted\",reason=\"accepted\"}")
-        + delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"low_confidence\"}")
-        + delta("fmnist_images_total{model=\"cnn\",version=\"1\",outcome=\"rejected\",reason=\"out_of_distribution\"}");
+    let accepted = delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"accepted\",reason=\"accepted\"}")
+        + delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"rejected\",reason=\"low_confidence\"}")
+        + delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"rejected\",reason=\"out_of_distribution\"}");
     assert_eq!(accepted, 2.0, "two images reached the model");
     // One call of two images that reach the model: one job, one ONNX Runtime run of 2.
-    assert_eq!(delta("fmnist_batch_size_images_sum{model=\"cnn\",version=\"1\"}"), 2.0);
+    assert_eq!(delta("fmnist_batch_size_images_sum{model=\"cnn\",version=\"2\"}"), 2.0);
     assert_eq!(
-        delta("fmnist_batch_size_images_count{model=\"cnn\",version=\"1\"}"),
+        delta("fmnist_batch_size_images_count{model=\"cnn\",version=\"2\"}"),
         1.0
     );
     assert_eq!(
-        delta("fmnist_inference_duration_seconds_count{model=\"cnn\",version=\"1\"}"),
+        delta("fmnist_inference_duration_seconds_count{model=\"cnn\",version=\"2\"}"),
         1.0
     );
     assert_eq!(
-        delta("fmnist_queue_wait_seconds_count{model=\"cnn\",version=\"1\"}"),
+        delta("fmnist_queue_wait_seconds_count{model=\"cnn\",version=\"2\"}"),
         1.0
     );
     assert_eq!(
@@ -53,7 +53,7 @@ async fn metrics_count_calls_images_reasons_and_batches() {
         "model info gauge"
     );
     assert!(
-        after.contains("fmnist_queue_depth_images{model=\"cnn\",version=\"1\"}"),
+        after.contains("fmnist_queue_depth_images{model=\"cnn\",version=\"2\"}"),
         "queue depth gauge"
     );
     assert!(

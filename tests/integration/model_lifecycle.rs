@@ -45,8 +45,11 @@ impl Repository {
     /// in one step, so a poll never sees half a version. (Here the files are links to those of `from`.)
     fn add(&self, version: u64, from: &Path) {
         let staging = self.staging();
-        for file in ["model.onnx", "model.json"] {
-            std::os::unix::fs::symlink(from.join(file), staging.join(file)).unwrap();
+        // ood.json: the detector's parameters, which a version with a fitted detector (cnn/2) names.
+        for file in ["model.onnx", "model.json", "ood.json"] {
+            if from.join(file).exists() {
+                std::os::unix::fs::symlink(from.join(file), staging.join(file)).unwrap();
+            }
         }
         std::fs::rename(staging, self.dir.join(format!("cnn/{version}"))).unwrap();
     }
@@ -489,4 +492,79 @@ async fn labels_route_calls_and_pointing_one_back_rolls_back() {
         .map(|v| (v.version.as_str(), v.state.as_str()))
         .collect();
     assert_eq!(states, [("1", "READY"), ("2", "READY")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() {
+    // Version 1 of the shipped cnn scores with energy, version 2 with the garment head on the same network.
+    let repository = Repository::new("head-swap");
+    let mut config = common::with_model_control(common::config());
+    config.models_dir = repository.dir.clone();
+    config.models = vec!["cnn".into()];
+    config.default_model = "cnn".into();
+    config.model_poll_s = 0;
+    let mut server = common::TestServer::start(config).await;
+    let mut oip = GrpcInferenceServiceClient::new(server.channel.clone());
+    let images = fixture();
+    let reference = Arc::new(references()[0].clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for caller in 0..16 {
+        let (mut client, stop, images, reference) =
+            (server.client.clone(), stop.clone(), images.clone(), reference.clone());
+        callers.push(tokio::spawn(async move {
+            let (mut at, mut answered) = (caller * 61 % 996, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let batch = images[at..at + 4].iter().map(|(p, _)| raw(p)).collect();
+                let response = client
+                    .classify(request(batch))
+                    .await
+                    .unwrap_or_else(|s| panic!("a call failed during the swaps: {s:?}"))
+                    .into_inner();
+                // The head adds an output and leaves the network as it was: both versions give the same
+                // probabilities.
+                for (i, r) in response.results.iter().enumerate() {
+                    let got = &r.prediction.as_ref().unwrap().probabilities;
+                    let worst = got
+                        .iter()
+                        .zip(&reference[at + i])
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst <= 1e-5,
+                        "version {} image {}: {worst}",
+                        response.model_version,
+                        at + i
+                    );
+                }
+                answered.push(response.model_version);
+                at = (at + 4) % 996;
+            }
+            answered
+        }));
+    }
+    let method = |info: pb::ModelInfo| info.ood_method.split(':').next().unwrap().to_string();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        repository.add(2, &repo().join("models/cnn/2"));
+        load(&mut oip).await.unwrap();
+        assert_eq!(method(server.model_info("cnn").await), "garment_head");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        repository.remove(2);
+        load(&mut oip).await.unwrap();
+        assert_eq!(method(server.model_info("cnn").await), "energy");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut answered = Vec::new();
+    for caller in callers {
+        answered.extend(caller.await.unwrap());
+    }
+    for version in ["1", "2"] {
+        assert!(
+            answered.iter().any(|v| v == version),
+            "no call was answered by version {version}"
+        );
+    }
+    eprintln!("{} calls, none failed, across 6 swaps", answered.len());
 }

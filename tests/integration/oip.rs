@@ -451,7 +451,7 @@ async fn health_readiness_and_metadata_describe_the_real_model() {
         .await
         .unwrap()
         .into_inner();
-    let version = "1".to_string(); // the shipped repository has version 1 of each model
+    let version = common::served_version("cnn"); // the newest: the shipped repository has no version policy
     assert_eq!(meta.versions, std::slice::from_ref(&version));
     assert_eq!(meta.platform, "onnxruntime_onnx");
     let inputs: Vec<(&str, &str, &[i64])> = meta

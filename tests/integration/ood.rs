@@ -68,14 +68,19 @@ async fn the_ood_threshold_can_be_overridden_per_request() {
     );
 
     let cnn = server.model_info("cnn").await;
+    // The served version's own ood.json says what its detector is (version 2: the garment head).
     assert!(
-        cnn.ood_method.starts_with("energy") && cnn.ood_threshold.is_finite(),
+        cnn.ood_method
+            .starts_with("garment_head: garment head: a small network")
+            && cnn.ood_method.contains("training/ood_head_protocol.md")
+            && cnn.ood_threshold.is_finite(),
         "{cnn:?}"
     );
 }
 
-/// Committed by `training/ood_protocol.py --fixtures`: 10 test garments and 10 silhouettes, as model inputs, with
-/// the OOD score, class and calibrated probability Python computed for them (from the ONNX outputs, in f64).
+/// Committed by `training/ood_protocol.py --fixtures` (dense) and `training/ood_head.py fixtures` (cnn, whose
+/// served version carries the garment head): 10 test garments and 10 silhouettes, as model inputs, with the OOD
+/// score, class and calibrated probability Python computed for them (from the ONNX outputs, in f64).
 fn python_scores(model: &str) -> Vec<(Vec<u8>, f32, u32, f32)> {
     let path = repo().join(format!("tests/fixtures/ood-scores-{model}.json"));
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -105,7 +110,7 @@ fn python_scores(model: &str) -> Vec<(Vec<u8>, f32, u32, f32)> {
 #[tokio::test]
 async fn the_server_scores_and_calibrates_as_the_python_protocol_did() {
     let mut server = TestServer::start(config()).await;
-    // cnn: energy and its temperature; dense: the fusion of energy, Mahalanobis and kNN on its features.
+    // cnn: the garment head and its temperature; dense: the fusion of energy, Mahalanobis and kNN on its features.
     for model in ["cnn", "dense"] {
         let fixtures = python_scores(model);
         assert_eq!(fixtures.len(), 20);

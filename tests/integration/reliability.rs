@@ -139,7 +139,7 @@ async fn callers_beyond_the_queue_bound_wait_their_turn_and_are_all_served() {
     while !callers.iter().all(|c| c.is_finished()) {
         let gauge = metric(
             &server.metrics().await,
-            "fmnist_queue_waiting_images{model=\"cnn\",version=\"1\"}",
+            "fmnist_queue_waiting_images{model=\"cnn\",version=\"2\"}",
         );
         waited = waited.max(gauge);
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -155,7 +155,7 @@ async fn callers_beyond_the_queue_bound_wait_their_turn_and_are_all_served() {
     );
     let after = metric(
         &server.metrics().await,
-        "fmnist_queue_waiting_images{model=\"cnn\",version=\"1\"}",
+        "fmnist_queue_waiting_images{model=\"cnn\",version=\"2\"}",
     );
     assert_eq!(after, 0.0, "the waiting gauge returns to 0");
 }
