@@ -33,7 +33,7 @@ test: test-deps
 # compile, and every later step works offline (.ci/run runs them without a network). Each step skips what is
 # already there, so test-deps itself also works offline once it has run.
 test-deps:
-	bash scripts/setup-system.sh chromium prometheus
+	bash scripts/setup-system.sh chromium prometheus openssl
 	$(MAKE) --no-print-directory rust-components ort tools oip-venv
 	$(CARGO) fetch --locked --offline 2>/dev/null || $(CARGO) fetch --locked
 
