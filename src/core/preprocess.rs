@@ -785,12 +785,18 @@ mod tests {
 
     /// A photo of `garment` (28x28, 0 = background) as a shop takes it: the garment's pixels scaled up by
     /// `scale` (nearest neighbour), dark on a `background` level, at (`left`, `top`) of a `w`x`h` frame.
-    fn photo(
+    fn photo(garment: &[u8; PIXELS], scale: u32, background: u8, frame: (u32, u32), at: (u32, u32)) -> Vec<u8> {
+        lit_photo(garment, scale, frame, at, |_, _| f32::from(background), || 0)
+    }
+
+    /// [`photo`] under `light(x, y)`, with `noise()` added to each pixel.
+    fn lit_photo(
         garment: &[u8; PIXELS],
         scale: u32,
-        background: u8,
         (w, h): (u32, u32),
         (left, top): (u32, u32),
+        light: impl Fn(u32, u32) -> f32,
+        mut noise: impl FnMut() -> i32,
     ) -> Vec<u8> {
         let img = GrayImage::from_fn(w, h, |x, y| {
             let inside = (left..left + 28 * scale).contains(&x) && (top..top + 28 * scale).contains(&y);
@@ -800,7 +806,8 @@ mod tests {
                 0
             };
             // Reflectance: the garment darkens the light falling on it; v = 255 is black.
-            Luma([(f32::from(background) * (1.0 - f32::from(v) / 255.0)).round() as u8])
+            let clean = (light(x, y) * (1.0 - f32::from(v) / 255.0)).round() as i32;
+            Luma([(clean + noise()).clamp(0, 255) as u8])
         });
         encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png)
     }
@@ -853,52 +860,27 @@ mod tests {
     #[test]
     fn light_falling_off_across_the_frame_is_background_too() {
         let p = garment();
-        let img = GrayImage::from_fn(300, 300, |x, y| {
-            let light = 250.0 - 40.0 * (x + y) as f32 / 600.0;
-            let inside = (94..206).contains(&x) && (94..206).contains(&y);
-            let v = if inside {
-                p[(((y - 94) / 4) * 28 + (x - 94) / 4) as usize]
-            } else {
-                0
-            };
-            Luma([(light * (1.0 - f32::from(v) / 255.0)).round() as u8])
-        });
-        let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let falling = |x: u32, y: u32| 250.0 - 40.0 * (x + y) as f32 / 600.0;
+        let png = lit_photo(&p, 4, (300, 300), (94, 94), falling, || 0);
         let input = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
         let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
-        assert!(
-            max_difference(&input, &filling.pixels) <= 12,
-            "{}",
-            max_difference(&input, &filling.pixels)
-        );
+        let difference = max_difference(&input, &filling.pixels);
+        assert!(difference <= 12, "{difference}");
     }
 
     #[test]
     fn noise_on_the_background_does_not_widen_the_crop() {
         let p = garment();
         let mut seed = 7u32;
-        let mut noise = || {
+        let noise = || {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             ((seed >> 24) % 17) as i32 - 8
         };
-        let img = GrayImage::from_fn(300, 300, |x, y| {
-            let inside = (94..206).contains(&x) && (94..206).contains(&y);
-            let v = if inside {
-                p[(((y - 94) / 4) * 28 + (x - 94) / 4) as usize]
-            } else {
-                0
-            };
-            let clean = 240.0 * (1.0 - f32::from(v) / 255.0);
-            Luma([(clean as i32 + noise()).clamp(0, 255) as u8])
-        });
-        let png = encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png);
+        let png = lit_photo(&p, 4, (300, 300), (94, 94), |_, _| 240.0, noise);
         let input = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
         let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
-        assert!(
-            max_difference(&input, &filling.pixels) <= 16,
-            "{}",
-            max_difference(&input, &filling.pixels)
-        );
+        let difference = max_difference(&input, &filling.pixels);
+        assert!(difference <= 16, "{difference}");
     }
 
     #[test]
