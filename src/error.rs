@@ -155,6 +155,28 @@ pub fn clip(s: &str) -> String {
     }
 }
 
+/// A JSON parser's error as it may be echoed: what is wrong and where, with any value it quotes clipped to
+/// [`MAX_ECHOED_CHARS`]. serde quotes an unexpected string whole (`invalid type: string "…", expected …`): a
+/// 16 MiB `shape` string came back as a 58.7 MB answer.
+pub fn json_error(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    // serde_json ends the message with " at line L column C"; the description before it may quote the value.
+    let description = message.rsplit_once(" at line ").map_or(message.as_str(), |(d, _)| d);
+    let description = match (description.find('"'), description.rfind('"')) {
+        (Some(open), Some(close)) if close > open => format!(
+            "{}\"{}\"{}",
+            &description[..open],
+            clip(&description[open + 1..close]),
+            &description[close + 1..]
+        ),
+        _ => clip(description),
+    };
+    if e.line() == 0 {
+        return description;
+    }
+    format!("{description} at line {} column {}", e.line(), e.column())
+}
+
 /// What kind of failure a call ended in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -228,5 +250,30 @@ impl From<QueueError> for ServiceError {
             QueueError::Model(_) => ErrorKind::Internal,
         };
         Self::new(kind, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_error_keeps_what_and_where_and_clips_the_value_it_quotes() {
+        let long = format!(r#"{{"shape": "{}"}}"#, "x".repeat(10_000));
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Shape {
+            shape: Vec<i64>,
+        }
+        let e = serde_json::from_str::<Shape>(&long).unwrap_err();
+        let message = json_error(&e);
+        assert!(message.starts_with("invalid type: string \"xxxx"), "{message}");
+        assert!(
+            message.contains("…(10000 bytes)\", expected a sequence at line 1 column"),
+            "{message}"
+        );
+        assert!(message.len() < 200, "{message}");
+        let e = serde_json::from_str::<Shape>("{not json").unwrap_err();
+        assert_eq!(json_error(&e), "key must be a string at line 1 column 2");
     }
 }

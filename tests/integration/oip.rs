@@ -606,6 +606,9 @@ async fn rest_json_gives_the_answers_grpc_gives() {
 async fn rest_errors_are_json_with_the_status_of_their_kind() {
     let server = TestServer::start(config()).await;
     let addr = server.addr;
+    // The metrics recorder is the test process's: other tests' calls are in it too.
+    let before = server.metrics().await;
+    let count = |metrics: &str, key: &str| common::metric(metrics, key);
     let good: Vec<u8> = fixture()[0].0.to_vec();
     let (status, body) = post_json(
         addr,
@@ -648,20 +651,39 @@ async fn rest_errors_are_json_with_the_status_of_their_kind() {
 
     // The calls are counted under closed route labels, whatever the model name in the path.
     let metrics = server.metrics().await;
-    assert_eq!(
-        common::metric(
-            &metrics,
-            "fmnist_requests_total{rpc=\"v2/infer\",code=\"InvalidArgument\"}"
+    for (key, calls) in [
+        ("fmnist_requests_total{rpc=\"v2/infer\",code=\"InvalidArgument\"}", 3.0),
+        (
+            "fmnist_requests_total{rpc=\"v2/model_ready\",code=\"InvalidArgument\"}",
+            1.0,
         ),
-        3.0
+    ] {
+        assert_eq!(count(&metrics, key) - count(&before, key), calls, "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_rest_error_names_what_is_wrong_and_where_without_echoing_the_clients_value() {
+    // issue #35: a `shape` sent as a long string came back whole, escaped, in the 400's message (a 16 MiB
+    // string gave a 58.7 MB answer).
+    let server = TestServer::start(config()).await;
+    let long = "\u{1}".repeat(200_000);
+    let (status, body) = post_json(
+        server.addr,
+        "/v2/models/cnn/infer",
+        json!({"inputs": [{"name": "raw", "datatype": "UINT8", "shape": long, "data": [0]}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.len() < 400,
+        "{} bytes: {}…",
+        message.len(),
+        &message[..400.min(message.len())]
     );
-    assert_eq!(
-        common::metric(
-            &metrics,
-            "fmnist_requests_total{rpc=\"v2/model_ready\",code=\"InvalidArgument\"}"
-        ),
-        1.0
-    );
+    assert!(message.contains("invalid type: string"), "{message}");
+    assert!(message.contains("at line 1 column"), "{message}");
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ use crate::{
     core::classify::Pipeline,
     core::control::{ControlCall, ModelControl},
     core::preprocess::PIXELS,
-    error::{ErrorKind, QueueError, ServiceError, clip},
+    error::{ErrorKind, QueueError, ServiceError, clip, json_error},
     transport::connections::ConnectionInfo,
     transport::status,
 };
@@ -177,7 +177,7 @@ fn optional_json<T: Default + serde::de::DeserializeOwned>(body: &[u8], what: &s
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| ServiceError::invalid(format!("{what}: {e}")))
+    serde_json::from_slice(body).map_err(|e| ServiceError::invalid(format!("{what}: {}", json_error(&e))))
 }
 
 /// A control call as the gate needs it: the caller's address and its `authorization` header.
@@ -232,7 +232,7 @@ async fn infer_until(rest: Rest, path: ModelPath, request: Request, deadline: In
     let (json_part, binary) = split_binary(&parts.headers, &body)?;
     let max_images = rest.core.policy().max_images_per_request;
     let request = json::parse(json_part, max_images.saturating_mul(PIXELS))
-        .map_err(|e| ServiceError::invalid(format!("request body is not an inference request: {e}")))?;
+        .map_err(|e| ServiceError::invalid(format!("request body is not an inference request: {}", json_error(&e))))?;
     let binary_by_default = request
         .parameters
         .get("binary_data_output")
