@@ -196,6 +196,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The call is valid, but the server's state refuses it as sent (the message says how to insist).
     FailedPrecondition,
+    /// The call names a route or method this server does not have.
+    NotFound,
 }
 
 /// Why a call failed, for any adapter: a kind and a message for the caller.

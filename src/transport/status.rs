@@ -21,6 +21,7 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::Unauthenticated => Code::Unauthenticated,
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::NotFound => Code::NotFound,
     }
 }
 
@@ -41,6 +42,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Unauthenticated => StatusCode::UNAUTHORIZED,
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
     }
 }
 

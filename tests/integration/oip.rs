@@ -641,6 +641,19 @@ async fn rest_errors_are_json_with_the_status_of_their_kind() {
     assert_eq!(status, 200);
     let (status, _, _) = http(addr, "GET", "/v2/models/shoes/ready", &[], b"").await;
     assert_eq!(status, 400);
+    // A route this server does not have is a 404 that says so, counted with its real code (issue #40).
+    for path in ["/v2/models/cnn/config", "/v2/models/cnn/stats", "/v2/nothing/here"] {
+        let (status, _, body) = http(addr, "GET", path, &[], b"").await;
+        assert_eq!(status, 404, "{path}");
+        let body: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("no route GET {path}")),
+            "{body}"
+        );
+    }
     let (status, _, body) = http(addr, "GET", "/v2/models/cnn", &[], b"").await;
     assert_eq!(status, 200);
     let meta: Value = serde_json::from_slice(&body).unwrap();
@@ -657,6 +670,7 @@ async fn rest_errors_are_json_with_the_status_of_their_kind() {
             "fmnist_requests_total{rpc=\"v2/model_ready\",code=\"InvalidArgument\"}",
             1.0,
         ),
+        ("fmnist_requests_total{rpc=\"v2/unknown\",code=\"NotFound\"}", 3.0),
     ] {
         assert_eq!(count(&metrics, key) - count(&before, key), calls, "{key}");
     }

@@ -13,7 +13,7 @@ use axum::{
     extract::{Path, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{any, get, post},
 };
 use std::time::Instant;
 
@@ -88,11 +88,26 @@ pub fn router(core: Pipeline, control: ModelControl, settings: RestSettings) -> 
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{name}/load", post(load))
         .route("/v2/repository/models/{name}/unload", post(unload))
+        // Any other path under /v2 (Triton's model config and statistics routes among them) is a 404 that
+        // says so, not the gRPC fallback's empty 400.
+        .route("/v2/{*rest}", any(unknown_route))
         .with_state(Rest {
             core,
             control,
             settings,
         })
+}
+
+async fn unknown_route(request: Request) -> Response {
+    status::http_response(ServiceError::new(
+        ErrorKind::NotFound,
+        format!(
+            "no route {} {}: this server answers the Open Inference Protocol's health, metadata, ready, infer and \
+             repository routes (docs/api.md)",
+            request.method(),
+            clip(request.uri().path())
+        ),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
