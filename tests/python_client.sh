@@ -93,6 +93,13 @@ pass "an unknown model exits 4 with the server's INVALID_ARGUMENT message"
 rc=0; err=$(classify --addr "$GRPC_ADDR" tests/fixtures/png/no-such-file.png 2>&1 >/dev/null) || rc=$?
 [ "$rc" -eq 1 ] && grep -q '^error: cannot read tests/fixtures/png/no-such-file.png' <<<"$err" || fail "missing file: $rc $err"
 pass "a missing file exits 1 naming it"
+# More files than the server takes per call: the client asks the server for its limit and splits (issue #40).
+start_server --max-images-per-request 8 --max-queued-images-per-connection 8
+files=(tests/fixtures/png/*.png tests/fixtures/png/*.png)
+out=$(classify --addr "$GRPC_ADDR" --json "${files[@]}") || fail "${#files[@]} files against 8 per call: $out"
+[ "$(grep -c '"accepted": true' <<<"$out")" -eq "${#files[@]}" ] || fail "${#files[@]} files against 8 per call: $out"
+pass "${#files[@]} files against a server that takes 8 per call: split by the limit GetModelInfo reports"
+
 # TLS and mutual TLS: a CA, a server certificate for localhost and a client certificate, made with openssl.
 tls=$(mktemp -d)
 (

@@ -35,7 +35,8 @@ except ImportError as e:
     sys.exit(1)
 
 EXIT_FAILED, EXIT_UNREACHABLE, EXIT_INVALID, EXIT_BUSY = 1, 3, 4, 5
-# The server's default max_images_per_request (GetModelInfo reports the one in force).
+# The server's default max_images_per_request: used only when the server does not answer GetModelInfo, which
+# reports the one in force.
 IMAGES_PER_CALL = 64
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -175,6 +176,17 @@ def call_error(e: grpc.RpcError, args, attempts: int) -> ClientError:
     return ClientError(f"classify failed ({code.name}): {details}", EXIT_FAILED)
 
 
+def images_per_call(stub, args) -> int:
+    """The most images one call may carry, as the server says (its --max-images-per-request)."""
+    try:
+        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=args.timeout).limits.max_images_per_request
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # a server that has only Classify
+            return IMAGES_PER_CALL
+        raise call_error(e, args, 1) from None
+    return limit or IMAGES_PER_CALL
+
+
 def classify(stub, request, args):
     """One Classify call, retried with jittered exponential backoff while the server says its queue is full."""
     for attempt in range(args.retries + 1):
@@ -223,8 +235,9 @@ def main(argv=None):
         with open_channel(args.addr, tls=tls_credentials(args), tls_domain=args.tls_domain) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             responses = []
-            for start in range(0, len(images), IMAGES_PER_CALL):
-                request = pb.ClassifyRequest(images=images[start:start + IMAGES_PER_CALL], model=args.model)
+            per_call = images_per_call(stub, args)
+            for start in range(0, len(images), per_call):
+                request = pb.ClassifyRequest(images=images[start:start + per_call], model=args.model)
                 if args.min_confidence is not None:
                     request.min_confidence = args.min_confidence
                 responses.append(classify(stub, request, args))

@@ -90,17 +90,34 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
     let mut client = ClassifierClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-    let request = pb::ClassifyRequest {
-        images,
-        model: args.model.clone(),
-        min_confidence: args.min_confidence,
-        ..Default::default()
-    };
-    let response = client
-        .classify(request)
+    // The server says how many images one call may carry (`--max-images-per-request`): more files than that
+    // go in several calls, one after the other.
+    let per_call = client
+        .get_model_info(pb::GetModelInfoRequest {})
         .await
-        .map_err(|s| format!("classify failed: {:?}: {}", s.code(), s.message()))?
-        .into_inner();
+        .map_err(|s| format!("model info failed: {:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .limits
+        .map_or(0, |l| l.max_images_per_request as usize)
+        .max(1);
+    let mut response = pb::ClassifyResponse::default();
+    let mut images = images.into_iter().peekable();
+    while images.peek().is_some() {
+        let request = pb::ClassifyRequest {
+            images: images.by_ref().take(per_call).collect(),
+            model: args.model.clone(),
+            min_confidence: args.min_confidence,
+            ..Default::default()
+        };
+        let answer = client
+            .classify(request)
+            .await
+            .map_err(|s| format!("classify failed: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        response.results.extend(answer.results);
+        response.model = answer.model;
+        response.model_version = answer.model_version;
+    }
 
     if args.json {
         for (file, r) in args.files.iter().zip(&response.results) {
