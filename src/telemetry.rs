@@ -5,49 +5,67 @@ use std::{io::IsTerminal, sync::OnceLock};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
-/// Metric names, in Prometheus conventions: base units, `_total` for counters.
-pub mod metric {
+/// Declares each metric once: its name as a constant, and its help text, which is both the constant's doc and
+/// the `# HELP` line `/metrics` writes (`describe`).
+macro_rules! metrics {
+    ($($(#[doc = $doc:literal])+ $name:ident: $kind:ident = $value:literal;)+) => {
+        /// Metric names, in Prometheus conventions: base units, `_total` for counters.
+        pub mod metric {
+            $($(#[doc = $doc])+ pub const $name: &str = $value;)+
+        }
+
+        /// Gives every metric its `# HELP` text in the recorder.
+        fn describe() {
+            $(metrics!(@describe $kind, $value, concat!($($doc),+));)+
+        }
+    };
+    (@describe counter, $value:literal, $help:expr) => { metrics::describe_counter!($value, $help.trim()) };
+    (@describe gauge, $value:literal, $help:expr) => { metrics::describe_gauge!($value, $help.trim()) };
+    (@describe histogram, $value:literal, $help:expr) => { metrics::describe_histogram!($value, $help.trim()) };
+}
+
+metrics! {
     /// Calls by `rpc` and gRPC `code`.
-    pub const REQUESTS: &str = "fmnist_requests_total";
+    REQUESTS: counter = "fmnist_requests_total";
     /// Images by `model`, `version`, `outcome` (accepted/rejected) and `reason`.
-    pub const IMAGES: &str = "fmnist_images_total";
+    IMAGES: counter = "fmnist_images_total";
     /// Images dropped before inference, by `model`, `version` and `cause` (cancelled/deadline).
-    pub const DROPPED_IMAGES: &str = "fmnist_dropped_images_total";
+    DROPPED_IMAGES: counter = "fmnist_dropped_images_total";
     /// Handling time of a call, from its request's last byte to its response, by `rpc` and gRPC `code` (how
     /// fast refusals are, too).
-    pub const REQUEST_DURATION: &str = "fmnist_request_duration_seconds";
+    REQUEST_DURATION: histogram = "fmnist_request_duration_seconds";
     /// Time a call's images waited in the queue before their batch started, by `model` and `version`.
-    pub const QUEUE_WAIT: &str = "fmnist_queue_wait_seconds";
+    QUEUE_WAIT: histogram = "fmnist_queue_wait_seconds";
     /// ONNX Runtime time per batch (including input fill and output split), by `model` and `version`.
-    pub const INFERENCE_TIME: &str = "fmnist_inference_duration_seconds";
+    INFERENCE_TIME: histogram = "fmnist_inference_duration_seconds";
     /// Images per ONNX Runtime run, by `model` and `version`.
-    pub const BATCH_SIZE: &str = "fmnist_batch_size_images";
+    BATCH_SIZE: histogram = "fmnist_batch_size_images";
     /// Calls that did not fit in the batch being formed and opened the next one, by `model` and `version`.
-    pub const CARRIED_JOBS: &str = "fmnist_batch_carried_calls_total";
+    CARRIED_JOBS: counter = "fmnist_batch_carried_calls_total";
     /// Images queued or running, by `model` and `version`.
-    pub const QUEUE_DEPTH: &str = "fmnist_queue_depth_images";
+    QUEUE_DEPTH: gauge = "fmnist_queue_depth_images";
     /// Images of calls waiting for room in a full queue (`--max-queue-wait-ms`), by `model` and `version`.
-    pub const WAITING_IMAGES: &str = "fmnist_queue_waiting_images";
+    WAITING_IMAGES: gauge = "fmnist_queue_waiting_images";
     /// 1 for each version serving, 0 once it has left, labelled with `model` and `version`.
-    pub const MODEL_INFO: &str = "fmnist_model_info";
+    MODEL_INFO: gauge = "fmnist_model_info";
     /// Version loads and unloads, by `model` and `outcome` (loaded, failed, unloaded).
-    pub const MODEL_RELOADS: &str = "fmnist_model_reloads_total";
+    MODEL_RELOADS: counter = "fmnist_model_reloads_total";
     /// Model load and unload calls refused, by `reason` (disabled, missing_key, wrong_key).
-    pub const CONTROL_REFUSALS: &str = "fmnist_model_control_refusals_total";
+    CONTROL_REFUSALS: counter = "fmnist_model_control_refusals_total";
     /// Connections open on the gRPC port.
-    pub const CONNECTIONS_OPEN: &str = "fmnist_connections_open";
+    CONNECTIONS_OPEN: gauge = "fmnist_connections_open";
     /// Connections the server closed, by `cause`: idle_timeout (no bytes), max_idle (no call in flight),
     /// head_timeout, body_too_slow, write_stall, evicted (for a new connection at the cap),
     /// tls_handshake_timeout, tls_handshake_failed.
-    pub const CONNECTIONS_CLOSED: &str = "fmnist_connections_closed_total";
+    CONNECTIONS_CLOSED: counter = "fmnist_connections_closed_total";
     /// Connections the metrics port closed, by `cause` (head_timeout, evicted).
-    pub const METRICS_CONNECTIONS_CLOSED: &str = "fmnist_metrics_connections_closed_total";
+    METRICS_CONNECTIONS_CLOSED: counter = "fmnist_metrics_connections_closed_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
-    pub const ACCEPT_ERRORS: &str = "fmnist_accept_errors_total";
+    ACCEPT_ERRORS: counter = "fmnist_accept_errors_total";
     /// Request body bytes held by calls in flight (bounded by --max-request-bytes-in-flight).
-    pub const REQUEST_BYTES_IN_FLIGHT: &str = "fmnist_request_bytes_in_flight";
+    REQUEST_BYTES_IN_FLIGHT: gauge = "fmnist_request_bytes_in_flight";
     /// Blocking decodes stopped between images because their caller had gone or its deadline had passed.
-    pub const DECODES_ABANDONED: &str = "fmnist_decodes_abandoned_total";
+    DECODES_ABANDONED: counter = "fmnist_decodes_abandoned_total";
 }
 
 /// How log lines are written.
@@ -98,12 +116,14 @@ pub fn metrics_handle() -> PrometheusHandle {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
             let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
-            PrometheusBuilder::new()
+            let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(metric::BATCH_SIZE.into()), &batch))
                 .expect("bucket lists are non-empty")
                 .install_recorder()
-                .expect("the Prometheus recorder is installed once per process")
+                .expect("the Prometheus recorder is installed once per process");
+            describe();
+            handle
         })
         .clone()
 }

@@ -16,6 +16,15 @@ async fn metrics_count_calls_images_reasons_and_batches() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let after = server.metrics().await;
 
+    // Every metric says what it counts (issue #40: `# TYPE` lines came without `# HELP`).
+    for line in after.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split(' ').nth(2).unwrap();
+        assert!(
+            after.lines().any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "{name} has no # HELP line"
+        );
+    }
+
     let delta = |prefix: &str| metric(&after, prefix) - metric(&before, prefix);
     assert_eq!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"Ok\"}"), 1.0);
     assert_eq!(
