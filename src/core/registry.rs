@@ -448,7 +448,12 @@ impl Registry {
                     report.loaded.push(key);
                 }
                 Err(e) => {
-                    tracing::warn!(model = %name, version, error = %e, "version failed to load; the versions serving keep serving");
+                    // Say what is left: at start-up (or after an unload) nothing of this model serves.
+                    if served.ready.is_empty() {
+                        tracing::warn!(model = %name, version, error = %e, "version failed to load; no version of this model is serving");
+                    } else {
+                        tracing::warn!(model = %name, version, error = %e, "version failed to load; the versions serving keep serving");
+                    }
                     metrics::counter!(metric::MODEL_RELOADS, "model" => name.to_string(), "outcome" => "failed")
                         .increment(1);
                     book.failed

@@ -439,3 +439,23 @@ async fn calls_before_the_models_are_loaded_are_unavailable() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("loading"), "{}", status.message());
 }
+
+#[test]
+fn a_failed_start_does_not_claim_that_other_versions_keep_serving() {
+    // issue #40: with a wrong --ort-dylib, each model logged "the versions serving keep serving" while nothing
+    // was serving.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fmnist"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--ort-dylib", "/nonexistent/libonnxruntime.so", "--models-dir"])
+        .arg(common::repo().join("models"))
+        .output()
+        .expect("the binary runs");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("no version of this model is serving"), "{log}");
+    assert!(!log.contains("keep serving"), "{log}");
+}
