@@ -114,7 +114,13 @@ where
                 // A failed unary call answers "trailers-only": its status is in the headers. A REST call's
                 // failure carries its kind (`status::http_response`), counted under the same code names.
                 let status = match response.extensions().get::<ErrorKind>() {
-                    Some(&kind) => Some(Status::new(status::code(kind), response.status().to_string())),
+                    Some(&kind) => {
+                        let message = response
+                            .extensions()
+                            .get::<status::ErrorMessage>()
+                            .map_or_else(|| response.status().to_string(), |m| m.0.clone());
+                        Some(Status::new(status::code(kind), message))
+                    }
                     None => Status::from_header_map(response.headers()),
                 };
                 let code = status.as_ref().map_or(tonic::Code::Ok, Status::code);

@@ -49,10 +49,16 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
 /// A failure as an HTTP answer, `{"error": "..."}` with the status of its kind; the kind rides along in the
 /// response's extensions for the call metrics.
 pub fn http_response(e: ServiceError) -> Response {
-    let mut response = (http_status(e.kind), Json(serde_json::json!({ "error": e.message }))).into_response();
+    let mut response = (http_status(e.kind), Json(serde_json::json!({ "error": &e.message }))).into_response();
     response.extensions_mut().insert(e.kind);
+    response.extensions_mut().insert(ErrorMessage(e.message));
     response
 }
+
+/// What a REST failure told its caller, riding along in the response's extensions so that the call's log line
+/// says why it failed, not only its HTTP status.
+#[derive(Debug, Clone)]
+pub struct ErrorMessage(pub String);
 
 #[cfg(test)]
 mod tests {

@@ -186,3 +186,24 @@ async fn an_aged_connection_gets_goaway_and_its_call_in_flight_still_succeeds() 
         opened.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_failed_rest_call_is_logged_with_what_went_wrong() {
+    // issue #40: every failed REST call was logged as error="400 Bad Request", whatever the reason.
+    let mut server = common::spawn_binary_logging(&[], "info");
+    let addr: std::net::SocketAddr = server.addr.parse().unwrap();
+    let body = format!(
+        r#"{{"inputs": [{{"name": "raw", "datatype": "UINT8", "shape": [1, 28, 28], "data": {:?}}}]}}"#,
+        [0u8; 784]
+    );
+    let (status, _, _) = crate::oip::http(addr, "POST", "/v2/models/shoes/infer", &[], body.as_bytes()).await;
+    assert_eq!(status, 400);
+    Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    let (_, log) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("call failed")).collect();
+    assert_eq!(failed.len(), 1, "{log}");
+    assert!(failed[0].contains("unknown model \\\"shoes\\\""), "{}", failed[0]);
+}
