@@ -629,6 +629,22 @@ async fn rest_errors_are_json_with_the_status_of_their_kind() {
     .await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("an integer 0..=255"), "{body}");
+    // A base64 image sent without content_type: the message says what to set (issue #40: it was answered 200,
+    // UNDECODABLE, with no hint).
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD.encode(common::png(&good, 28, 28));
+    let (status, body) = post_json(
+        addr,
+        "/v2/models/cnn/infer",
+        json!({"inputs": [{"name": "encoded", "datatype": "BYTES", "shape": [1], "data": [png]}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("base64-encoded PNG") && message.contains(r#""content_type": "base64""#),
+        "{message}"
+    );
     let (status, _, body) = http(addr, "POST", "/v2/models/cnn/infer", &[], b"{not json").await;
     assert_eq!(status, 400);
     assert!(String::from_utf8_lossy(&body).contains("not an inference request"));
@@ -665,7 +681,7 @@ async fn rest_errors_are_json_with_the_status_of_their_kind() {
     // The calls are counted under closed route labels, whatever the model name in the path.
     let metrics = server.metrics().await;
     for (key, calls) in [
-        ("fmnist_requests_total{rpc=\"v2/infer\",code=\"InvalidArgument\"}", 3.0),
+        ("fmnist_requests_total{rpc=\"v2/infer\",code=\"InvalidArgument\"}", 4.0),
         (
             "fmnist_requests_total{rpc=\"v2/model_ready\",code=\"InvalidArgument\"}",
             1.0,

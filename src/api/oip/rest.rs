@@ -448,6 +448,14 @@ fn json_elements(name: &str, datatype: &str, elements: Vec<Scalar>, base64: bool
                     base64::engine::general_purpose::STANDARD
                         .decode(s)
                         .map_err(|e| ServiceError::invalid(format!("input {}: not base64: {e}", clip(name))))
+                } else if let Some(format) = base64_image_format(&s) {
+                    // Taken as bytes, the text can never decode: say what would have worked.
+                    Err(ServiceError::invalid(format!(
+                        "input {}: the string looks like a base64-encoded {format} file; set \
+                         \"parameters\": {{\"content_type\": \"base64\"}} on the input (or on the request), or send \
+                         the file's bytes in the binary extension",
+                        clip(name)
+                    )))
                 } else {
                     Ok(s.into_bytes())
                 }
@@ -456,6 +464,26 @@ fn json_elements(name: &str, datatype: &str, elements: Vec<Scalar>, base64: bool
             .map(TensorData::Bytes),
         other => Err(oip::unsupported_datatype(name, other)),
     }
+}
+
+/// The image format whose file a string is the base64 text of, judged by how the text of each accepted
+/// format's signature begins; `None` for anything else.
+fn base64_image_format(s: &str) -> Option<&'static str> {
+    const SIGNATURES: [(&str, &str); 7] = [
+        ("iVBORw0KGgo", "PNG"),
+        ("/9j/", "JPEG"),
+        ("R0lGOD", "GIF"),
+        ("Qk", "BMP"),
+        ("UklGR", "WebP"),
+        ("SUkqA", "TIFF"),
+        ("TU0AK", "TIFF"),
+    ];
+    // Bitmaps' "Qk" is two letters: also ask for a length that base64 can have.
+    let plausible = s.len() >= 16 && s.len() % 4 == 0;
+    SIGNATURES
+        .iter()
+        .find(|(prefix, _)| plausible && s.starts_with(prefix))
+        .map(|&(_, format)| format)
 }
 
 /// An output's rows as a flat JSON array; NaN (an image the model never saw) is `null`.
