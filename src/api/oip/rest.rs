@@ -479,7 +479,7 @@ fn base64_image_format(s: &str) -> Option<&'static str> {
         ("TU0AK", "TIFF"),
     ];
     // Bitmaps' "Qk" is two letters: also ask for a length that base64 can have.
-    let plausible = s.len() >= 16 && s.len() % 4 == 0;
+    let plausible = s.len() >= 16 && s.len().is_multiple_of(4);
     SIGNATURES
         .iter()
         .find(|(prefix, _)| plausible && s.starts_with(prefix))
