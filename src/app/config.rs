@@ -53,7 +53,8 @@ pub struct Config {
 
     /// Model used when a request names none. `auto`: cnn-int8 where the CPU has 8-bit dot-product instructions
     /// (AVX512-VNNI or AVX-VNNI; every CPU with AMX has them), where it serves 1.3-1.4x the images per second at the same accuracy and OOD
-    /// rejection, and cnn elsewhere (docs/models.md "One INT8 file, the same answers on every CPU"). The choice is logged and in GetModelInfo.
+    /// rejection, and cnn elsewhere (docs/models.md "One INT8 file, the same answers on every CPU"). The
+    /// choice is logged and in GetModelInfo.
     #[arg(long, env = "FMNIST_DEFAULT_MODEL", default_value = "auto")]
     pub default_model: String,
 
@@ -198,8 +199,9 @@ pub struct Config {
     pub max_concurrent_streams: u32,
 
     /// Calls of one connection in progress at once; further calls get RESOURCE_EXHAUSTED at once (never
-    /// queued: docs/reliability.md "Limits, and why each exists"). At its default, equal to --max-concurrent-streams, clients meet the stream
-    /// limit first; lower it to refuse sooner than HTTP/2 makes callers wait.
+    /// queued: docs/reliability.md "Limits, and why each exists"). At its default, equal to
+    /// --max-concurrent-streams, clients meet the stream limit first; lower it to refuse sooner than HTTP/2
+    /// makes callers wait.
     #[arg(long, env = "FMNIST_MAX_CALLS_PER_CONNECTION", default_value_t = 100)]
     pub max_calls_per_connection: usize,
 

@@ -110,13 +110,15 @@ impl DecodeLimits {
     /// The most memory decoding one image can hold at once: the decoder's buffer (bounded by
     /// `max_alloc_bytes`), its 2-byte luma+alpha copy (half of it for 8-bit RGBA) and the gray image (a
     /// quarter), plus the decoder's own state. Measured: a 4096x4000 RGBA PNG (62.5 MiB decoded) raised the
-    /// server's peak RSS by 127 MiB. The memory budget (docs/reliability.md "Memory budget") multiplies it by the slots.
+    /// server's peak RSS by 127 MiB. The memory budget (docs/reliability.md "Memory budget") multiplies it by
+    /// the slots.
     pub fn peak_bytes_per_image(self) -> u64 {
         2 * self.max_alloc_bytes + (4 << 20)
     }
 }
 
-/// Thresholds of the input check (see docs/models.md "Input checks and their calibration" for how the defaults were chosen).
+/// Thresholds of the input check (how the defaults were chosen: docs/models.md "Input checks and their
+/// calibration").
 #[derive(Debug, Clone, Copy)]
 pub struct InputCheck {
     /// Pixels at or below this level (0..255) count as near black.
