@@ -143,21 +143,23 @@ pub async fn classify(args: ClassifyArgs) -> Result<(), String> {
             .max()
             .unwrap_or(4)
             .max(4);
+        // The reason column as wide as its longest name, then the server's sentence, as classify.py prints them.
         println!(
-            "{:<width$}  {:<12}  {:>11}  {:<8}  REASON",
-            "FILE", "CLASS", "PROBABILITY", "ACCEPTED"
+            "{:<width$}  {:<12}  {:>11}  {:<8}  {:<26}  DETAIL",
+            "FILE", "CLASS", "PROBABILITY", "ACCEPTED", "REASON"
         );
         for (file, r) in args.files.iter().zip(&response.results) {
             let (class, prob) = r.prediction.as_ref().map_or(("-".to_string(), "-".to_string()), |p| {
                 (p.class_name.clone(), format!("{:.4}", p.probability))
             });
             println!(
-                "{:<width$}  {:<12}  {:>11}  {:<8}  {}",
+                "{:<width$}  {:<12}  {:>11}  {:<8}  {:<26}  {}",
                 file.display(),
                 class,
                 prob,
                 if r.accepted { "yes" } else { "no" },
-                reason_name(r.reason)
+                reason_name(r.reason),
+                r.detail
             );
         }
     }

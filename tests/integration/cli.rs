@@ -43,7 +43,7 @@ async fn the_table_names_the_class_of_each_test_set_image_and_accepts_it() {
     assert_eq!(rows.len(), 3, "a header and one row per file:\n{stdout}");
     assert_eq!(
         rows[0],
-        ["FILE", "CLASS", "PROBABILITY", "ACCEPTED", "REASON"],
+        ["FILE", "CLASS", "PROBABILITY", "ACCEPTED", "REASON", "DETAIL"],
         "{stdout}"
     );
     for (row, file, class) in [(&rows[1], &boot, "Ankle boot"), (&rows[2], &trouser, "Trouser")] {
@@ -51,7 +51,9 @@ async fn the_table_names_the_class_of_each_test_set_image_and_accepts_it() {
         assert_eq!(row[1], class, "{stdout}");
         let probability: f32 = row[2].parse().expect("a probability");
         assert!((0.6..=1.0).contains(&probability), "{stdout}");
-        assert_eq!(&row[3..], ["yes", "REASON_ACCEPTED"], "{stdout}");
+        assert_eq!(&row[3..5], ["yes", "REASON_ACCEPTED"], "{stdout}");
+        // The server's sentence, as classify.py prints it too (issue #40: the CLI's table had none).
+        assert!(row[5].starts_with(&format!("{class} with probability")), "{stdout}");
     }
 }
 
