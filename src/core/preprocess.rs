@@ -814,6 +814,17 @@ mod tests {
         encode(&DynamicImage::ImageLuma8(img), ImageFormat::Png)
     }
 
+    /// The model input of an encoded image that preprocessing accepts.
+    fn model_input(encoded: &[u8]) -> Box<[u8; PIXELS]> {
+        preprocess(ImageData::Encoded(encoded), &SETTINGS).unwrap().pixels
+    }
+
+    /// The model input of `garment` photographed filling the frame, on white: what every other photo of it is
+    /// held against.
+    fn filling_the_frame(garment: &[u8; PIXELS]) -> Box<[u8; PIXELS]> {
+        model_input(&photo(garment, 4, 255, (112, 112), (0, 0)))
+    }
+
     fn max_difference(a: &[u8; PIXELS], b: &[u8; PIXELS]) -> u8 {
         a.iter().zip(b.iter()).map(|(a, b)| a.abs_diff(*b)).max().unwrap()
     }
@@ -821,11 +832,11 @@ mod tests {
     #[test]
     fn a_garment_with_a_margin_gives_the_input_it_gives_filling_the_frame() {
         let p = garment();
-        let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
+        let filling = filling_the_frame(&p);
         for (frame, at) in [((224, 224), (56, 56)), ((400, 300), (17, 150)), ((560, 560), (300, 20))] {
-            let with_margin = preprocess(ImageData::Encoded(&photo(&p, 4, 255, frame, at)), &SETTINGS).unwrap();
+            let with_margin = model_input(&photo(&p, 4, 255, frame, at));
             assert_eq!(
-                max_difference(&with_margin.pixels, &filling.pixels),
+                max_difference(&with_margin, &filling),
                 0,
                 "a {frame:?} frame with the garment at {at:?}"
             );
@@ -864,9 +875,7 @@ mod tests {
         let p = garment();
         let falling = |x: u32, y: u32| 250.0 - 40.0 * (x + y) as f32 / 600.0;
         let png = lit_photo(&p, 4, (300, 300), (94, 94), falling, || 0);
-        let input = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
-        let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
-        let difference = max_difference(&input, &filling.pixels);
+        let difference = max_difference(&model_input(&png), &filling_the_frame(&p));
         assert!(difference <= 12, "{difference}");
     }
 
@@ -879,9 +888,7 @@ mod tests {
             ((seed >> 24) % 17) as i32 - 8
         };
         let png = lit_photo(&p, 4, (300, 300), (94, 94), |_, _| 240.0, noise);
-        let input = preprocess(ImageData::Encoded(&png), &SETTINGS).unwrap().pixels;
-        let filling = preprocess(ImageData::Encoded(&photo(&p, 4, 255, (112, 112), (0, 0))), &SETTINGS).unwrap();
-        let difference = max_difference(&input, &filling.pixels);
+        let difference = max_difference(&model_input(&png), &filling_the_frame(&p));
         assert!(difference <= 16, "{difference}");
     }
 

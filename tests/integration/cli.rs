@@ -178,19 +178,9 @@ async fn over_mutual_tls_the_client_classifies_with_its_ca_and_certificate_and_s
     let boot = png("ankle-boot-0.png");
     let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
 
-    let out = fmnist_classify(&[
-        &boot,
-        "--addr",
-        &addr,
-        "--tls-ca",
-        &ca,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--json",
-    ])
-    .await;
+    let mutual_tls = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+
+    let out = fmnist_classify(&[&[&boot, "--addr", &addr, "--json"][..], &mutual_tls].concat()).await;
     assert!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
     assert!(
         text(&out.stdout).contains("\"class\":\"Ankle boot\""),
@@ -200,20 +190,8 @@ async fn over_mutual_tls_the_client_classifies_with_its_ca_and_certificate_and_s
 
     // An address given by IP is checked against the name the certificate carries.
     let by_ip = format!("https://127.0.0.1:{}", server.addr.port());
-    let out = fmnist_classify(&[
-        &boot,
-        "--addr",
-        &by_ip,
-        "--tls-ca",
-        &ca,
-        "--tls-cert",
-        &cert,
-        "--tls-key",
-        &key,
-        "--tls-domain",
-        "localhost",
-    ])
-    .await;
+    let out =
+        fmnist_classify(&[&[&boot, "--addr", &by_ip, "--tls-domain", "localhost"][..], &mutual_tls].concat()).await;
     assert!(out.status.success(), "exit {:?}: {}", out.status, text(&out.stderr));
 
     let out = fmnist_classify(&[&boot, "--addr", &addr]).await;

@@ -74,6 +74,17 @@ impl Repository {
         std::fs::remove_dir_all(self.dir.join(format!("cnn/{version}"))).unwrap();
     }
 
+    /// A server's settings for this repository: cnn alone, model control on, no polling (the tests trigger
+    /// each reload).
+    fn config(&self) -> fmnist_serve::config::Config {
+        let mut config = common::with_model_control(common::config());
+        config.models_dir = self.dir.clone();
+        config.models = vec!["cnn".into()];
+        config.default_model = "cnn".into();
+        config.model_poll_s = 0;
+        config
+    }
+
     fn set_config(&self, json: &str) {
         std::fs::write(self.dir.join("cnn/config.json"), json).unwrap();
     }
@@ -404,11 +415,7 @@ async fn twenty_swaps_and_three_broken_versions_under_load_fail_no_call() {
 #[tokio::test]
 async fn a_call_pinned_to_a_leaving_version_completes_on_it() {
     let repository = Repository::new("pinned");
-    let mut config = common::with_model_control(common::config());
-    config.models_dir = repository.dir.clone();
-    config.models = vec!["cnn".into()];
-    config.default_model = "cnn".into();
-    config.model_poll_s = 0;
+    let config = repository.config();
     let server = common::TestServer::start(config).await;
     let mut oip = GrpcInferenceServiceClient::new(server.channel.clone());
     // 64 large PNGs take long enough to decode that the call holds version 1 well before the swap happens.
@@ -458,11 +465,7 @@ async fn labels_route_calls_and_pointing_one_back_rolls_back() {
     let repository = Repository::new("labels");
     repository.add(2, &repo().join("models/cnn-int8/1"));
     repository.set_config(r#"{"version_policy": {"all": {}}, "labels": {"stable": 1, "canary": 2}}"#);
-    let mut config = common::with_model_control(common::config());
-    config.models_dir = repository.dir.clone();
-    config.models = vec!["cnn".into()];
-    config.default_model = "cnn".into();
-    config.model_poll_s = 0;
+    let config = repository.config();
     let mut server = common::TestServer::start(config).await;
     let mut oip = GrpcInferenceServiceClient::new(server.channel.clone());
     let client = &mut server.client;
@@ -498,11 +501,7 @@ async fn labels_route_calls_and_pointing_one_back_rolls_back() {
 async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() {
     // Version 1 of the shipped cnn scores with energy, version 2 with the garment head on the same network.
     let repository = Repository::new("head-swap");
-    let mut config = common::with_model_control(common::config());
-    config.models_dir = repository.dir.clone();
-    config.models = vec!["cnn".into()];
-    config.default_model = "cnn".into();
-    config.model_poll_s = 0;
+    let config = repository.config();
     let mut server = common::TestServer::start(config).await;
     let mut oip = GrpcInferenceServiceClient::new(server.channel.clone());
     let images = fixture();
