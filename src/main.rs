@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match cli.command {
         Some(Command::Classify(args)) => {
-            return runtime(8).block_on(async {
+            return runtime(None, 8).block_on(async {
                 match client::classify(args).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(message) => {
@@ -74,11 +74,16 @@ fn main() -> ExitCode {
     };
     // The blocking pool runs the decodes (two lanes of decode slots) and model loading: nothing else, so a
     // cap just above that makes a runaway number of blocking threads impossible, not merely unlikely.
-    runtime(2 * config.decode_slots() + 4).block_on(serve(config))
+    runtime(Some(config.io_threads()), 2 * config.decode_slots() + 4).block_on(serve(config))
 }
 
-fn runtime(max_blocking_threads: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
+/// `workers`: the runtime's worker threads, or tokio's default (one per core) when `None`.
+fn runtime(workers: Option<usize>, max_blocking_threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .max_blocking_threads(max_blocking_threads)
         .build()

@@ -60,6 +60,9 @@ metrics! {
     CONNECTIONS_CLOSED: counter = "fmnist_connections_closed_total";
     /// Connections the metrics port closed, by `cause` (head_timeout, evicted).
     METRICS_CONNECTIONS_CLOSED: counter = "fmnist_metrics_connections_closed_total";
+    /// Failed calls whose WARN line was left out: past a few lines a second per peer, a peer's failures are
+    /// counted here and summed in its next line (`failures_not_logged_before`).
+    FAILURES_NOT_LOGGED: counter = "fmnist_failures_not_logged_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
     ACCEPT_ERRORS: counter = "fmnist_accept_errors_total";
     /// Request body bytes held by calls in flight (bounded by --max-request-bytes-in-flight).

@@ -6,9 +6,12 @@
 /// bounded by one of these terms; `deploy/` gives the pod a memory limit above the total with margin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryBudget {
-    /// Runtime, ONNX Runtime and every loaded model, with their arenas at full batches (measured: 95.5 MiB
-    /// resident after warm-up with the three models, 2026-12-03, lscpu "AMD EPYC"; docs/reliability.md).
+    /// The runtime and ONNX Runtime, without models.
     pub baseline: u64,
+    /// Every model session: (models + 1 for a version being swapped in) x instances x one session with its
+    /// arenas at full batches (measured 2026-12-06, lscpu "AMD EPYC", after warm-up with the three models:
+    /// 95 MB resident with 1 instance, 128 MB with 2, 194 MB with 4, so ~11 MB a session and ~62 MB without).
+    pub model_sessions: u64,
     /// Decode slots of the large lane x the peak of one image under the decode limits.
     pub large_decodes: u64,
     /// Decode slots of the small lane x the peak of its largest call.
@@ -21,7 +24,9 @@ pub struct MemoryBudget {
 }
 
 /// See [`MemoryBudget::baseline`].
-const BASELINE_BYTES: u64 = 128 << 20;
+const BASELINE_BYTES: u64 = 64 << 20;
+/// See [`MemoryBudget::model_sessions`]: one session, with margin over the ~11 MB measured.
+const SESSION_BYTES: u64 = 16 << 20;
 /// HTTP/2 state of one open stream, measured: 20,000 idle health watches took 135 MB.
 const STREAM_BYTES: u64 = 8 << 10;
 /// hyper's read and write buffers of one connection.
@@ -40,16 +45,18 @@ impl MemoryBudget {
                 .min(config.max_decode_bytes),
         };
         let small_decodes = slots * small_call.peak_bytes_per_image();
+        let model_sessions = (config.models.len() as u64 + 1) * config.model_instances() as u64 * SESSION_BYTES;
         let request_bytes = 2 * config.max_request_bytes_in_flight as u64;
         let connections = config.max_connections as u64
             * (CONNECTION_BYTES + u64::from(config.max_concurrent_streams) * STREAM_BYTES);
         MemoryBudget {
             baseline: BASELINE_BYTES,
+            model_sessions,
             large_decodes,
             small_decodes,
             request_bytes,
             connections,
-            total: BASELINE_BYTES + large_decodes + small_decodes + request_bytes + connections,
+            total: BASELINE_BYTES + model_sessions + large_decodes + small_decodes + request_bytes + connections,
         }
     }
 }
@@ -59,9 +66,11 @@ impl std::fmt::Display for MemoryBudget {
         let mib = |b: u64| b >> 20;
         write!(
             f,
-            "{} MiB = baseline {} + large decodes {} + small decodes {} + request bytes {} + connections {}",
+            "{} MiB = baseline {} + model sessions {} + large decodes {} + small decodes {} + request bytes {} + \
+             connections {}",
             mib(self.total),
             mib(self.baseline),
+            mib(self.model_sessions),
             mib(self.large_decodes),
             mib(self.small_decodes),
             mib(self.request_bytes),
@@ -70,29 +79,42 @@ impl std::fmt::Display for MemoryBudget {
     }
 }
 
-/// The memory limit of the cgroup this process runs in (a container's `resources.limits.memory`), when it has
-/// one: cgroup v2's `memory.max`, else v1's `memory.limit_in_bytes`.
+/// The memory limit that applies to this process (a container's `resources.limits.memory`, a pod-level limit,
+/// a systemd slice's `MemoryMax`), when there is one.
 fn cgroup_memory_limit() -> Option<u64> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mut candidates = Vec::new();
+    effective_memory_limit(std::path::Path::new("/sys/fs/cgroup"), &own)
+}
+
+/// The lowest memory limit on the way from the process's own cgroup up to the root: a limit set on a parent
+/// (a pod, a slice) binds its children as much as their own. cgroup v2's `memory.max` and v1's
+/// `memory.limit_in_bytes`; `own` is /proc/self/cgroup, `root` where the hierarchy is mounted.
+fn effective_memory_limit(root: &std::path::Path, own: &str) -> Option<u64> {
+    let mut files = Vec::new();
     for line in own.lines() {
         // v2: "0::/path"; v1: "N:memory:/path".
         let mut fields = line.splitn(3, ':');
         let (_, controllers, path) = (fields.next(), fields.next().unwrap_or(""), fields.next().unwrap_or("/"));
-        if controllers.is_empty() {
-            candidates.push(format!("/sys/fs/cgroup{path}/memory.max"));
-            candidates.push("/sys/fs/cgroup/memory.max".to_string());
+        let (dir, file) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max")
         } else if controllers.split(',').any(|c| c == "memory") {
-            candidates.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
-            candidates.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".to_string());
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut at = Some(std::path::Path::new(path.trim()));
+        while let Some(cgroup) = at {
+            files.push(dir.join(cgroup.strip_prefix("/").unwrap_or(cgroup)).join(file));
+            at = cgroup.parent();
         }
     }
-    candidates
+    files
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())
         .filter_map(|text| text.trim().parse::<u64>().ok())
-        // v1 says "no limit" with a number near u64::MAX.
-        .find(|&limit| limit < (1 << 60))
+        // v2 says "no limit" with "max" (not a number), v1 with a number near u64::MAX.
+        .filter(|&limit| limit < (1 << 60))
+        .min()
 }
 
 /// The budget must fit in the container's memory limit: a pod whose limit is below it is OOM-killed by the
@@ -115,4 +137,49 @@ pub fn check_memory_limit(budget: &MemoryBudget, ignore_memory_limit: bool) -> R
         return Ok(());
     }
     Err(format!("{message} (or start anyway with --ignore-memory-limit)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hierarchy(limits: &[(&str, &str)]) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("fmnist-cgroup-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (dir, limit) in limits {
+            let dir = root.join(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("memory.max"), format!("{limit}\n")).unwrap();
+        }
+        root
+    }
+
+    /// Issue #35: a pod-level limit (or a systemd slice's) sits on a parent of the container's own cgroup,
+    /// whose `memory.max` says "max"; only the process's own cgroup and the root were read.
+    #[test]
+    fn a_limit_on_a_parent_cgroup_applies() {
+        let root = hierarchy(&[
+            ("", "max"),
+            ("kubepods", "max"),
+            ("kubepods/pod1", "536870912"),
+            ("kubepods/pod1/container", "max"),
+        ]);
+        let limit = effective_memory_limit(&root, "0::/kubepods/pod1/container\n");
+        assert_eq!(limit, Some(512 << 20));
+    }
+
+    #[test]
+    fn the_lowest_limit_on_the_way_up_applies_and_none_means_none() {
+        let root = hierarchy(&[
+            ("", "max"),
+            ("a", "1073741824"),
+            ("a/b", "2147483648"),
+            ("a/b/c", "max"),
+        ]);
+        assert_eq!(effective_memory_limit(&root, "0::/a/b/c\n"), Some(1 << 30));
+        let root = hierarchy(&[("", "max"), ("x", "max")]);
+        assert_eq!(effective_memory_limit(&root, "0::/x\n"), None);
+    }
 }

@@ -70,8 +70,16 @@ pub struct Config {
     /// Instances of each model version: each its own ONNX Runtime session and inference thread, taking
     /// batches from the version's one queue side by side (Triton's instance_group count). More instances
     /// with fewer threads each let a batch run while another forms; each costs one more session's memory.
-    #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 1)]
+    /// 0 = one per core, at most 4 (bench/README.md "Performance round 4": on 2 cores, 2 instances of one
+    /// thread served 10-50% more images than 1 of two at 16 images per call, and the same at one).
+    #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 0)]
     pub instances: usize,
+
+    /// Threads that serve the network (tokio workers: HTTP/2, protobuf, JSON, raw images); 0 = half the
+    /// cores, at least one. Model inference runs on its own threads, so on a small machine fewer network
+    /// threads means fewer hand-offs between threads competing for the same cores.
+    #[arg(long, env = "FMNIST_IO_THREADS", default_value_t = 0)]
+    pub io_threads: usize,
 
     /// Let idle ONNX Runtime intra-op threads spin-wait for work (ONNX Runtime's default). Off by default: on a
     /// small machine the spinning thread takes CPU from the gRPC workers (see bench/README.md).
@@ -379,7 +387,7 @@ impl Config {
         RuntimeOptions {
             dylib: self.ort_dylib.clone(),
             intra_threads: match self.ort_threads {
-                0 => (available_cores() / self.instances.max(1)).max(1),
+                0 => (available_cores() / self.model_instances()).max(1),
                 n => n,
             },
             intra_spinning: self.ort_spinning,
@@ -395,9 +403,8 @@ impl Config {
     /// Checks the settings together, once, at start-up: a bad combination fails with a message naming the
     /// flags instead of being clamped somewhere deep inside.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 17] = [
+        let positive: [(&str, u64); 16] = [
             ("--max-batch-size", self.max_batch_size as u64),
-            ("--instances", self.instances as u64),
             ("--max-images-per-request", self.max_images_per_request as u64),
             ("--max-queued-images", self.max_queued_images as u64),
             (
@@ -603,7 +610,23 @@ impl Config {
             runtime: self.runtime_options(),
             batch: self.batch_config(),
             warmup_batch: self.max_batch_size,
-            instances: self.instances,
+            instances: self.model_instances(),
+        }
+    }
+
+    /// `--instances`, with 0 resolved: one per core, at most [`AUTO_INSTANCES_MAX`].
+    pub fn model_instances(&self) -> usize {
+        match self.instances {
+            0 => available_cores().clamp(1, AUTO_INSTANCES_MAX),
+            n => n,
+        }
+    }
+
+    /// `--io-threads`, with 0 resolved: half the cores, at least one.
+    pub fn io_threads(&self) -> usize {
+        match self.io_threads {
+            0 => (available_cores() / 2).max(1),
+            n => n,
         }
     }
 
@@ -658,6 +681,10 @@ impl Config {
 }
 
 /// The cores this process may use (which follows a container's CPU limit).
+/// The most instances `--instances 0` starts: past a few, more sessions cost memory and gain nothing
+/// measured (each would be a single-threaded session on a machine with cores to spare for intra-op threads).
+const AUTO_INSTANCES_MAX: usize = 4;
+
 fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -190,6 +190,19 @@ impl Model {
     /// Loads a version directory: its `model.json` and the ONNX file it names. Checks the file's sha256 and
     /// the graph's signature, and warms the session up at batch sizes 1 and `warmup_batch`.
     pub fn load(dir: &Path, options: &RuntimeOptions, warmup_batch: usize) -> Result<Model, ModelError> {
+        let mut models = Self::load_instances(dir, options, warmup_batch, 1)?;
+        Ok(models.pop().expect("one instance"))
+    }
+
+    /// `instances` sessions of the version in `dir`, each warmed up. The files are read once, so every instance
+    /// serves the same bytes even if the directory changes while they load (and a model.json read from a pipe,
+    /// as tests do, is read once).
+    pub fn load_instances(
+        dir: &Path,
+        options: &RuntimeOptions,
+        warmup_batch: usize,
+        instances: usize,
+    ) -> Result<Vec<Model>, ModelError> {
         let meta_path = dir.join(crate::core::repository::METADATA_FILE);
         let meta_text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Metadata {
             path: meta_path.clone(),
@@ -240,10 +253,24 @@ impl Model {
             });
         }
 
+        (0..instances.max(1))
+            .map(|_| Self::session(&meta, &detector, &bytes, &onnx_path, options, warmup_batch))
+            .collect()
+    }
+
+    /// One warmed-up session of a version whose files [`Model::load_instances`] has read and checked.
+    fn session(
+        meta: &ModelMetadata,
+        detector: &Detector,
+        bytes: &[u8],
+        onnx_path: &Path,
+        options: &RuntimeOptions,
+        warmup_batch: usize,
+    ) -> Result<Model, ModelError> {
         let env = environment(options)?;
         let threads = options.intra_threads.max(1);
         let file_err = |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::File {
-            path: onnx_path.clone(),
+            path: onnx_path.to_path_buf(),
             reason: e.to_string(),
         };
         let session = Session::builder(&env)
@@ -257,12 +284,12 @@ impl Model {
             // One session per inference thread: the inter-op pool would only add idle threads.
             .with_inter_threads(1)
             .map_err(file_err)?
-            .commit_from_memory(&bytes)
+            .commit_from_memory(bytes)
             .map_err(|e| ModelError::File {
-                path: onnx_path.clone(),
+                path: onnx_path.to_path_buf(),
                 reason: format!("not a loadable ONNX model: {e}"),
             })?;
-        check_signature(&session, &meta, detector.graph_output(), &onnx_path)?;
+        check_signature(&session, meta, detector.graph_output(), onnx_path)?;
 
         let outputs = OutputSelector::no_default().with("logits");
         let outputs = match detector.graph_output() {
@@ -273,8 +300,8 @@ impl Model {
             .map_err(|e| ModelError::Environment(e.to_string()))?
             .with_outputs(outputs);
         let mut model = Model {
-            meta,
-            detector,
+            meta: meta.clone(),
+            detector: detector.clone(),
             session,
             run_options,
         };

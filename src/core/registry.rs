@@ -588,9 +588,7 @@ impl Registry {
         dir: &std::path::Path,
     ) -> Result<(LoadedModel, JoinHandle<()>), ModelError> {
         let s = &self.settings;
-        let instances = (0..s.instances.max(1))
-            .map(|_| Model::load(dir, &s.runtime, s.warmup_batch))
-            .collect::<Result<Vec<Model>, ModelError>>()?;
+        let instances = Model::load_instances(dir, &s.runtime, s.warmup_batch, s.instances)?;
         let meta = instances[0].meta.clone();
         let (batcher, thread) = Batcher::spawn(instances, s.batch, name, version)?;
         Ok((

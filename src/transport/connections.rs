@@ -360,6 +360,9 @@ struct Held {
     _registration: Registration,
 }
 
+/// HTTP/2's connection preface: a connection is HTTP/2 only once all of it has arrived.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// What the first bytes of a connection said it speaks: HTTP/2 opens with its preface ("PRI * HTTP/2.0").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Protocol {
@@ -377,6 +380,8 @@ pub struct Connection {
     /// Progress in either direction moves this; the timer is re-armed lazily, only when it fires.
     last_active: Instant,
     protocol: Protocol,
+    /// How much of [`HTTP2_PREFACE`] has arrived while the protocol is unknown.
+    preface_matched: usize,
     /// An HTTP/1.1 request head being awaited: since when, and the connection's calls started by then.
     head: Option<(Instant, u64)>,
     /// Since when writes have been blocked.
@@ -397,6 +402,7 @@ impl Connection {
             limits,
             last_active: now,
             protocol: Protocol::Unknown,
+            preface_matched: 0,
             head: Some((now, 0)),
             write_stalled: None,
             closed: None,
@@ -504,12 +510,18 @@ impl Connection {
             return;
         }
         if self.protocol == Protocol::Unknown {
-            // Reads of fewer than 3 bytes at first are rare enough to call HTTP/1 (the stricter rules).
-            self.protocol = if bytes.starts_with(b"PRI") {
-                Protocol::Http2
+            // The whole preface, not its first word: a request head "PRI / HTTP/1.1" is HTTP/1 and keeps the
+            // head timeout. Until the preface is complete the head timeout stays armed.
+            let expected = &HTTP2_PREFACE[self.preface_matched..];
+            let n = bytes.len().min(expected.len());
+            if bytes[..n] != expected[..n] {
+                self.protocol = Protocol::Http1;
             } else {
-                Protocol::Http1
-            };
+                self.preface_matched += n;
+                if self.preface_matched == HTTP2_PREFACE.len() {
+                    self.protocol = Protocol::Http2;
+                }
+            }
         }
         let slot = &self.info.slot;
         match self.protocol {

@@ -30,6 +30,7 @@ use crate::{
     telemetry::metric,
     traces,
     transport::connections::{CloseCause, ConnectionInfo, Slot},
+    transport::failure_log::{Decision, FailureLog},
     transport::status,
 };
 
@@ -38,6 +39,9 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// The caller's deadline, from its `grpc-timeout` header; handlers find it in the request's extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
+
+/// One for the process: a peer's failures are rate-limited across all its connections.
+static FAILURE_LOG: std::sync::LazyLock<FailureLog> = std::sync::LazyLock::new(FailureLog::default);
 
 /// See the module documentation.
 #[derive(Debug, Clone, Default)]
@@ -80,6 +84,11 @@ where
             return Box::pin(self.inner.call(request));
         };
         let id = request_id(request.headers());
+        let peer = request
+            .extensions()
+            .get::<ConnectionInfo>()
+            .and_then(|c| c.remote)
+            .map(|a| a.ip());
         if let Some(deadline) = grpc_deadline(request.headers()) {
             request.extensions_mut().insert(Deadline(deadline));
         }
@@ -128,10 +137,15 @@ where
                 calls.increment(1);
                 durations.record(elapsed.as_secs_f64());
                 // A served call is a DEBUG line (a line per call at INFO was a measurable share of a small
-                // machine's CPU); failures stay at WARN. The span carries the request id either way.
+                // machine's CPU); failures stay at WARN, at a bounded rate per peer. The span carries the
+                // request id either way.
                 span.in_scope(|| match &status {
                     None => tracing::debug!(outcome = "ok", duration_ms = elapsed.as_secs_f64() * 1e3, "call finished"),
-                    Some(status) => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, error = status.message(), "call failed"),
+                    Some(status) => match FAILURE_LOG.decide(peer, Instant::now()) {
+                        Decision::Log { left_out: 0 } => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, error = status.message(), "call failed"),
+                        Decision::Log { left_out } => tracing::warn!(outcome = ?code, duration_ms = elapsed.as_secs_f64() * 1e3, error = status.message(), failures_not_logged_before = left_out, "call failed"),
+                        Decision::LeaveOut => metrics::counter!(metric::FAILURES_NOT_LOGGED).increment(1),
+                    },
                 });
                 if let Ok(value) = HeaderValue::from_str(&id) {
                     response.headers_mut().insert("x-request-id", value);
@@ -300,8 +314,10 @@ fn is_safe_request_id(id: &str) -> bool {
 ///
 /// A request body must also arrive at [`MinBodyRate`] until the call is answered: one sent a byte every few
 /// seconds otherwise held its call, and so its connection's slot, for the whole request timeout. Below it the
-/// call fails and the connection is closed. A call answered before its body ends (a bidirectional stream such
-/// as reflection) is not held to it.
+/// call fails. On HTTP/2 that ends its stream alone (hyper resets a stream whose response ends before its
+/// body): the connection may carry other users' calls, as it does behind Envoy or an ingress. On HTTP/1.1 the
+/// unread body blocks the connection, so it is closed too. A call answered before its body ends (a
+/// bidirectional stream such as reflection) is not held to it.
 #[derive(Debug, Clone)]
 pub struct CallLimitsLayer {
     pools: Arc<BytePools>,
@@ -418,6 +434,8 @@ where
         };
         let charge: Charge = Arc::default();
         let answered = Arc::new(AtomicBool::new(false));
+        // HTTP/2 multiplexes calls on one connection; only an HTTP/1 call owns its connection.
+        let slot = slot.filter(|_| request.version() < http::Version::HTTP_2);
         let request = request.map(|inner| {
             Body::new(ChargedBody {
                 inner,
@@ -454,7 +472,7 @@ struct ChargedBody {
     started: tokio::time::Instant,
     /// Fires when the body falls below the rate unless more arrives first.
     too_slow: Option<Pin<Box<Sleep>>>,
-    /// The call's connection, closed when the body is too slow.
+    /// The call's connection when the call owns it (HTTP/1), closed when the body is too slow.
     slot: Option<Arc<Slot>>,
     /// Set once the call's response is ready: the rate no longer applies.
     answered: Arc<AtomicBool>,

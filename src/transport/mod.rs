@@ -3,5 +3,6 @@
 
 pub mod codec;
 pub mod connections;
+pub mod failure_log;
 pub mod layers;
 pub mod status;

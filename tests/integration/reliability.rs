@@ -459,3 +459,41 @@ fn a_failed_start_does_not_claim_that_other_versions_keep_serving() {
     assert!(log.contains("no version of this model is serving"), "{log}");
     assert!(!log.contains("keep serving"), "{log}");
 }
+
+/// Issue #35: 200 connections x 100 bad calls wrote 20,000 WARN lines. A peer's failures are logged at a
+/// bounded rate, the line that gets through says how many were left out, and the metrics count every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failing_calls_from_one_peer_cannot_flood_the_log() {
+    let mut server = common::spawn_binary(&[]);
+    let mut client = pb::classifier_client::ClassifierClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    const CALLS: usize = 400;
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        // No images: INVALID_ARGUMENT, cheap for both sides.
+        let refused = client.classify(request(vec![])).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+    }
+    let seconds = started.elapsed().as_secs_f64().ceil();
+    // One call after a window has passed carries the count of those left out before it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.classify(request(vec![])).await.unwrap_err();
+    let counted = metric(
+        &server.metrics().await,
+        "fmnist_requests_total{rpc=\"Classify\",code=\"InvalidArgument\"}",
+    );
+    assert_eq!(counted, (CALLS + 1) as f64, "the metrics count every failure");
+    let _ = server.child.kill();
+    let (_, log) = server.wait();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("call failed")).collect();
+    let allowed = 5 * (seconds as usize + 2);
+    assert!(
+        lines.len() <= allowed,
+        "{} WARN lines for {} failures in {seconds} s (at most {allowed})",
+        lines.len(),
+        CALLS + 1
+    );
+    let summary = lines.last().expect("failures are logged");
+    assert!(summary.contains("failures_not_logged_before="), "{summary}");
+}

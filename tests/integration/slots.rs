@@ -16,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use common::{TestServer, config, fixture, metric, raw, request};
 use fmnist_serve::{config::Config, pb::classifier_client::ClassifierClient};
 use tokio::{
@@ -362,5 +363,126 @@ async fn slow_and_silent_sockets_on_the_metrics_port_do_not_hold_up_scrapes() {
     assert!(
         p50.is_some_and(|p| p < Duration::from_millis(500)),
         "scrape p50 {p50:?}"
+    );
+}
+
+/// A gRPC call on an HTTP/2 client whose body the test sends itself.
+fn grpc_call(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://test{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// An empty protobuf message, gRPC-framed (a health check's request).
+const EMPTY_MESSAGE: &[u8] = &[0, 0, 0, 0, 0];
+
+/// The grpc-status a finished call ended with (trailers, or a trailers-only response's headers).
+async fn grpc_status(response: h2::client::ResponseFuture) -> Result<String, h2::Error> {
+    let response = response.await?;
+    let in_headers = response.headers().get("grpc-status").cloned();
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        let data = data?;
+        let _ = body.flow_control().release_capacity(data.len());
+    }
+    let trailers = body.trailers().await?;
+    let status = trailers.and_then(|t| t.get("grpc-status").cloned()).or(in_headers);
+    Ok(status.map_or("none".into(), |s| s.to_str().unwrap_or("?").to_string()))
+}
+
+/// Issue #35: behind Envoy or an ingress many users share one upstream connection. One user's upload below
+/// the minimum body rate fails that user's call only: the connection, a health Watch open on it and the next
+/// call on it carry on (the server closed the whole connection before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_too_slow_ends_its_own_stream_and_leaves_the_connections_other_calls_alone() {
+    let server = TestServer::start(slot_config()).await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+
+    let (watch, mut send) = client
+        .send_request(grpc_call("/grpc.health.v1.Health/Watch"), false)
+        .unwrap();
+    send.send_data(Bytes::from_static(EMPTY_MESSAGE), true).unwrap();
+    let mut watch = watch.await.unwrap().into_body();
+    let serving = watch.data().await.expect("the watch sends the current status").unwrap();
+    let _ = watch.flow_control().release_capacity(serving.len());
+
+    // A Classify body that announces 600 kB and brings 10 bytes every 200 ms: 50 B/s against 1,000.
+    let (slow, mut upload) = client
+        .send_request(grpc_call("/fashion_mnist.v1.Classifier/Classify"), false)
+        .unwrap();
+    let uploader = tokio::spawn(async move {
+        let mut prefix = vec![0u8];
+        prefix.extend(600_000u32.to_be_bytes());
+        let mut chunk = Bytes::from(prefix);
+        while upload.send_data(chunk, false).is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            chunk = Bytes::from(vec![0u8; 10]);
+        }
+    });
+    let slow = tokio::time::timeout(Duration::from_secs(10), grpc_status(slow))
+        .await
+        .expect("the slow upload was still running after 10 s");
+    assert_ne!(
+        slow.as_ref().ok().map(String::as_str),
+        Some("0"),
+        "the slow upload succeeded"
+    );
+    uploader.abort();
+
+    assert!(
+        !connection.is_finished(),
+        "the connection was closed with the slow stream"
+    );
+    let mut client = client.ready().await.expect("the connection still takes calls");
+    let (check, mut send) = client
+        .send_request(grpc_call("/grpc.health.v1.Health/Check"), false)
+        .unwrap();
+    send.send_data(Bytes::from_static(EMPTY_MESSAGE), true).unwrap();
+    let check = tokio::time::timeout(Duration::from_secs(5), grpc_status(check))
+        .await
+        .unwrap();
+    assert_eq!(check.unwrap(), "0", "the next call on the connection");
+    let watch_ended = tokio::time::timeout(Duration::from_millis(300), watch.data()).await;
+    assert!(
+        matches!(watch_ended, Err(_) | Ok(Some(Ok(_)))),
+        "the health Watch on the connection ended: {watch_ended:?}"
+    );
+}
+
+/// Issue #35: a request head that starts with HTTP/2's first word ("PRI / HTTP/1.1") is HTTP/1.1 and gets the
+/// head timeout (it was taken for HTTP/2 and kept open until the much longer idle limits).
+#[tokio::test]
+async fn an_http1_head_starting_pri_gets_the_head_timeout() {
+    let mut config = slot_config();
+    config.max_connection_idle_s = 60;
+    let server = TestServer::start(config).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let started = Instant::now();
+    tcp.write_all(b"PRI / HTTP/1.1\r\nHost: test\r\n").await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 64];
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if tcp.write_all(b"X").await.is_err() {
+                return;
+            }
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(1), tcp.read(&mut buf)).await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the head was still open after 10 s");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "closed after {waited:?}; the head timeout is 2 s"
     );
 }
