@@ -388,11 +388,21 @@ def ceiling(model: str, batches: list[int], seconds: float, threads: int, extra:
             repeats: int = 1) -> list[dict]:
     """images/s and latency of Model::run per batch size; with repeats, the best of them per batch size (the
     ceiling is what the model does when nothing else interferes)."""
+    # The best layout of the cores: one session with `threads` intra-op threads, or `threads` sessions of one
+    # thread side by side (the server's --instances); the rate is the better of the two per batch size, and
+    # `p50_min_ms` the lower latency of one run (which one session of `threads` threads usually has).
+    layouts = [(1, threads)] + ([(threads, 1)] if threads > 1 else [])
     best: dict[int, dict] = {}
+    p50: dict[int, float] = {}
     for _ in range(repeats):
-        for r in _ceiling_once(model, batches, seconds, threads, extra):
-            if r["batch"] not in best or r["images_per_s"] > best[r["batch"]]["images_per_s"]:
-                best[r["batch"]] = r
+        for sessions, per_session in layouts:
+            for r in _ceiling_once(model, batches, seconds, per_session, [*extra, "--sessions", str(sessions)]):
+                b = r["batch"]
+                p50[b] = min(p50.get(b, float("inf")), r["latency_p50_ms"])
+                if b not in best or r["images_per_s"] > best[b]["images_per_s"]:
+                    best[b] = r
+    for b, r in best.items():
+        r["p50_min_ms"] = p50[b]
     return [best[b] for b in sorted(best)]
 
 
@@ -404,7 +414,8 @@ def _ceiling_once(model: str, batches: list[int], seconds: float, threads: int, 
         raise RuntimeError(f"ceiling failed: {out.stderr}")
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     for r in rows:
-        print(f"  ceiling {model:9} batch {r['batch']:4}  {r['images_per_s']:8.0f} img/s  "
+        print(f"  ceiling {model:9} {r.get('layout', '1x' + str(threads)):>4} batch {r['batch']:4}  "
+              f"{r['images_per_s']:8.0f} img/s  "
               f"p50 {r['latency_p50_ms']:.3f} ms", flush=True)
     return rows
 
@@ -496,8 +507,9 @@ def targets(result: dict) -> list[dict]:
     b1 = next((r for r in cnn_ceiling if r["batch"] == 1), None)
     if one and b1:
         checks.append({"target": "C=1 p50 <= in-process batch-1 p50 + 0.15 ms",
-                       "measured": f"{one['latency_p50_ms']:.3f} ms vs {b1['latency_p50_ms']:.3f} + 0.15 ms",
-                       "met": one["latency_p50_ms"] <= b1["latency_p50_ms"] + 0.15})
+                       "measured": f"{one['latency_p50_ms']:.3f} ms vs {b1.get('p50_min_ms', b1['latency_p50_ms']):.3f}"
+                                   " + 0.15 ms",
+                       "met": one["latency_p50_ms"] <= b1.get("p50_min_ms", b1["latency_p50_ms"]) + 0.15})
     # Goodput under overload: 16 images per call with four times the callers the queue holds.
     peak, over = find(rows, "fmnist", "multi16", 64), find(rows, "fmnist", "multi16", 256)
     if peak and over and peak["images_per_s"] > 0:
@@ -536,11 +548,14 @@ def markdown(result: dict) -> str:
              f"{result['date']}, {m['cpus']} CPUs ({m['hypervisor'] or 'bare metal'}), Linux {m['kernel']}, "
              f"ONNX Runtime {result['ort']}, {result['rustc']}. Measured window {result['seconds']} s after "
              f"{result['warmup']} s warm-up per row; the load generator runs on the same cores.", "",
-             "## Ceiling: ONNX Runtime alone (fmnist_serve::model::Model, 2 intra-op threads)", "",
-             "| model | batch | images/s | p50 ms per run | p99 ms per run |", "|---|---:|---:|---:|---:|"]
+             "## Ceiling: ONNX Runtime alone (fmnist_serve::model::Model; per batch size the better layout of one "
+             "session of 2 intra-op threads or 2 sessions of 1, side by side)", "",
+             "| model | batch | layout (sessions x threads) | images/s | CPU µs per image | p50 ms per run | p99 ms per run |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for r in result["ceiling"]:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['images_per_s']:.0f} | {r['latency_p50_ms']:.3f} | "
-                     f"{r['latency_p99_ms']:.3f} |")
+        cpu = f"{r['cpu_us_per_image']:.0f}" if "cpu_us_per_image" in r else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('layout', '1x2')} | {r['images_per_s']:.0f} | {cpu} | "
+                     f"{r['latency_p50_ms']:.3f} | {r['latency_p99_ms']:.3f} |")
     lines += ["", "## End to end over gRPC", "",
               "C closed-loop callers over 4 HTTP/2 connections (1 for C=1). img/s = images classified per second; "
               "latency per call; batch = average images per ONNX Runtime run in the window; CPU in cores "
@@ -548,8 +563,8 @@ def markdown(result: dict) -> str:
               "shed = calls answered RESOURCE_EXHAUSTED (queue full; the caller backs off 10 ms), not counted in "
               "img/s or latency. A call counts in the window it ends in. The Triton rows' CPU and peak RSS are "
               "tritonserver's and its Python backend stub's, summed.", "",
-              "| server | model | mode | C | calls/s | img/s | p50 ms | p90 ms | p99 ms | batch | CPU | peak RSS MB | shed | errors |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| server | model | mode | C | calls/s | img/s | p50 ms | p90 ms | p99 ms | batch | CPU | server CPU µs per image | peak RSS MB | shed | errors |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["service"]:
         batch = f"{r['batch_avg']:.1f}" if r["batch_avg"] else ("per call" if r["server"] == "python" else "-")
         flag = " (disturbed)" if r.get("disturbed") else ""
@@ -557,6 +572,7 @@ def markdown(result: dict) -> str:
             f"| {r['server']} | {r['model']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
             f"{r['images_per_s']:.0f} | {ms(r['latency_p50_ms'])} | {ms(r['latency_p90_ms'])} | "
             f"{ms(r['latency_p99_ms'])} | {batch} | {r['server_cpu_cores']:.2f} + {r['loadgen_cpu_cores']:.2f} | "
+            f"{r['server_cpu_cores'] / r['images_per_s'] * 1e6 if r['images_per_s'] else 0:.0f} | "
             f"{r['server_peak_rss_kb'] / 1024:.0f} | {r.get('shed', 0)} | {r['errors']}{flag} |")
     lines += ["", "Servers: " + "; ".join(f"`{k}` = {v}" for k, v in result["servers"].items())]
     for key, why in result.get("skipped", {}).items():

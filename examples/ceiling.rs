@@ -31,6 +31,11 @@ struct Args {
     /// ONNX Runtime intra-op threads (the server's --ort-threads).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Sessions run side by side, each on its own thread with --threads intra-op threads (the server's
+    /// --instances): images/s is their sum, latencies are pooled. `--sessions 2 --threads 1` is the other
+    /// layout a 2-core machine can run.
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
     /// Let idle intra-op threads spin (the server's --ort-spinning).
     #[arg(long)]
     spinning: bool,
@@ -59,7 +64,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .versions
         .last_key_value()
         .ok_or_else(|| format!("no version of {} in {}", args.model, args.models_dir.display()))?;
-    let mut model = Model::load(&newest.path, &options, largest)?;
+    let mut models = Model::load_instances(&newest.path, &options, largest, args.sessions)?;
 
     let raw = std::fs::read(&args.images)?;
     if raw.len() < PIXELS || raw.len() % PIXELS != 0 {
@@ -81,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 input
             })
             .collect();
-        let measure = |model: &mut Model, budget: Duration| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        let measure = |model: &mut Model, budget: Duration| -> Result<Vec<f64>, fmnist_serve::error::ModelError> {
             let mut latencies = Vec::new();
             let started = Instant::now();
             while started.elapsed() < budget || latencies.len() < 5 {
@@ -91,19 +96,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(latencies)
         };
-        measure(&mut model, Duration::from_secs_f64(args.seconds / 5.0))?;
-        let mut latencies = measure(&mut model, Duration::from_secs_f64(args.seconds))?;
+        // Every session runs the same measurement at once; each returns its run latencies.
+        let side_by_side = |models: &mut [Model], budget: Duration| -> Result<Vec<Vec<f64>>, String> {
+            std::thread::scope(|scope| {
+                let runs: Vec<_> = models
+                    .iter_mut()
+                    .map(|model| scope.spawn(|| measure(model, budget).map_err(|e| e.to_string())))
+                    .collect();
+                runs.into_iter()
+                    .map(|r| r.join().expect("a measuring thread does not panic"))
+                    .collect()
+            })
+        };
+        side_by_side(&mut models, Duration::from_secs_f64(args.seconds / 5.0))?;
+        let (started, cpu_before) = (Instant::now(), process_cpu_seconds());
+        let per_session = side_by_side(&mut models, Duration::from_secs_f64(args.seconds))?;
+        let (wall, cpu) = (started.elapsed().as_secs_f64(), process_cpu_seconds() - cpu_before);
+        let runs: usize = per_session.iter().map(Vec::len).sum();
+        let mut latencies: Vec<f64> = per_session.into_iter().flatten().collect();
         let total: f64 = latencies.iter().sum();
         latencies.sort_by(f64::total_cmp);
         let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize] * 1e3;
         let record = serde_json::json!({
             "model": args.model,
             "threads": args.threads,
+            "sessions": args.sessions,
+            "layout": format!("{}x{}", args.sessions, args.threads),
             "spinning": args.spinning,
             "optimization": format!("{:?}", args.optimization).to_lowercase(),
             "batch": n,
             "runs": latencies.len(),
-            "images_per_s": (n * latencies.len()) as f64 / total,
+            // Sessions overlap in time: the rate is the images of all of them over the wall time.
+            "images_per_s": (n * runs) as f64 / wall,
+            // The whole process's CPU (ONNX Runtime's pool threads included) per image: what serving an image
+            // costs at least, to compare with the server's CPU per image.
+            "cpu_us_per_image": cpu / (n * runs) as f64 * 1e6,
             "latency_mean_ms": total / latencies.len() as f64 * 1e3,
             "latency_p50_ms": pct(0.50),
             "latency_p90_ms": pct(0.90),
@@ -112,4 +139,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{record}");
     }
     Ok(())
+}
+
+/// User + system CPU time of this process so far (/proc/self/stat, clock ticks of 1/100 s).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }

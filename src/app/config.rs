@@ -70,14 +70,14 @@ pub struct Config {
     /// Instances of each model version: each its own ONNX Runtime session and inference thread, taking
     /// batches from the version's one queue side by side (Triton's instance_group count). More instances
     /// with fewer threads each let a batch run while another forms; each costs one more session's memory.
-    /// 0 = one per core, at most 4 (bench/README.md "Performance round 4": on 2 cores, 2 instances of one
-    /// thread served 10-50% more images than 1 of two at 16 images per call, and the same at one).
-    #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 0)]
+    /// 0 = one per core, at most 4. One is the default because no other layout measured better everywhere
+    /// (bench/README.md "Performance round 4": on 2 cores, `--instances 2 --ort-threads 1` served 5-50% more
+    /// images at 16 per call under load, and 30-47% fewer for a lone caller).
+    #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 1)]
     pub instances: usize,
 
-    /// Threads that serve the network (tokio workers: HTTP/2, protobuf, JSON, raw images); 0 = half the
-    /// cores, at least one. Model inference runs on its own threads, so on a small machine fewer network
-    /// threads means fewer hand-offs between threads competing for the same cores.
+    /// Threads that serve the network (tokio workers: HTTP/2, protobuf, JSON, raw images); 0 = one per core.
+    /// Model inference runs on its own threads; on 2 cores, 1 and 2 measured the same (bench/README.md).
     #[arg(long, env = "FMNIST_IO_THREADS", default_value_t = 0)]
     pub io_threads: usize,
 
@@ -622,10 +622,10 @@ impl Config {
         }
     }
 
-    /// `--io-threads`, with 0 resolved: half the cores, at least one.
+    /// `--io-threads`, with 0 resolved: one per core.
     pub fn io_threads(&self) -> usize {
         match self.io_threads {
-            0 => (available_cores() / 2).max(1),
+            0 => available_cores(),
             n => n,
         }
     }
@@ -681,8 +681,8 @@ impl Config {
 }
 
 /// The cores this process may use (which follows a container's CPU limit).
-/// The most instances `--instances 0` starts: past a few, more sessions cost memory and gain nothing
-/// measured (each would be a single-threaded session on a machine with cores to spare for intra-op threads).
+/// The most instances `--instances 0` starts: each costs a session's memory, and past a few nothing was
+/// measured.
 const AUTO_INSTANCES_MAX: usize = 4;
 
 fn available_cores() -> usize {

@@ -69,6 +69,10 @@ pub struct FieldLimit {
     pub max: Max,
     pub packing: Packing,
     pub inside: &'static [FieldLimit],
+    /// Whether the field's elements are tensor values, which also count against the whole message's bound
+    /// ([`Max::Pixels`] values in all): the cost is per message, not per field, so eight inputs of two
+    /// fields each, every field within its own bound, still cannot decode to 16 times a call's worth.
+    pub values: bool,
 }
 
 /// A message type's bounds; empty for most.
@@ -127,7 +131,20 @@ impl<U: prost::Message + Default + Bounded> Decoder for BoundedDecoder<U> {
 
 /// Counts the bounded fields of one message (and of the bounded fields' messages) on the wire. An error names
 /// the field by its path (`inputs.contents.bytes_contents`), built only on the way out.
-fn check(mut buf: &[u8], limits: &[FieldLimit]) -> Result<(), String> {
+fn check(buf: &[u8], limits: &[FieldLimit]) -> Result<(), String> {
+    let mut values = 0usize;
+    check_counting(buf, limits, &mut values)?;
+    let max = Max::Pixels.resolve();
+    if values > max {
+        return Err(format!(
+            "the request's tensors hold {values} values in all: at most {max} (the images a call may carry x 784)"
+        ));
+    }
+    Ok(())
+}
+
+/// [`check`] of one (possibly nested) message, adding the tensor values it holds to `values`.
+fn check_counting(mut buf: &[u8], limits: &[FieldLimit], values: &mut usize) -> Result<(), String> {
     let mut counts = vec![0usize; limits.len()];
     while !buf.is_empty() {
         let key = varint(&mut buf).ok_or("malformed message")?;
@@ -156,7 +173,7 @@ fn check(mut buf: &[u8], limits: &[FieldLimit]) -> Result<(), String> {
                     Some(l) if l.packing == Packing::Fixed64 => record.len() / 8,
                     Some(l) => {
                         if !l.inside.is_empty() {
-                            check(record, l.inside).map_err(|e| format!("{}.{e}", l.name))?;
+                            check_counting(record, l.inside, values).map_err(|e| format!("{}.{e}", l.name))?;
                         }
                         1
                     }
@@ -167,6 +184,9 @@ fn check(mut buf: &[u8], limits: &[FieldLimit]) -> Result<(), String> {
         };
         if let Some(i) = limit {
             counts[i] += elements;
+            if limits[i].values {
+                *values = values.saturating_add(elements);
+            }
             let max = limits[i].max.resolve();
             if counts[i] > max {
                 return Err(format!(
@@ -204,6 +224,15 @@ const fn field(number: u32, name: &'static str, max: Max, packing: Packing) -> F
         max,
         packing,
         inside: &[],
+        values: false,
+    }
+}
+
+/// A tensor-contents field: bounded itself, and counted against the message's values ([`FieldLimit::values`]).
+const fn values(number: u32, name: &'static str, packing: Packing) -> FieldLimit {
+    FieldLimit {
+        values: true,
+        ..field(number, name, Max::Pixels, packing)
     }
 }
 
@@ -211,13 +240,13 @@ const fn field(number: u32, name: &'static str, max: Max, packing: Packing) -> F
 const PARAMETERS: Max = Max::Fixed(64);
 
 const CONTENTS: &[FieldLimit] = &[
-    field(1, "bool_contents", Max::Pixels, Packing::Varint),
-    field(2, "int_contents", Max::Pixels, Packing::Varint),
-    field(3, "int64_contents", Max::Pixels, Packing::Varint),
-    field(4, "uint_contents", Max::Pixels, Packing::Varint),
-    field(5, "uint64_contents", Max::Pixels, Packing::Varint),
-    field(6, "fp32_contents", Max::Pixels, Packing::Fixed32),
-    field(7, "fp64_contents", Max::Pixels, Packing::Fixed64),
+    values(1, "bool_contents", Packing::Varint),
+    values(2, "int_contents", Packing::Varint),
+    values(3, "int64_contents", Packing::Varint),
+    values(4, "uint_contents", Packing::Varint),
+    values(5, "uint64_contents", Packing::Varint),
+    values(6, "fp32_contents", Packing::Fixed32),
+    values(7, "fp64_contents", Packing::Fixed64),
     field(8, "bytes_contents", Max::Images, Packing::Records),
 ];
 
@@ -230,6 +259,7 @@ const INPUT_TENSOR: &[FieldLimit] = &[
         max: Max::Fixed(1),
         packing: Packing::Records,
         inside: CONTENTS,
+        values: false,
     },
 ];
 
@@ -248,6 +278,7 @@ impl Bounded for crate::inference_pb::ModelInferRequest {
             max: Max::Fixed(8),
             packing: Packing::Records,
             inside: INPUT_TENSOR,
+            values: false,
         },
         FieldLimit {
             number: 6,
@@ -255,6 +286,7 @@ impl Bounded for crate::inference_pb::ModelInferRequest {
             max: Max::Fixed(16),
             packing: Packing::Records,
             inside: OUTPUT_TENSOR,
+            values: false,
         },
         field(7, "raw_input_contents", Max::Fixed(8), Packing::Records),
     ];
@@ -356,6 +388,35 @@ mod tests {
             ..Default::default()
         };
         assert!(scan(&tensor(uint, vec![1])).unwrap_err().contains("uint_contents"));
+    }
+
+    /// Issue #35: 8 inputs, each with 50,176 packed zeros in two 64-bit fields, are 803 kB on the wire and
+    /// 6.4 MB decoded; every field was within its own bound, so 80 such streams took the server to 761 MiB.
+    /// The values are bounded per message: a call's worth in all.
+    #[test]
+    fn the_tensor_values_of_a_whole_message_are_bounded_not_just_each_field() {
+        let pixels = 64 * 784;
+        let input = |int64: usize, uint64: usize| oip::model_infer_request::InferInputTensor {
+            shape: vec![1],
+            contents: Some(oip::InferTensorContents {
+                int64_contents: vec![0; int64],
+                uint64_contents: vec![0; uint64],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request = |inputs| oip::ModelInferRequest {
+            inputs,
+            ..Default::default()
+        };
+        let attack = request((0..8).map(|_| input(pixels, pixels)).collect());
+        assert!(attack.encoded_len() < 1 << 20, "the attack is small on the wire");
+        let refused = scan(&attack).unwrap_err();
+        assert!(refused.contains("values in all"), "{refused}");
+        // A call's worth spread over inputs and fields is still served.
+        let spread = request(vec![input(pixels / 4, pixels / 4), input(pixels / 4, pixels / 4)]);
+        assert_eq!(scan(&spread), Ok(()));
+        assert!(scan(&request(vec![input(pixels / 2, pixels / 2), input(1, 0)])).is_err());
     }
 
     #[test]

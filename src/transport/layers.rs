@@ -436,9 +436,14 @@ where
         let answered = Arc::new(AtomicBool::new(false));
         // HTTP/2 multiplexes calls on one connection; only an HTTP/1 call owns its connection.
         let slot = slot.filter(|_| request.version() < http::Version::HTTP_2);
+        let framing = is_grpc(request.headers()).then(|| GrpcFraming {
+            client_streaming: CLIENT_STREAMING.contains(&request.uri().path()),
+            ..GrpcFraming::default()
+        });
         let request = request.map(|inner| {
             Body::new(ChargedBody {
                 inner,
+                framing,
                 pools: self.pools.clone(),
                 connection: share.map(|s| s.bytes.clone()),
                 charge: charge.clone(),
@@ -461,8 +466,71 @@ where
     }
 }
 
+/// The gRPC methods whose request is a stream of messages (the rest send one): their bytes are charged per
+/// message, not per call, since such a call may stay open as long as its client wants.
+const CLIENT_STREAMING: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Where a gRPC request body is among its length-prefixed messages (a 5-byte prefix, then the message).
+#[derive(Default)]
+struct GrpcFraming {
+    client_streaming: bool,
+    prefix: [u8; 5],
+    prefix_len: usize,
+    /// Bytes of the message in progress still to come.
+    message_left: usize,
+    /// When the message in progress began, and its bytes so far.
+    message_started: Option<tokio::time::Instant>,
+    message_bytes: usize,
+    /// When the last message ended, while no other has begun.
+    ended: Option<tokio::time::Instant>,
+}
+
+impl GrpcFraming {
+    fn feed(&mut self, mut data: &[u8]) {
+        let now = tokio::time::Instant::now();
+        while !data.is_empty() {
+            if self.message_started.is_none() {
+                self.message_started = Some(now);
+                self.message_bytes = 0;
+                self.ended = None;
+            }
+            let n = if self.message_left > 0 {
+                let n = self.message_left.min(data.len());
+                self.message_left -= n;
+                n
+            } else {
+                let n = (5 - self.prefix_len).min(data.len());
+                self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+                self.prefix_len += n;
+                if self.prefix_len == 5 {
+                    self.prefix_len = 0;
+                    let len = u32::from_be_bytes(self.prefix[1..].try_into().expect("4 bytes"));
+                    self.message_left = len as usize;
+                }
+                n
+            };
+            self.message_bytes += n;
+            data = &data[n..];
+            if self.prefix_len == 0 && self.message_left == 0 {
+                self.message_started = None;
+                self.ended = Some(now);
+            }
+        }
+    }
+
+    /// Whether the body sits between two messages (or before the first).
+    fn between_messages(&self) -> bool {
+        self.message_started.is_none()
+    }
+}
+
 struct ChargedBody {
     inner: Body,
+    /// For gRPC calls: where the body is among its messages.
+    framing: Option<GrpcFraming>,
     pools: Arc<BytePools>,
     connection: Option<Arc<Semaphore>>,
     charge: Charge,
@@ -515,14 +583,43 @@ impl ChargedBody {
 }
 
 impl ChargedBody {
-    /// While the body is awaited: fails the call, and has its connection closed, once the body has fallen
-    /// below the minimum rate.
+    /// Releases what the call holds: a streaming call's messages, once the server has read them.
+    fn release(&mut self) {
+        let mut held = self.charge.lock().expect("the charge lock is never poisoned");
+        if held.bytes > 0 {
+            metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).decrement(held.bytes as f64);
+            held.bytes = 0;
+            held.permits.clear();
+        }
+    }
+
+    /// When the body falls below the minimum rate, if it can now:
+    /// - a message of a streaming call must arrive at the rate from its first byte; between messages the
+    ///   stream may wait as long as its client likes, holding nothing;
+    /// - any other call's body at the rate from the call's start, until the call is answered; once its one
+    ///   message is whole, the end of the stream must follow within the grace (tonic holds the decoded
+    ///   message until it comes, and a large body's credit would otherwise outlast the request timeout).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        match &self.framing {
+            Some(framing) if framing.client_streaming => {
+                let started = framing.message_started?;
+                Some(self.rate.due(started, framing.message_bytes))
+            }
+            _ if self.answered.load(Ordering::Relaxed) => None,
+            Some(GrpcFraming { ended: Some(ended), .. }) => {
+                Some(self.rate.due(self.started, self.received).min(*ended + self.rate.grace))
+            }
+            _ => Some(self.rate.due(self.started, self.received)),
+        }
+    }
+
+    /// While the body is awaited: fails the call (and has an HTTP/1 call's connection closed) once the body
+    /// has fallen below the minimum rate.
     fn poll_rate(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if self.answered.load(Ordering::Relaxed) {
+        let Some(due) = self.due() else {
             self.too_slow = None;
             return Poll::Pending;
-        }
-        let due = self.rate.due(self.started, self.received);
+        };
         let timer = self
             .too_slow
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
@@ -548,16 +645,27 @@ impl HttpBody for ChargedBody {
     type Error = Status;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        // A streaming call asks for more only once it has read every whole message it was sent (tonic's
+        // decoder yields a buffered message before it polls the body again): between messages, it holds none.
+        if let Some(framing) = &self.framing
+            && framing.client_streaming
+            && framing.between_messages()
+        {
+            self.release();
+        }
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return self.poll_rate(cx),
         };
-        if let Some(data) = frame.data_ref()
-            && let Err(status) = self.charge(data.len())
-        {
-            return Poll::Ready(Some(Err(status)));
+        if let Some(data) = frame.data_ref() {
+            if let Err(status) = self.charge(data.len()) {
+                return Poll::Ready(Some(Err(status)));
+            }
+            if let Some(framing) = &mut self.framing {
+                framing.feed(data);
+            }
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -574,6 +682,141 @@ impl HttpBody for ChargedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request body the test feeds frame by frame.
+    struct Fed(tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, Status>>);
+
+    impl HttpBody for Fed {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    const POOL: usize = 1 << 20;
+
+    type Feed = tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, Status>>;
+
+    /// A charged body of a call to `path` over a pool of [`POOL`] bytes, and the sender that feeds it.
+    fn charged(path: &str) -> (ChargedBody, Feed, Arc<BytePools>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let layer = CallLimitsLayer::new(
+            POOL,
+            MinBodyRate {
+                grace: Duration::from_secs(60),
+                bytes_per_s: 1,
+            },
+        );
+        let body = ChargedBody {
+            inner: Body::new(Fed(rx)),
+            framing: Some(GrpcFraming {
+                client_streaming: CLIENT_STREAMING.contains(&path),
+                ..GrpcFraming::default()
+            }),
+            pools: layer.pools.clone(),
+            connection: None,
+            charge: Arc::default(),
+            received: 0,
+            rate: layer.rate,
+            started: tokio::time::Instant::now(),
+            too_slow: None,
+            slot: None,
+            answered: Arc::new(AtomicBool::new(false)),
+        };
+        (body, tx, layer.pools)
+    }
+
+    fn message(len: usize) -> Vec<u8> {
+        let mut m = vec![0u8];
+        m.extend((len as u32).to_be_bytes());
+        m.extend(vec![7u8; len]);
+        m
+    }
+
+    fn held(pools: &BytePools) -> usize {
+        POOL - pools.shared.available_permits() - pools.small_calls.available_permits()
+    }
+
+    async fn next(body: &mut ChargedBody) -> Option<Result<Frame<Bytes>, Status>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[test]
+    fn the_framing_finds_message_boundaries_however_the_bytes_are_split() {
+        let mut framing = GrpcFraming::default();
+        let two = [message(3), message(0), message(10)].concat();
+        for piece in two.chunks(2) {
+            framing.feed(piece);
+        }
+        assert!(framing.between_messages());
+        framing.feed(&message(10)[..7]);
+        assert!(!framing.between_messages());
+        assert_eq!(framing.message_bytes, 7);
+        framing.feed(&message(10)[7..]);
+        assert!(framing.between_messages());
+    }
+
+    /// Issue #35: a reflection stream's messages stayed charged for as long as the stream was open, so a few
+    /// hundred open streams refused every other call. Each message is charged until the server has read it.
+    #[tokio::test]
+    async fn a_streaming_call_holds_only_the_messages_not_yet_read() {
+        let (mut body, tx, pools) = charged(CLIENT_STREAMING[0]);
+        let first = message(1000);
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&first[..600])))).unwrap();
+        next(&mut body).await.unwrap().unwrap();
+        assert_eq!(held(&pools), 600, "a message in progress is charged");
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&first[600..])))).unwrap();
+        next(&mut body).await.unwrap().unwrap();
+        assert_eq!(held(&pools), first.len(), "whole and not yet read");
+        tx.send(Ok(Frame::data(Bytes::from(message(10))))).unwrap();
+        next(&mut body).await.unwrap().unwrap();
+        assert_eq!(
+            held(&pools),
+            15,
+            "the first message was read before the next was asked for"
+        );
+        drop(body);
+        assert_eq!(held(&pools), 0, "released once, when the stream ends");
+    }
+
+    #[tokio::test]
+    async fn a_unary_call_holds_its_bytes_until_the_stream_ends_then_releases_them_once() {
+        let (mut body, tx, pools) = charged("/fashion_mnist.v1.Classifier/Classify");
+        let charge = body.charge.clone();
+        tx.send(Ok(Frame::data(Bytes::from(message(500))))).unwrap();
+        tx.send(Ok(Frame::data(Bytes::from(message(500))))).unwrap();
+        next(&mut body).await.unwrap().unwrap();
+        next(&mut body).await.unwrap().unwrap();
+        assert_eq!(
+            held(&pools),
+            1010,
+            "a unary call's bytes are not released between messages"
+        );
+        // Cancelled: the body goes first, the layer's clone of the charge (the call) after.
+        drop(body);
+        assert_eq!(
+            held(&pools),
+            1010,
+            "still charged while the call holds its decoded message"
+        );
+        drop(charge);
+        assert_eq!(held(&pools), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_fails_releases_its_charge_when_dropped() {
+        let (mut body, tx, pools) = charged(CLIENT_STREAMING[1]);
+        tx.send(Ok(Frame::data(Bytes::copy_from_slice(&message(100)[..50]))))
+            .unwrap();
+        tx.send(Err(Status::cancelled("reset by the client"))).unwrap();
+        next(&mut body).await.unwrap().unwrap();
+        assert!(next(&mut body).await.unwrap().is_err());
+        assert_eq!(held(&pools), 50);
+        drop(body);
+        assert_eq!(held(&pools), 0);
+    }
 
     #[test]
     fn metric_labels_come_from_the_served_methods_only() {

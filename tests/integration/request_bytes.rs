@@ -60,3 +60,83 @@ async fn stalled_uploads_that_fill_the_byte_pool_leave_room_for_ordinary_calls()
     assert_eq!(ok.into_inner().results[0].prediction.as_ref().unwrap().class_id, label);
     drop(uploads);
 }
+
+/// A gRPC call on an HTTP/2 client whose body the test sends itself.
+fn grpc_call(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://test{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// A reflection `list_services` request padded with an unknown field to `padding` bytes, gRPC-framed.
+fn padded_reflection_request(padding: usize) -> bytes::Bytes {
+    let mut message = vec![0x3a, 0x00, 0xa2, 0x06]; // list_services = "", then field 100, length-delimited
+    let mut len = padding;
+    while len >= 0x80 {
+        message.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    message.push(len as u8);
+    message.extend(std::iter::repeat_n(b'x', padding));
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    framed.into()
+}
+
+/// Issue #35: reflection streams that sent one padded request, read the answer and stayed open kept every byte
+/// they had sent charged, so a few dozen of them refused every other call with RESOURCE_EXHAUSTED. A
+/// streaming call's message is charged until the server has read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_reflection_streams_left_open_hold_no_request_bytes() {
+    let mut config = config();
+    config.max_request_bytes_in_flight = 16 << 20;
+    config.max_request_bytes_per_connection = 16 << 20;
+    let server = TestServer::start(config).await;
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        let mut streams = Vec::new();
+        for _ in 0..40 {
+            let mut client = client.clone().ready().await.unwrap();
+            let path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+            let (response, mut send) = client.send_request(grpc_call(path), false).unwrap();
+            // 40 x 4 x 120 kB: more than the 16 MiB all calls may hold.
+            if send.send_data(padded_reflection_request(120_000), false).is_ok() {
+                streams.push((response, send));
+            }
+        }
+        for (response, send) in streams {
+            let Ok(Ok(response)) = tokio::time::timeout(Duration::from_secs(5), response).await else {
+                continue;
+            };
+            let mut body = response.into_body();
+            let answered = tokio::time::timeout(Duration::from_secs(5), body.data()).await;
+            if let Ok(Some(Ok(answer))) = answered {
+                let _ = body.flow_control().release_capacity(answer.len());
+                open.push((send, body));
+            }
+        }
+    }
+    assert!(
+        open.len() >= 100,
+        "only {} of 160 reflection streams were answered",
+        open.len()
+    );
+    let in_flight = metric(&server.metrics().await, "fmnist_request_bytes_in_flight");
+    assert!(
+        in_flight < 1e6,
+        "{in_flight} request bytes held by streams whose messages were read"
+    );
+    let mut client = server.client.clone();
+    let (pixels, _) = fixture()[0];
+    let served = client.classify(request(vec![raw(&pixels)])).await;
+    assert!(served.is_ok(), "a polite call beside the open streams: {served:?}");
+    drop(open);
+}

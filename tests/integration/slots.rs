@@ -486,3 +486,41 @@ async fn an_http1_head_starting_pri_gets_the_head_timeout() {
         "closed after {waited:?}; the head timeout is 2 s"
     );
 }
+
+/// Issue #35: a unary call whose message has arrived whole must end its stream within the grace: tonic holds
+/// the decoded message until it does, and a 600 kB body earned 600 s of credit at the minimum rate, so
+/// streams that never ended held their decoded messages past the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_unary_message_without_the_end_of_its_stream_fails_after_the_grace() {
+    let server = TestServer::start(slot_config()).await;
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let (response, mut send) = client
+        .send_request(grpc_call("/fashion_mnist.v1.Classifier/Classify"), false)
+        .unwrap();
+    // A ClassifyRequest of one unknown 600 kB field: whole, valid, and never followed by END_STREAM.
+    let padding = 600_000usize;
+    let mut message = vec![0xa2, 0x06];
+    let mut len = padding;
+    while len >= 0x80 {
+        message.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    message.push(len as u8);
+    message.extend(std::iter::repeat_n(0u8, padding));
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    send.reserve_capacity(framed.len());
+    send.send_data(Bytes::from(framed), false).unwrap();
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+        .await
+        .expect("the call was still open after 10 s");
+    assert_ne!(status.as_ref().ok().map(String::as_str), Some("0"), "{status:?}");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(6), "ended after {waited:?}");
+    drop(send);
+}
