@@ -83,16 +83,49 @@ $(TRAIN_VENV)/.installed: training/requirements.txt scripts/install-lock.sh
 	bash scripts/install-lock.sh python3 $(TRAIN_VENV) training/requirements.txt
 	touch $@
 
-## train: retrain both models from scratch and regenerate models/: the CNN's second exposure stage (3 seeds x 7 left-out groups), cnn-int8, the OOD protocol (leave-one-group-out table, detector, temperature, accept rule) and its test fixtures included (about two hours on 2 cores; log in train.log)
-train: ood-sets
-	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model dense 2>&1 | tee train.log
-	set -o pipefail; $(TRAIN_VENV)/bin/python training/train.py --model cnn --exposure-dir $(EXPOSURE_DIR) 2>&1 | tee -a train.log
-	# Stage 1's own leave-one-group-out table is the bar the second exposure stage must clear.
-	set -o pipefail; $(TRAIN_VENV)/bin/python training/ood_protocol.py --model cnn --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) --shapes-dir $(SHAPES_DIR) --held-out-dir $(HELD_OUT_DIR) 2>&1 | tee -a train.log
-	set -o pipefail; $(TRAIN_VENV)/bin/python training/exposure_stage2.py --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) $(SHAPES_DIR) 2>&1 | tee -a train.log
-	set -o pipefail; $(TRAIN_VENV)/bin/python training/quantize.py --model cnn 2>&1 | tee -a train.log
-	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_protocol.py --model $$m --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) --shapes-dir $(SHAPES_DIR) --held-out-dir $(HELD_OUT_DIR) --fixtures tests/fixtures/ood-scores-$$m.json || exit 1; done 2>&1 | tee -a train.log
+TRAIN_STAMPS := build/train-stages
+TRAIN_PY := set -o pipefail; $(TRAIN_VENV)/bin/python
+OOD_ARGS = --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) --shapes-dir $(SHAPES_DIR) --held-out-dir $(HELD_OUT_DIR)
+
+## train: retrain everything that ships, from scratch, into new versions in models/: the dense model, the CNN with its second exposure stage (3 seeds x 7 left-out groups), cnn-int8, the OOD protocol (leave-one-group-out table, detector, temperature, accept rule) and its fixtures, then the garment head on both CNNs (issue #36). Resumable: each stage leaves a stamp in build/train-stages/ and a rerun starts at the first stage without one (delete a stamp to redo that stage and what follows). Several hours on 2 cores; log in train.log
+train: $(TRAIN_STAMPS)/8-head-fixtures
+	@echo "make train: every stage done (stamps in $(TRAIN_STAMPS))"
+
+$(TRAIN_STAMPS)/0-ood-sets:
+	$(MAKE) ood-sets
+	mkdir -p $(@D) && touch $@
+$(TRAIN_STAMPS)/1-dense: $(TRAIN_STAMPS)/0-ood-sets
+	$(TRAIN_PY) training/train.py --model dense 2>&1 | tee -a train.log
+	touch $@
+$(TRAIN_STAMPS)/2-cnn: $(TRAIN_STAMPS)/1-dense
+	$(TRAIN_PY) training/train.py --model cnn --exposure-dir $(EXPOSURE_DIR) 2>&1 | tee -a train.log
+	touch $@
+# Stage 1's own leave-one-group-out table is the bar the second exposure stage must clear.
+$(TRAIN_STAMPS)/3-cnn-protocol: $(TRAIN_STAMPS)/2-cnn
+	$(TRAIN_PY) training/ood_protocol.py --model cnn $(OOD_ARGS) 2>&1 | tee -a train.log
+	touch $@
+$(TRAIN_STAMPS)/4-exposure-stage2: $(TRAIN_STAMPS)/3-cnn-protocol
+	$(TRAIN_PY) training/exposure_stage2.py --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) $(SHAPES_DIR) 2>&1 | tee -a train.log
+	touch $@
+$(TRAIN_STAMPS)/5-int8: $(TRAIN_STAMPS)/4-exposure-stage2
+	$(TRAIN_PY) training/quantize.py --model cnn 2>&1 | tee -a train.log
+	touch $@
+$(TRAIN_STAMPS)/6-protocol: $(TRAIN_STAMPS)/5-int8
+	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_protocol.py --model $$m $(OOD_ARGS) --fixtures tests/fixtures/ood-scores-$$m.json || exit 1; done 2>&1 | tee -a train.log
 	rm -f tests/fixtures/ood-scores-cnn-int8.json
+	touch $@
+# The garment head (docs/ood.md "Round 4"): its exposure set, the features of both new CNNs, the shipped
+# method's leave-one-group-out run (its fold "all" is the head that ships) and the export as the next version.
+$(TRAIN_STAMPS)/7-head: $(TRAIN_STAMPS)/6-protocol
+	bash scripts/setup-system.sh openclipart-png adwaita-icon-theme breeze-icon-theme papirus-icon-theme librsvg2-bin
+	$(TRAIN_PY) training/ood_head_data.py --out build/ood-head 2>&1 | tee -a train.log
+	set -o pipefail; for m in cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_head.py extract --model $$m || exit 1; done 2>&1 | tee -a train.log
+	$(TRAIN_PY) training/ood_head.py logo --method multi-mlp-ms 2>&1 | tee -a train.log
+	$(TRAIN_PY) training/ood_head.py export --method multi-mlp-ms --out models 2>&1 | tee -a train.log
+	touch $@
+$(TRAIN_STAMPS)/8-head-fixtures: $(TRAIN_STAMPS)/7-head
+	$(TRAIN_PY) training/ood_head.py fixtures 2>&1 | tee -a train.log
+	touch $@
 
 # Out-of-distribution images through the service's own preprocessing: the evaluation groups (build/ood, each
 # left out in turn by training/ood_protocol.py), the disjoint outlier-exposure set the CNN is fine-tuned against
