@@ -24,6 +24,7 @@ test: test-deps
 	bash tests/prometheus.sh
 	bash deploy/validate.sh
 	bash tests/python_client.sh
+	bash tests/node_client.sh
 	bash tests/scale_out.sh
 	bash tests/traces.sh
 	bash tests/oip_clients.sh

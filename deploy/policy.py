@@ -68,7 +68,16 @@ def check_deployment(doc, problems):
         if annotations.get("prometheus.io/port") != str(ports.get("metrics")):
             problems.append(f"{cw}: prometheus.io/port {annotations.get('prometheus.io/port')!r} is not the metrics port")
 
+        # With TLS on, the kubelet's gRPC probe cannot connect (it speaks plaintext only): the probes must be
+        # HTTPS GETs of the REST health routes instead, readiness and startup on /v2/health/ready.
+        tls = env_value(c, "FMNIST_TLS_CERT") is not None
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if tls:
+                get = c.get(probe, {}).get("httpGet", {})
+                want = "/v2/health/live" if probe == "livenessProbe" else "/v2/health/ready"
+                if get.get("port") != GRPC_PORT or get.get("scheme") != "HTTPS" or get.get("path") != want:
+                    problems.append(f"{cw}: with TLS, {probe} must be an HTTPS GET of {want} on port {GRPC_PORT}")
+                continue
             grpc = c.get(probe, {}).get("grpc")
             if not grpc or grpc.get("port") != GRPC_PORT:
                 problems.append(f"{cw}: {probe} must be a gRPC health probe on port {GRPC_PORT}")

@@ -345,6 +345,33 @@ async def kserve_checks():
         await client.close()
 
 
+def test_model_config_and_statistics():
+    """Issue #40: tritonclient's get_model_config and get_inference_statistics, over gRPC and HTTP, return the
+    model's configuration and counts that move by exactly the calls made."""
+    grpc_client, http_client = tgrpc.InferenceServerClient(ADDR), thttp.InferenceServerClient(ADDR)
+    for config in (grpc_client.get_model_config("dense", as_json=True)["config"], http_client.get_model_config("dense")):
+        assert config["name"] == "dense" and int(config["max_batch_size"]) == 64, config
+        raw = next(i for i in config["input"] if i["name"] == "raw")
+        assert raw["data_type"] == "TYPE_UINT8" and [int(d) for d in raw["dims"]] == [28, 28], raw
+        assert [o["name"] for o in config["output"]][:2] == ["probabilities", "class_id"], config["output"]
+
+    def counts():
+        s = http_client.get_inference_statistics("dense")["model_stats"][0]
+        g = grpc_client.get_inference_statistics("dense", as_json=True)["model_stats"][0]
+        assert int(g.get("inference_count", 0)) == s["inference_count"], (g, s)
+        return s["inference_count"], s["inference_stats"]["success"]["count"]
+
+    before = counts()
+    images, _ = fixture(5)
+    grpc_client.infer("dense", [triton_input("raw", images[:3], "UINT8")])
+    x = thttp.InferInput("raw", [2, 28, 28], "UINT8")
+    x.set_data_from_numpy(images[3:5])
+    http_client.infer("dense", [x])
+    after = counts()
+    assert (after[0] - before[0], after[1] - before[1]) == (5, 2), (before, after)
+    ok("tritonclient gRPC and HTTP: get_model_config, and get_inference_statistics counting 5 images in 2 calls")
+
+
 def main():
     if CLIENT == "kserve":
         asyncio.run(kserve_checks())
@@ -354,6 +381,7 @@ def main():
     test_invalid_argument()
     test_resource_exhausted()
     test_tritonclient_http()
+    test_model_config_and_statistics()
     test_repository_calls_refused_by_default()
     test_repository_calls()
     test_full_test_set()

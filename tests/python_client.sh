@@ -4,12 +4,35 @@
 # address, and a server whose queue is full.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv-tools/bin/python}
+# The OIP clients' environment: the Python client's pins are its versions, so one interpreter runs both.
+PYTHON=${PYTHON:-.venv-oip/bin/python}
 fail() { echo "FAIL: $*"; exit 1; }
 pass() { echo "ok - $*"; }
 classify() { "$PYTHON" clients/python/classify.py "$@"; }
 
 PYTHON="$PYTHON" bash clients/python/generate.sh >/dev/null
+# The documented pins are the tested ones, and the generated stubs live beside tritonclient and kserve in one
+# interpreter (with grpcio-tools 1.85, whose code needs protobuf >= 7, importing them together failed).
+"$PYTHON" - clients/python/requirements.txt <<'PY' || fail "clients/python/requirements.txt pins other versions than the tested ones"
+import sys
+from importlib.metadata import version
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if line:
+        name, pinned = line.split("==")
+        assert version(name) == pinned, f"{name}: pinned {pinned}, tested {version(name)}"
+PY
+# tritonclient and kserve cannot share one interpreter whatever this project does: both register
+# inference.ServerLiveRequest in protobuf's default pool ("duplicate symbol"). So the stubs are imported with
+# each of them in turn.
+for other in "tritonclient.grpc, tritonclient.http" "kserve"; do
+  "$PYTHON" -c "
+import sys; sys.path.insert(0, 'clients/python/generated')
+from fashion_mnist.v1 import classifier_pb2, classifier_pb2_grpc
+import $other
+" || fail "the generated stubs and $other do not import together"
+done
+pass "the generated stubs import beside tritonclient, and beside kserve, with the pinned versions"
 [ -f clients/python/generated/fashion_mnist/v1/classifier_pb2_grpc.py ] || fail "generate.sh wrote no stubs"
 pass "generate.sh generates the stubs from proto/"
 

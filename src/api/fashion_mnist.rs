@@ -15,11 +15,17 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct FashionMnistService {
     core: Pipeline,
+    /// The largest gRPC message the server takes (`--max-message-bytes`), which `GetModelInfo` reports so
+    /// clients can size their calls.
+    max_message_bytes: usize,
 }
 
 impl FashionMnistService {
-    pub fn new(core: Pipeline) -> Self {
-        FashionMnistService { core }
+    pub fn new(core: Pipeline, max_message_bytes: usize) -> Self {
+        FashionMnistService {
+            core,
+            max_message_bytes,
+        }
     }
 }
 
@@ -208,6 +214,7 @@ impl FashionMnistService {
                 max_queued_images: p.batch.max_queued_images as u32,
                 max_decode_dimension: p.preprocess.limits.max_dimension,
                 max_decode_bytes: p.preprocess.limits.max_alloc_bytes,
+                max_message_bytes: self.max_message_bytes as u64,
             }),
         })
     }

@@ -208,7 +208,7 @@ pub async fn serve(
     let registry = Registry::new(config.registry_settings());
     let policy = config.policy();
     let core = Pipeline::new(registry.clone(), policy);
-    let classifier = ClassifierServer::new(FashionMnistService::new(core.clone()))
+    let classifier = ClassifierServer::new(FashionMnistService::new(core.clone(), config.max_message_bytes))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(core.clone(), control.clone()))

@@ -25,6 +25,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::{
     core::model::{BatchOutput, CLASSES, ImageOutput, Model},
     core::preprocess::{ModelInput, PIXELS},
+    core::statistics::{BatchRecord, Recorder},
     error::{ModelError, QueueError},
     telemetry::metric,
     traces,
@@ -96,6 +97,10 @@ pub struct Batcher {
     /// Looked up once: a per-call `gauge!` with a label would allocate and hash on every request.
     queue_depth: metrics::Gauge,
     waiting: metrics::Gauge,
+    /// How its batches form, and how many instances run them (for the model's configuration).
+    config: BatchConfig,
+    instances: usize,
+    statistics: Arc<Recorder>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -121,6 +126,8 @@ impl Batcher {
         version: u64,
     ) -> Result<(Batcher, thread::JoinHandle<()>), ModelError> {
         assert!(!instances.is_empty(), "a model version has at least one instance");
+        let instance_count = instances.len();
+        let statistics = Arc::new(Recorder::default());
         let name: Arc<str> = name.into();
         let version: Arc<str> = version.to_string().into();
         let (sender, receiver) = mpsc::channel();
@@ -128,13 +135,14 @@ impl Batcher {
             .name(format!("infer-{name}-{version}"))
             .spawn({
                 let (name, version) = (name.clone(), version.clone());
+                let statistics = statistics.clone();
                 move || {
                     let receiver = Mutex::new(Queue { receiver, carry: None });
                     let count = instances.len();
                     thread::scope(|scope| {
                         let mut loops = instances
                             .into_iter()
-                            .map(|model| InferenceLoop::new(model, config, name.clone(), version.clone()));
+                            .map(|model| InferenceLoop::new(model, config, name.clone(), version.clone(), statistics.clone()));
                         let first = loops.next().expect("at least one instance");
                         for (i, other) in loops.enumerate() {
                             let receiver = &receiver;
@@ -159,6 +167,9 @@ impl Batcher {
             permits: Arc::new(Semaphore::new(config.max_queued_images)),
             spare: Arc::new(Semaphore::new(config.spare_images)),
             limit: config.max_queued_images,
+            config,
+            instances: instance_count,
+            statistics,
         };
         Ok((batcher, thread))
     }
@@ -188,6 +199,21 @@ impl Batcher {
             waited_ms: 0,
         }
         .after_waiting(waited)
+    }
+
+    /// How this version's batches form.
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    /// How many instances run its batches.
+    pub fn instances(&self) -> usize {
+        self.instances
+    }
+
+    /// What this version has done so far (Triton's statistics).
+    pub fn statistics(&self) -> &Recorder {
+        &self.statistics
     }
 
     /// The `fmnist_queue_waiting_images` gauge of this model version: images of calls waiting for room.
@@ -279,6 +305,9 @@ struct InferenceLoop {
     input: Vec<f32>,
     output: BatchOutput,
     metrics: LoopMetrics,
+    statistics: Arc<Recorder>,
+    /// Reused per batch: each call's wait in the queue.
+    waits: Vec<Duration>,
 }
 
 /// The inference thread's metric handles, labelled with the model once.
@@ -293,7 +322,7 @@ struct LoopMetrics {
 }
 
 impl InferenceLoop {
-    fn new(model: Model, config: BatchConfig, name: Arc<str>, version: Arc<str>) -> Self {
+    fn new(model: Model, config: BatchConfig, name: Arc<str>, version: Arc<str>, statistics: Arc<Recorder>) -> Self {
         let input = Vec::with_capacity(config.max_batch_size * PIXELS);
         let (m, v) = (|| name.to_string(), || version.to_string());
         let metrics = LoopMetrics {
@@ -313,6 +342,8 @@ impl InferenceLoop {
             input,
             output: BatchOutput::default(),
             metrics,
+            statistics,
+            waits: Vec::with_capacity(config.max_batch_size),
         }
     }
 
@@ -425,10 +456,11 @@ impl InferenceLoop {
         let (batch_span, call_spans) = self.trace(&mut batch, n);
         self.metrics.queue_depth.decrement(n as f64);
         self.metrics.batch_size.record(n as f64);
+        self.waits.clear();
         for job in &batch {
-            self.metrics
-                .queue_wait
-                .record(started.duration_since(job.enqueued).as_secs_f64());
+            let wait = started.duration_since(job.enqueued);
+            self.metrics.queue_wait.record(wait.as_secs_f64());
+            self.waits.push(wait);
         }
 
         self.input.clear();
@@ -440,28 +472,47 @@ impl InferenceLoop {
         {
             input.write_scaled(chunk);
         }
+        let scaled = Instant::now();
         let result = batch_span.in_scope(|| self.model.run_into(&self.input, n, &mut self.output));
         drop(call_spans);
-        self.metrics.inference_time.record(started.elapsed().as_secs_f64());
+        let ran = Instant::now();
+        self.metrics
+            .inference_time
+            .record(ran.duration_since(started).as_secs_f64());
 
         match result {
             Ok(()) => {
                 let out = &self.output;
                 let mut offset = 0;
-                for job in batch {
-                    let k = job.inputs.len();
-                    let outputs = (offset..offset + k)
-                        .map(|i| ImageOutput {
-                            probabilities: out.probabilities[i * CLASSES..(i + 1) * CLASSES]
-                                .try_into()
-                                .expect("CLASSES values per image"),
-                            logits: out.logits[i * CLASSES..(i + 1) * CLASSES]
-                                .try_into()
-                                .expect("CLASSES values per image"),
-                            ood_score: out.ood_scores[i],
-                        })
-                        .collect();
-                    offset += k;
+                let answers: Vec<(Job, Vec<ImageOutput>)> = batch
+                    .into_iter()
+                    .map(|job| {
+                        let k = job.inputs.len();
+                        let outputs = (offset..offset + k)
+                            .map(|i| ImageOutput {
+                                probabilities: out.probabilities[i * CLASSES..(i + 1) * CLASSES]
+                                    .try_into()
+                                    .expect("CLASSES values per image"),
+                                logits: out.logits[i * CLASSES..(i + 1) * CLASSES]
+                                    .try_into()
+                                    .expect("CLASSES values per image"),
+                                ood_score: out.ood_scores[i],
+                            })
+                            .collect();
+                        offset += k;
+                        (job, outputs)
+                    })
+                    .collect();
+                // Counted before anyone is answered: a caller that asks for statistics after its answer finds
+                // its batch in them.
+                self.statistics.batch(BatchRecord {
+                    images: n,
+                    waits: &self.waits,
+                    input: scaled.duration_since(started),
+                    infer: ran.duration_since(scaled),
+                    output: ran.elapsed(),
+                });
+                for (job, outputs) in answers {
                     job.answer(Ok(outputs));
                 }
             }

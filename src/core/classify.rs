@@ -18,7 +18,8 @@ use crate::{
     core::batching::{BatchConfig, Reservation},
     core::model::ModelMetadata,
     core::preprocess::{self, ImageData, ModelInput, PreprocessSettings, Rejection},
-    core::registry::{Registry, Snapshot},
+    core::registry::{LoadedModel, Registry, Snapshot},
+    core::statistics::Recorder,
     core::verdict::{self, Reason, Thresholds, Verdict},
     error::{QueueError, RequestError, ServiceError},
     telemetry::metric,
@@ -183,6 +184,27 @@ impl Pipeline {
             .record("version", &version)
             .record("images", req.images.len() as i64);
 
+        let mut counted = Counted {
+            statistics: model.batcher.statistics(),
+            admitted: Instant::now(),
+            ok: false,
+        };
+        let answered = self.classify_on(&model, req, share, deadline, thresholds).await;
+        counted.ok = answered.is_ok();
+        answered
+    }
+
+    /// The part of a call that runs on the version it found: what the version's statistics count.
+    async fn classify_on(
+        &self,
+        model: &LoadedModel,
+        req: ClassifyRequest,
+        share: Option<Arc<ConnectionShare>>,
+        deadline: Option<Instant>,
+        thresholds: Thresholds,
+    ) -> Result<ClassifyResponse, ServiceError> {
+        let name = model.name.as_str();
+        let version = model.version_label();
         let n = req.images.len();
         let reservation = admission::queue_room(&model.batcher, share.as_deref(), n).await?;
         let preprocessing = if traces::enabled() {
@@ -318,6 +340,20 @@ fn record_reasons(verdicts: &[Verdict]) {
     let span = tracing::Span::current();
     for (label, count) in counts {
         traces::attribute(&span, format!("images.{label}"), count);
+    }
+}
+
+/// Counts a call in its version's statistics when it ends: answered, failed, or dropped (its deadline passed
+/// or its client went away), which counts as failed.
+struct Counted<'a> {
+    statistics: &'a Recorder,
+    admitted: Instant,
+    ok: bool,
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.statistics.call(self.ok, self.admitted.elapsed());
     }
 }
 

@@ -10,4 +10,5 @@ pub mod preprocess;
 pub mod reason;
 pub mod registry;
 pub mod repository;
+pub mod statistics;
 pub mod verdict;

@@ -324,6 +324,10 @@ unbounded!(
     crate::inference_pb::RepositoryIndexResponse,
     crate::inference_pb::RepositoryModelLoadResponse,
     crate::inference_pb::RepositoryModelUnloadResponse,
+    crate::inference_pb::ModelConfigRequest,
+    crate::inference_pb::ModelConfigResponse,
+    crate::inference_pb::ModelStatisticsRequest,
+    crate::inference_pb::ModelStatisticsResponse,
 );
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ fn call_metrics(rpc: &'static str, code: tonic::Code) -> (metrics::Counter, metr
 
 /// The methods the server serves; anything else is counted as "unknown". The label must come from a closed
 /// set: a client could otherwise mint a new metric series per made-up path and grow the recorder without end.
-const RPCS: [&str; 14] = [
+const RPCS: [&str; 16] = [
     "Classify",
     "GetModelInfo",
     "Check",
@@ -194,6 +194,8 @@ const RPCS: [&str; 14] = [
     "ServerMetadata",
     "ModelMetadata",
     "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
     "RepositoryIndex",
     "RepositoryModelLoad",
     "RepositoryModelUnload",
@@ -212,7 +214,10 @@ fn rest_label(path: &str) -> Option<&'static str> {
     Some(match segments.as_slice() {
         [""] => "v2/server_metadata",
         ["health", "live" | "ready"] => "v2/health",
+        ["models", "stats"] => "v2/model_statistics",
         ["models", _] | ["models", _, "versions", _] => "v2/model_metadata",
+        ["models", _, "config"] | ["models", _, "versions", _, "config"] => "v2/model_config",
+        ["models", _, "stats"] | ["models", _, "versions", _, "stats"] => "v2/model_statistics",
         ["models", _, "ready"] | ["models", _, "versions", _, "ready"] => "v2/model_ready",
         ["models", _, "infer"] | ["models", _, "versions", _, "infer"] => "v2/infer",
         ["repository", "index"] => "v2/repository_index",
@@ -836,6 +841,9 @@ mod tests {
         assert_eq!(rest_label("/v2/models/infer"), Some("v2/model_metadata"));
         assert_eq!(rest_label("/v2/models/cnn/versions/3/ready"), Some("v2/model_ready"));
         assert_eq!(rest_label("/v2/models/any-name-at-all/infer"), Some("v2/infer"));
+        assert_eq!(rest_label("/v2/models/cnn/versions/2/config"), Some("v2/model_config"));
+        assert_eq!(rest_label("/v2/models/stats"), Some("v2/model_statistics"));
+        assert_eq!(rest_label("/v2/models/cnn/stats"), Some("v2/model_statistics"));
         assert_eq!(rest_label("/v2/whatever/else"), Some("v2/unknown"));
         assert_eq!(rest_label("/app.js"), None);
     }

@@ -322,7 +322,10 @@ async fn model_info_lists_models_classes_and_thresholds() {
     assert!((f64::from(cnn.test_accuracy) - metadata_accuracy("cnn")).abs() < 1e-6);
     let t = info.thresholds.unwrap();
     assert_eq!(t.min_confidence, cnn.min_confidence, "the default model's accept rule");
-    assert_eq!(info.limits.unwrap().max_images_per_request, 64);
+    let limits = info.limits.unwrap();
+    assert_eq!(limits.max_images_per_request, 64);
+    // Issue #40: clients size their calls by the message limit too.
+    assert_eq!(limits.max_message_bytes, 16 << 20, "--max-message-bytes");
 }
 
 /// `--default-model auto` (the shipped default): cnn-int8 on a CPU with 8-bit dot products, cnn elsewhere, and

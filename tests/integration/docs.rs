@@ -293,3 +293,48 @@ impl Help {
         Help { command, args }
     }
 }
+
+/// Issue #40: `--help` named README sections that had moved to docs/. Every `file.md "Section"` that a
+/// `--help` names is a file of the repository with a heading that starts with that section's title.
+#[test]
+fn every_document_and_section_the_help_points_to_exists() {
+    let mut problems = Vec::new();
+    let mut pointers = 0;
+    for command in ["serve", "classify"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fmnist"))
+            .args([command, "--help"])
+            .output()
+            .expect("the fmnist binary runs");
+        // clap wraps long help: a pointer may span lines.
+        let text = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for (at, _) in text.match_indices(".md") {
+            let start = text[..at]
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || "/_-.".contains(c)))
+                .map_or(0, |i| i + 1);
+            let file = &text[start..at + 3];
+            pointers += 1;
+            let Ok(doc) = std::fs::read_to_string(repo().join(file)) else {
+                problems.push(format!("fmnist {command} --help names {file}, which does not exist"));
+                continue;
+            };
+            let rest = &text[at + 3..];
+            if let Some(quoted) = rest.strip_prefix(" \"").and_then(|r| r.split('"').next()) {
+                let found = doc
+                    .lines()
+                    .filter_map(|l| l.strip_prefix('#'))
+                    .any(|h| h.trim_start_matches('#').trim().starts_with(quoted));
+                if !found {
+                    problems.push(format!(
+                        "fmnist {command} --help names {file} \"{quoted}\": no such heading"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(pointers >= 5, "only {pointers} pointers found: the parser lost them");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

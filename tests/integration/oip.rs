@@ -658,7 +658,7 @@ async fn rest_errors_are_json_with_the_status_of_their_kind() {
     let (status, _, _) = http(addr, "GET", "/v2/models/shoes/ready", &[], b"").await;
     assert_eq!(status, 400);
     // A route this server does not have is a 404 that says so, counted with its real code (issue #40).
-    for path in ["/v2/models/cnn/config", "/v2/models/cnn/stats", "/v2/nothing/here"] {
+    for path in ["/v2/trace/setting", "/v2/models/cnn/trace/setting", "/v2/nothing/here"] {
         let (status, _, body) = http(addr, "GET", path, &[], b"").await;
         assert_eq!(status, 404, "{path}");
         let body: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
@@ -755,4 +755,102 @@ async fn rest_binary_tensors_follow_the_json_header() {
     assert_eq!(meta["outputs"][0]["parameters"]["binary_data_size"], 3 * 10 * 4);
     assert_eq!(meta["outputs"][1]["data"], json!(["ACCEPTED", "ACCEPTED", "ACCEPTED"]));
     assert_close(&f32s(&response[json_len..]), &want, "REST binary FP32");
+}
+
+/// Issue #40: Triton's model configuration and statistics extensions, which tritonclient's `get_model_config`
+/// and `get_inference_statistics` call (they answered UNIMPLEMENTED and an empty HTTP 400). The configuration
+/// describes what serves; the statistics count exactly the calls made, over gRPC and REST alike.
+#[tokio::test]
+async fn the_model_config_and_statistics_describe_what_serves_and_count_the_calls_made() {
+    let mut server = TestServer::start(config()).await;
+    let mut oip = client(&server);
+    let version = common::served_version("cnn");
+
+    let config = oip
+        .model_config(oip::ModelConfigRequest {
+            name: "cnn".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(
+        (config.name.as_str(), config.platform.as_str()),
+        ("cnn", "onnxruntime_onnx")
+    );
+    assert_eq!(config.max_batch_size, 64, "--max-batch-size");
+    assert_eq!(config.instance_group[0].count, 1, "--instances");
+    let raw_input = config.input.iter().find(|i| i.name == "raw").unwrap();
+    assert_eq!(
+        (raw_input.data_type, raw_input.dims.as_slice()),
+        (oip::DataType::TypeUint8 as i32, &[28, 28][..])
+    );
+    let (status, _, body) = http(server.addr, "GET", "/v2/models/cnn/config", &[], b"").await;
+    let rest: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(rest["max_batch_size"], 64);
+    assert_eq!(rest["input"][1]["data_type"], "TYPE_UINT8");
+    assert_eq!(rest["output"][0]["dims"], json!([10]));
+
+    // Three calls of 4, 2 and 1 real images: 7 images run, 3 calls answered.
+    let images: Vec<(_, _)> = fixture().into_iter().take(7).collect();
+    for group in [&images[..4], &images[4..6], &images[6..]] {
+        let pixels: Vec<u8> = group.iter().flat_map(|(p, _)| p.to_vec()).collect();
+        let shape = [group.len() as i64, 28, 28];
+        oip.model_infer(infer_raw(input("raw", "UINT8", &shape), pixels))
+            .await
+            .unwrap();
+    }
+    // Refused before it reaches a version (65 images): not the version's to count, as in Triton.
+    let too_many = server.client.classify(request(vec![raw(&images[0].0); 65])).await;
+    assert!(too_many.is_err());
+
+    let stats = oip
+        .model_statistics(oip::ModelStatisticsRequest {
+            name: "cnn".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats;
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    let s = &stats[0];
+    assert_eq!(s.version, version);
+    assert_eq!(s.inference_count, 7, "images run");
+    assert!((1..=3).contains(&s.execution_count), "{} batches", s.execution_count);
+    let inference = s.inference_stats.as_ref().unwrap();
+    let success = inference.success.unwrap();
+    assert_eq!(success.count, 3, "calls answered");
+    assert!(success.ns > 0);
+    assert_eq!(inference.fail.unwrap_or_default().count, 0);
+    assert_eq!(inference.queue.unwrap().count, 3, "calls queued");
+    assert_eq!(inference.compute_infer.unwrap().count, 3);
+    let per_size: u64 = s
+        .batch_stats
+        .iter()
+        .map(|b| b.batch_size * b.compute_infer.unwrap().count)
+        .sum();
+    assert_eq!(per_size, 7, "the batches hold the 7 images: {:?}", s.batch_stats);
+    assert!(s.last_inference > 1_700_000_000_000, "milliseconds since the epoch");
+
+    let (status, _, body) = http(server.addr, "GET", "/v2/models/cnn/stats", &[], b"").await;
+    let rest: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(rest["model_stats"][0]["inference_count"], 7);
+    assert_eq!(rest["model_stats"][0]["inference_stats"]["success"]["count"], 3);
+    let (status, _, body) = http(server.addr, "GET", "/v2/models/stats", &[], b"").await;
+    let all: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200);
+    let models: Vec<&str> = all["model_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(models.contains(&"cnn") && models.contains(&"dense"), "{models:?}");
+    let (status, _, body) = http(server.addr, "GET", "/v2/models/shoes/stats", &[], b"").await;
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
 }

@@ -8,6 +8,7 @@ use crate::{
     api::oip::{self, InferRequest, InputTensor, Param, TensorData},
     core::classify::Pipeline,
     core::control::{ControlCall, ModelControl},
+    core::statistics::Tally,
     error::{ServiceError, clip},
     inference_pb as pb,
     transport::connections::ConnectionInfo,
@@ -94,6 +95,110 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for InferenceServic
             inputs: tensors(&oip::INPUTS),
             outputs: tensors(&oip::OUTPUTS),
         }))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = request.into_inner();
+        let config = oip::model_configuration(&self.core, &r.name, &r.version)?;
+        let data_type = |name: &str| pb::DataType::from_str_name(name).unwrap_or(pb::DataType::TypeInvalid) as i32;
+        let reshape = |shape: Option<Vec<i64>>| shape.map(|shape| pb::ModelTensorReshape { shape });
+        let input = oip::INPUTS
+            .iter()
+            .map(|spec| {
+                let t = oip::ConfigTensor::of(spec);
+                pb::ModelInput {
+                    name: t.name.into(),
+                    data_type: data_type(t.data_type),
+                    dims: t.dims,
+                    reshape: reshape(t.reshape),
+                    // A call sends one of the three forms.
+                    optional: true,
+                }
+            })
+            .collect();
+        let output = oip::OUTPUTS
+            .iter()
+            .map(|spec| {
+                let t = oip::ConfigTensor::of(spec);
+                pb::ModelOutput {
+                    name: t.name.into(),
+                    data_type: data_type(t.data_type),
+                    dims: t.dims,
+                    reshape: reshape(t.reshape),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(pb::ModelConfig {
+                name: config.name.clone(),
+                platform: oip::PLATFORM.into(),
+                backend: "onnxruntime".into(),
+                version_policy: Some(pb::ModelVersionPolicy {
+                    policy_choice: Some(pb::model_version_policy::PolicyChoice::Latest(
+                        pb::model_version_policy::Latest { num_versions: 1 },
+                    )),
+                }),
+                max_batch_size: i32::try_from(config.max_batch_size).unwrap_or(i32::MAX),
+                input,
+                output,
+                instance_group: vec![pb::ModelInstanceGroup {
+                    name: config.name,
+                    count: i32::try_from(config.instances).unwrap_or(i32::MAX),
+                    kind: pb::model_instance_group::Kind::Cpu as i32,
+                }],
+                default_model_filename: config.file,
+                dynamic_batching: Some(pb::ModelDynamicBatching {
+                    max_queue_delay_microseconds: config.max_queue_delay_us,
+                }),
+            }),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = request.into_inner();
+        let tally = |t: Tally| {
+            Some(pb::StatisticDuration {
+                count: t.count,
+                ns: t.ns,
+            })
+        };
+        let model_stats = oip::model_statistics(&self.core, &r.name, &r.version)?
+            .into_iter()
+            .map(|(name, version, s)| pb::ModelStatistics {
+                name,
+                version,
+                last_inference: s.last_inference_ms,
+                inference_count: s.inference_count,
+                execution_count: s.execution_count,
+                inference_stats: Some(pb::InferStatistics {
+                    success: tally(s.success),
+                    fail: tally(s.fail),
+                    queue: tally(s.queue),
+                    compute_input: tally(s.calls.input),
+                    compute_infer: tally(s.calls.infer),
+                    compute_output: tally(s.calls.output),
+                    cache_hit: tally(Tally::default()),
+                    cache_miss: tally(Tally::default()),
+                }),
+                batch_stats: s
+                    .batches
+                    .iter()
+                    .map(|(&batch_size, p)| pb::InferBatchStatistics {
+                        batch_size,
+                        compute_input: tally(p.input),
+                        compute_infer: tally(p.infer),
+                        compute_output: tally(p.output),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
     async fn repository_index(

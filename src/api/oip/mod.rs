@@ -14,6 +14,7 @@ use crate::{
     core::control::{ControlCall, ModelControl},
     core::model::CLASSES,
     core::preprocess::{PIXELS, SIDE},
+    core::statistics::Statistics,
     core::verdict::Verdict,
     error::{ErrorKind, ServiceError, clip},
 };
@@ -21,8 +22,9 @@ use crate::{
 /// What `ServerMetadata` reports.
 pub const SERVER_NAME: &str = "fmnist-serve";
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The protocol extensions served: the HTTP binary tensor extension (tritonclient's default over HTTP).
-pub const EXTENSIONS: [&str; 1] = ["binary_tensor_data"];
+/// The protocol extensions served: the HTTP binary tensor extension (tritonclient's default over HTTP), and
+/// Triton's model configuration and statistics extensions.
+pub const EXTENSIONS: [&str; 3] = ["binary_tensor_data", "model_configuration", "statistics"];
 /// Triton's platform name for ONNX Runtime models.
 pub const PLATFORM: &str = "onnxruntime_onnx";
 
@@ -113,6 +115,105 @@ pub fn describe_model(core: &Pipeline, name: &str, version: &str) -> Result<Mode
         name: model.name.clone(),
         versions,
     })
+}
+
+/// What Triton's model configuration extension (`GET /v2/models/{name}/config`, `ModelConfig`) says of a
+/// model version: built from what serves, never stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfiguration {
+    pub name: String,
+    pub max_batch_size: usize,
+    pub instances: usize,
+    pub max_queue_delay_us: u64,
+    /// The model file the version runs.
+    pub file: String,
+}
+
+/// A tensor in Triton's configuration form: its datatype as `TYPE_*`, its dims without the batch dimension
+/// (Triton's rule when `max_batch_size` > 0), and for a tensor of one element per image, dims `[1]` reshaped
+/// to `[]`, as Triton writes a scalar per batch entry.
+pub struct ConfigTensor {
+    pub name: &'static str,
+    pub data_type: &'static str,
+    pub dims: Vec<i64>,
+    pub reshape: Option<Vec<i64>>,
+}
+
+impl ConfigTensor {
+    pub fn of(spec: &TensorSpec) -> ConfigTensor {
+        let data_type = match spec.datatype {
+            "BYTES" => "TYPE_STRING",
+            "UINT8" => "TYPE_UINT8",
+            "FP32" => "TYPE_FP32",
+            "INT64" => "TYPE_INT64",
+            "BOOL" => "TYPE_BOOL",
+            other => unreachable!("a datatype this service declares: {other}"),
+        };
+        let per_image = spec.shape[1..].to_vec();
+        let (dims, reshape) = if per_image.is_empty() {
+            (vec![1], Some(Vec::new()))
+        } else {
+            (per_image, None)
+        };
+        ConfigTensor {
+            name: spec.name,
+            data_type,
+            dims,
+            reshape,
+        }
+    }
+}
+
+/// `ModelConfig` for the model a call names (its version must be ready, as for `ModelInfer`).
+pub fn model_configuration(core: &Pipeline, name: &str, version: &str) -> Result<ModelConfiguration, ServiceError> {
+    if name.is_empty() {
+        return Err(ServiceError::invalid(
+            "the model name is empty: name the model whose configuration you want",
+        ));
+    }
+    let snapshot = core.models()?;
+    let model = snapshot.find(name, version)?;
+    let batching = model.batcher.config();
+    Ok(ModelConfiguration {
+        name: model.name.clone(),
+        max_batch_size: batching.max_batch_size,
+        instances: model.batcher.instances(),
+        max_queue_delay_us: u64::try_from(batching.max_batch_delay.as_micros()).unwrap_or(u64::MAX),
+        file: model.meta.file.clone(),
+    })
+}
+
+/// `ModelStatistics`: of the model and version named; an empty version is every version that serves, an
+/// empty name every model (as Triton answers).
+pub fn model_statistics(
+    core: &Pipeline,
+    name: &str,
+    version: &str,
+) -> Result<Vec<(String, String, Statistics)>, ServiceError> {
+    let snapshot = core.models()?;
+    if name.is_empty() {
+        return Ok(snapshot
+            .models
+            .values()
+            .flat_map(|served| served.ready.values())
+            .map(|m| (m.name.clone(), m.version.to_string(), m.batcher.statistics().snapshot()))
+            .collect());
+    }
+    if version.is_empty() {
+        // Every version that serves; find() gives the clear error for an unknown or unready model.
+        let model = snapshot.find(name, "")?;
+        return Ok(snapshot.models[&model.name]
+            .ready
+            .values()
+            .map(|m| (m.name.clone(), m.version.to_string(), m.batcher.statistics().snapshot()))
+            .collect());
+    }
+    let model = snapshot.find(name, version)?;
+    Ok(vec![(
+        model.name.clone(),
+        model.version.to_string(),
+        model.batcher.statistics().snapshot(),
+    )])
 }
 
 /// `ModelReady`: the server is not draining, and the model has the version named (or any, when none is named).

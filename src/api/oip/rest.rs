@@ -27,6 +27,7 @@ use crate::{
     core::classify::Pipeline,
     core::control::{ControlCall, ModelControl},
     core::preprocess::PIXELS,
+    core::statistics::Tally,
     error::{ErrorKind, QueueError, ServiceError, clip, json_error},
     transport::connections::ConnectionInfo,
     transport::status,
@@ -83,6 +84,11 @@ pub fn router(core: Pipeline, control: ModelControl, settings: RestSettings) -> 
         .route("/v2/models/{name}/versions/{version}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/{name}/config", get(model_config))
+        .route("/v2/models/{name}/versions/{version}/config", get(model_config))
+        .route("/v2/models/{name}/stats", get(model_statistics))
+        .route("/v2/models/{name}/versions/{version}/stats", get(model_statistics))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
@@ -152,6 +158,87 @@ async fn model_metadata(State(rest): State<Rest>, Path(path): Path<ModelPath>) -
         "inputs": tensors(&oip::INPUTS),
         "outputs": tensors(&oip::OUTPUTS),
     })))
+}
+
+/// Triton's model configuration extension: the configuration Triton would show for this model, in its JSON form.
+async fn model_config(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<Json<Value>, Failed> {
+    let config = oip::model_configuration(&rest.core, &path.name, &path.version)?;
+    let tensors = |specs: &[TensorSpec]| -> Vec<Value> {
+        specs
+            .iter()
+            .map(|spec| {
+                let t = oip::ConfigTensor::of(spec);
+                let mut v = json!({ "name": t.name, "data_type": t.data_type, "dims": t.dims });
+                if let Some(shape) = t.reshape {
+                    v["reshape"] = json!({ "shape": shape });
+                }
+                v
+            })
+            .collect()
+    };
+    let mut inputs = tensors(&oip::INPUTS);
+    // A call sends one of the three forms.
+    for input in &mut inputs {
+        input["optional"] = json!(true);
+    }
+    Ok(Json(json!({
+        "name": config.name,
+        "platform": oip::PLATFORM,
+        "backend": "onnxruntime",
+        "version_policy": { "latest": { "num_versions": 1 } },
+        "max_batch_size": config.max_batch_size,
+        "input": inputs,
+        "output": tensors(&oip::OUTPUTS),
+        "instance_group": [{ "name": config.name, "kind": "KIND_CPU", "count": config.instances }],
+        "dynamic_batching": { "max_queue_delay_microseconds": config.max_queue_delay_us },
+        "default_model_filename": config.file,
+    })))
+}
+
+/// Triton's statistics extension, for one model (and version) or, at `/v2/models/stats`, every model.
+async fn model_statistics(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<Json<Value>, Failed> {
+    if path.name.is_empty() {
+        return Err(ServiceError::invalid("the model name is empty: ask /v2/models/stats for every model").into());
+    }
+    statistics_json(&rest, &path.name, &path.version)
+}
+
+async fn all_statistics(State(rest): State<Rest>) -> Result<Json<Value>, Failed> {
+    statistics_json(&rest, "", "")
+}
+
+fn statistics_json(rest: &Rest, name: &str, version: &str) -> Result<Json<Value>, Failed> {
+    let tally = |t: Tally| json!({ "count": t.count, "ns": t.ns });
+    let stats = oip::model_statistics(&rest.core, name, version)?
+        .into_iter()
+        .map(|(name, version, s)| {
+            json!({
+                "name": name,
+                "version": version,
+                "last_inference": s.last_inference_ms,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    "success": tally(s.success),
+                    "fail": tally(s.fail),
+                    "queue": tally(s.queue),
+                    "compute_input": tally(s.calls.input),
+                    "compute_infer": tally(s.calls.infer),
+                    "compute_output": tally(s.calls.output),
+                    "cache_hit": tally(Tally::default()),
+                    "cache_miss": tally(Tally::default()),
+                },
+                "batch_stats": s.batches.iter().map(|(size, p)| json!({
+                    "batch_size": size,
+                    "compute_input": tally(p.input),
+                    "compute_infer": tally(p.infer),
+                    "compute_output": tally(p.output),
+                })).collect::<Vec<_>>(),
+                "memory_usage": [],
+            })
+        })
+        .collect::<Vec<_>>();
+    Ok(Json(json!({ "model_stats": stats })))
 }
 
 async fn model_ready(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<StatusCode, Failed> {
