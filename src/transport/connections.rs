@@ -20,7 +20,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll, Waker, ready},
     time::Duration,
@@ -29,7 +29,7 @@ use std::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
+    sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc},
     time::{Instant, Sleep},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -108,6 +108,10 @@ pub struct Slot {
     idle_since: AtomicU64,
     close: AtomicU8,
     waker: Mutex<Option<Waker>>,
+    /// Set while a TLS handshake runs: not yet anyone's connection, so the first to go under pressure.
+    handshaking: AtomicBool,
+    /// Wakes a handshake in progress when the connection is asked to close (no read or write sees it then).
+    closing: Notify,
 }
 
 impl Slot {
@@ -119,6 +123,15 @@ impl Slot {
             idle_since: AtomicU64::new(0),
             close: AtomicU8::new(0),
             waker: Mutex::new(None),
+            handshaking: AtomicBool::new(false),
+            closing: Notify::new(),
+        }
+    }
+
+    /// Completes once the connection is asked to close.
+    async fn close_requested_wait(&self) {
+        while self.close_requested().is_none() {
+            self.closing.notified().await;
         }
     }
 
@@ -141,6 +154,7 @@ impl Slot {
     /// started by then).
     pub fn close(&self, cause: CloseCause) {
         self.close.store(cause as u8, Ordering::SeqCst);
+        self.closing.notify_one();
         if let Some(waker) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
             waker.wake();
         }
@@ -195,20 +209,33 @@ impl Slots {
         }
     }
 
-    /// Asks the connection idle the longest to close; false when none may be evicted (every one has a call in
-    /// flight, is in use between calls, is new, or is closing already).
+    /// Asks one connection without a call in flight to close, choosing, in order: a TLS handshake that has
+    /// run past [`FRESH`] (not yet anyone's connection); the connection idle the longest, once idle for
+    /// [`IN_USE`]; and else the one whose last call ended the longest ago, however recently: a connection
+    /// that makes a cheap call every half second must not hold its slot for ever (issue #35). A connection
+    /// that has had no call yet is never chosen before it is [`FRESH`]. False when none may be evicted
+    /// (every one has a call in flight, is new, or is closing already).
     fn evict_longest_idle(&self) -> bool {
         let now = Instant::now();
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let victim = open
-            .values()
-            .filter(|slot| slot.close_requested().is_none())
-            .filter_map(|slot| {
-                let idle = now.saturating_duration_since(slot.idle_since()?);
-                let never_called = slot.calls_started.load(Ordering::SeqCst) == 0;
-                (idle >= if never_called { FRESH } else { IN_USE }).then_some((idle, slot))
+        let candidates = || {
+            open.values()
+                .filter(|slot| slot.close_requested().is_none())
+                .filter_map(|slot| {
+                    let idle = now.saturating_duration_since(slot.idle_since()?);
+                    let never_called = slot.calls_started.load(Ordering::SeqCst) == 0;
+                    (!never_called || idle >= FRESH).then_some((idle, slot))
+                })
+        };
+        let victim = candidates()
+            .filter(|(_, slot)| slot.handshaking.load(Ordering::SeqCst))
+            .max_by_key(|(idle, _)| *idle)
+            .or_else(|| {
+                candidates()
+                    .filter(|(idle, _)| *idle >= IN_USE)
+                    .max_by_key(|(idle, _)| *idle)
             })
-            .max_by_key(|(idle, _)| *idle);
+            .or_else(|| candidates().max_by_key(|(idle, _)| *idle));
         match victim {
             Some((_, slot)) => {
                 slot.close(CloseCause::Evicted);
@@ -289,8 +316,21 @@ async fn accept_loop(
             }
             Some(acceptor) => {
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                info.slot.handshaking.store(true, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp)).await {
+                    let slot = info.slot.clone();
+                    let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp));
+                    // An eviction ends a handshake at once: its slot is what the newcomer waits for.
+                    let handshake = tokio::select! {
+                        done = handshake => done,
+                        () = slot.close_requested_wait() => {
+                            tracing::debug!(%remote, "TLS handshake evicted");
+                            metrics::counter!(metric::CONNECTIONS_CLOSED, "cause" => "evicted").increment(1);
+                            return;
+                        }
+                    };
+                    slot.handshaking.store(false, Ordering::SeqCst);
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let transport = Transport::Tls(Box::new(stream));
                             let connection = Connection::new(transport, info, limits, held);
@@ -313,9 +353,9 @@ async fn accept_loop(
     }
 }
 
-/// A place under the connection cap for a connection just accepted: free at once, or made by evicting the
-/// connection idle the longest, or else waited for (no connection may be evicted while all have calls in
-/// flight or are in use between calls).
+/// A place under the connection cap for a connection just accepted: free at once, or made by evicting a
+/// connection ([`Slots::evict_longest_idle`]), or else waited for (no connection may be evicted while every
+/// one has a call in flight or is new).
 async fn room(open: &Arc<Semaphore>, slots: &Slots) -> OwnedSemaphorePermit {
     loop {
         if let Ok(permit) = open.clone().try_acquire_owned() {

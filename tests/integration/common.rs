@@ -74,6 +74,12 @@ impl TestServer {
         Self::start_with(config, Some(tls)).await
     }
 
+    /// Starts a TLS server whose returned client trusts `ca` and presents no certificate.
+    pub async fn start_tls_trusting(config: Config, ca: Certificate) -> TestServer {
+        let tls = ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost");
+        Self::start_with(config, Some(tls)).await
+    }
+
     /// Starts a server without waiting for its models: it listens at once and loads them meanwhile.
     pub async fn start_loading(config: Config) -> TestServer {
         Self::spawn(config, None).await

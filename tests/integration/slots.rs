@@ -92,6 +92,32 @@ fn ping_only(addr: SocketAddr) -> Attempt {
     })
 }
 
+/// An HTTP/2 connection that makes a cheap call (a health check) every 500 ms, as long as it stays open.
+fn cheap_calls(addr: SocketAddr) -> Attempt {
+    Box::pin(async move {
+        let Ok(tcp) = TcpStream::connect(addr).await else {
+            return;
+        };
+        let Ok((client, connection)) = h2::client::handshake(tcp).await else {
+            return;
+        };
+        let connection = tokio::spawn(connection);
+        while !connection.is_finished() {
+            let Ok(mut client) = client.clone().ready().await else {
+                return;
+            };
+            let Ok((response, mut send)) = client.send_request(grpc_call("/grpc.health.v1.Health/Check"), false) else {
+                return;
+            };
+            if send.send_data(Bytes::from_static(EMPTY_MESSAGE), true).is_err() || grpc_status(response).await.is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 /// An HTTP/1.1 request head sent a byte every 500 ms, never finished.
 fn slowloris(addr: SocketAddr) -> Attempt {
     Box::pin(async move {
@@ -523,4 +549,90 @@ async fn a_whole_unary_message_without_the_end_of_its_stream_fails_after_the_gra
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(6), "ended after {waited:?}");
     drop(send);
+}
+
+/// Issue #35: connections that each make a cheap call every half second held every slot, since a connection
+/// with a call in the last second could not be evicted: a new client got no connection in 20 s. The slot of
+/// the connection whose last call ended longest ago is reclaimed instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_kept_busy_with_cheap_calls_yield_slots_to_a_polite_caller_and_probes() {
+    let elsewhere = open_elsewhere();
+    let server = TestServer::start(slot_config()).await;
+    let attack = Attack::start(ATTACKERS, server.addr, cheap_calls);
+    until_slots_are_held(&server, elsewhere).await;
+    let (polite, probes) = polite_caller_and_probes(server.addr).await;
+    drop(attack);
+    assert_got_through("connections making a cheap call every 0.5 s", polite, probes);
+}
+
+/// Issue #35: with TLS on, sockets that connect and never start their handshake held their slots for the
+/// whole handshake timeout, and the polite client's idle connection was evicted instead (an eviction request
+/// does nothing to a handshake in progress). A handshake is the first to go, and goes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_in_a_tls_handshake_are_evicted_before_an_established_client() {
+    use rcgen::{CertificateParams, KeyPair};
+    use tonic::transport::{Certificate, ClientTlsConfig};
+
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("fmnist-tls-slots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    let mut config = slot_config();
+    config.tls_cert = Some(dir.join("server.pem"));
+    config.tls_key = Some(dir.join("server.key"));
+    config.tls_handshake_timeout_s = 30;
+    let elsewhere = open_elsewhere();
+    let server = TestServer::start_tls_trusting(config, Certificate::from_pem(cert.pem())).await;
+    let connect = || async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(cert.pem()))
+            .domain_name("localhost");
+        let channel = Channel::from_shared(format!("https://{}", server.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .expect("a TLS client connects");
+        ClassifierClient::new(channel)
+    };
+    let (pixels, _) = fixture()[0];
+    // An established client (the test server's own, its only connection so far), idle between its calls.
+    let mut established = server.client.clone();
+    established.classify(request(vec![raw(&pixels)])).await.unwrap();
+    // Silent sockets fill the other slots and stay in their handshakes.
+    let mut silent = Vec::new();
+    for _ in 0..SLOTS - 1 {
+        silent.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // (A handshake is not yet counted in fmnist_connections_open.) Past FRESH, each may be evicted.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let started = Instant::now();
+    let mut newcomer = connect().await;
+    newcomer
+        .classify(request(vec![raw(&pixels)]))
+        .await
+        .expect("the newcomer is served");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(2), "the new TLS client waited {waited:?}");
+    // Both clients' connections are open: the newcomer's place was a handshake's.
+    let open = metric(&server.metrics().await, "fmnist_connections_open");
+    assert_eq!(
+        open,
+        elsewhere + 2.0,
+        "open connections beside the handshakes (the established one was evicted)"
+    );
+    let mut call = tonic::Request::new(request(vec![raw(&pixels)]));
+    call.set_timeout(Duration::from_secs(2));
+    established
+        .classify(call)
+        .await
+        .expect("the established client kept its connection: a handshake was evicted instead");
+    drop(silent);
 }
