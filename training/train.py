@@ -145,9 +145,14 @@ def train_epoch(model: torch.nn.Module, opt, sched, x_train, batch_size: int, ge
     return loss_sum / seen, correct / seen
 
 
-def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[torch.nn.Module, list[dict], dict]:
+def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "",
+        checkpoint: Path | None = None) -> tuple[torch.nn.Module, list[dict], dict]:
     """Trains with AdamW + one-cycle LR, keeps the weights with the lowest validation loss (the reference's
-    checkpoint callback) and stops early after `patience` epochs without improvement."""
+    checkpoint callback) and stops early after `patience` epochs without improvement.
+
+    With `checkpoint`, the whole state (weights, optimizer, schedule, every random generator, history and best
+    weights) is saved there after each epoch, and a run that finds one made with the same configuration goes
+    on from the epoch after it: `make train` cut off part-way loses at most the epoch in progress."""
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ARCHITECTURES[cfg.model]()
@@ -157,6 +162,23 @@ def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[t
     history: list[dict] = []
     best = {"val_loss": float("inf"), "epoch": 0}
     best_state = None
+    first_epoch = 1
+    identity = json.dumps({"config": asdict(cfg), "label": label, "train": len(x_train)}, sort_keys=True, default=str)
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        if saved["identity"] == identity:
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            sched.load_state_dict(saved["sched"])
+            gen.set_state(saved["gen"])
+            torch.set_rng_state(saved["torch_rng"])
+            np.random.set_state(saved["numpy_rng"])
+            random.setstate(saved["python_rng"])
+            history, best, best_state = saved["history"], saved["best"], saved["best_state"]
+            first_epoch = saved["epoch"] + 1
+            print(f"{label}resumed from {checkpoint} after epoch {saved['epoch']}", flush=True)
+        else:
+            print(f"{label}{checkpoint} was made with another configuration: starting afresh", flush=True)
 
     def batch_loss(idx):
         xb, yb = x_train[idx], y_train[idx]
@@ -166,7 +188,9 @@ def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[t
         loss = F.cross_entropy(logits, yb)
         return loss, loss, logits, yb, {}
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if epoch - best["epoch"] > cfg.patience:
+            break  # the run this checkpoint came from had stopped early here
         model.train()
         t0 = time.time()
         train_loss, train_acc = train_epoch(model, opt, sched, x_train, cfg.batch_size, gen,
@@ -182,6 +206,14 @@ def fit(cfg: Config, x_train, y_train, x_val, y_val, label: str = "") -> tuple[t
         print(f"{label}epoch {epoch:2d}/{cfg.epochs} train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f} "
               f"val_loss {val_loss:.4f} val_acc {val_acc:.4f} {row['seconds']:.0f}s{' *best' if improved else ''}",
               flush=True)
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            partial = checkpoint.with_suffix(".partial")
+            torch.save({"identity": identity, "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                        "sched": sched.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                        "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), "history": history,
+                        "best": best, "best_state": best_state}, partial)
+            partial.replace(checkpoint)  # atomic: an interruption leaves the previous epoch's checkpoint whole
         if epoch - best["epoch"] >= cfg.patience:
             print(f"{label}early stop: no validation-loss improvement for {cfg.patience} epochs", flush=True)
             break
@@ -350,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         val_size=a.val_size, seed=a.seed, threads=a.threads, smoke=a.smoke, folds=a.folds, data_dir=a.data_dir,
     )
     if cfg.smoke:
-        cfg.epochs, cfg.val_size = 1, 500
+        cfg.epochs, cfg.val_size = a.epochs or 1, 500
         cfg.exposure_epochs = min(cfg.exposure_epochs, 1)
     torch.set_num_threads(cfg.threads)
     out_dir = Path(a.out_dir)
@@ -375,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
           f"config {asdict(cfg)}", flush=True)
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Per-epoch checkpoints outside models/, deleted once the version is written: a rerun after an interruption
+    # (during training or the exposure after it) goes on from the last whole epoch.
+    checkpoint = REPO / "build" / "train-checkpoints" / f"{cfg.model}{'-smoke' if cfg.smoke else ''}.pt"
     if cfg.init_from:
         model = ARCHITECTURES[cfg.model]()
         model.load_state_dict(torch.load(cfg.init_from))
@@ -382,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         history, best = saved["history"], saved["best"]
         t0 -= saved.get("seconds", 0.0)  # the metadata reports the time of both stages
     else:
-        model, history, best = fit(cfg, x_train, y_train, x_val, y_val)
+        model, history, best = fit(cfg, x_train, y_train, x_val, y_val, checkpoint=checkpoint)
         # The best weights in PyTorch form too (git-ignored), with their history: --init-from starts here.
         torch.save(model.state_dict(), out_dir / f"{cfg.model}.pt")
         (out_dir / f"{cfg.model}.pt.json").write_text(
@@ -402,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     export_and_evaluate(model, cfg=asdict(cfg), history=history, best=best, train_seconds=train_seconds,
                         x_val=x_val, out_dir=version_dir, data_dir=Path(cfg.data_dir))
+    checkpoint.unlink(missing_ok=True)
     return 0
 
 

@@ -189,7 +189,9 @@ impl Pipeline {
             admitted: Instant::now(),
             ok: false,
         };
-        let answered = self.classify_on(&model, req, share, deadline, thresholds).await;
+        let answered = self
+            .classify_on(&model, version, req, share, deadline, thresholds)
+            .await;
         counted.ok = answered.is_ok();
         answered
     }
@@ -198,13 +200,13 @@ impl Pipeline {
     async fn classify_on(
         &self,
         model: &LoadedModel,
+        version: String,
         req: ClassifyRequest,
         share: Option<Arc<ConnectionShare>>,
         deadline: Option<Instant>,
         thresholds: Thresholds,
     ) -> Result<ClassifyResponse, ServiceError> {
         let name = model.name.as_str();
-        let version = model.version_label();
         let n = req.images.len();
         let reservation = admission::queue_room(&model.batcher, share.as_deref(), n).await?;
         let preprocessing = if traces::enabled() {
