@@ -198,6 +198,8 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// The call names a route or method this server does not have.
     NotFound,
+    /// The request is larger than the server takes at all: send less per call (retrying it as is cannot help).
+    TooLarge,
 }
 
 /// Why a call failed, for any adapter: a kind and a message for the caller.

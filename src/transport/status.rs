@@ -22,6 +22,8 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::PermissionDenied => Code::PermissionDenied,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::NotFound => Code::NotFound,
+        // As tonic itself answers a gRPC message over its limit.
+        ErrorKind::TooLarge => Code::OutOfRange,
     }
 }
 
@@ -43,6 +45,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::FailedPrecondition => StatusCode::CONFLICT,
         ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
     }
 }
 
@@ -97,5 +100,6 @@ mod tests {
         assert_eq!(http_status(ErrorKind::Unauthenticated), StatusCode::UNAUTHORIZED);
         assert_eq!(http_status(ErrorKind::PermissionDenied), StatusCode::FORBIDDEN);
         assert_eq!(http_status(ErrorKind::FailedPrecondition), StatusCode::CONFLICT);
+        assert_eq!(http_status(ErrorKind::TooLarge), StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

@@ -854,3 +854,26 @@ async fn the_model_config_and_statistics_describe_what_serves_and_count_the_call
     let (status, _, body) = http(server.addr, "GET", "/v2/models/shoes/stats", &[], b"").await;
     assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
 }
+
+/// Issue #40: a REST body over the message limit is a 413 with a JSON error that says which limit and what to
+/// send instead (it was a 400 telling a caller of one 17 MiB image to "send fewer images per call").
+#[tokio::test]
+async fn a_rest_body_over_the_limit_is_a_413_naming_the_limit() {
+    let server = TestServer::start(config()).await;
+    let big = vec![b' '; (16 << 20) + 1];
+    let (status, _, body) = http(
+        server.addr,
+        "POST",
+        "/v2/models/cnn/infer",
+        &[("content-type", "application/json".into())],
+        &big,
+    )
+    .await;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("--max-message-bytes") && error.contains("smaller images"),
+        "{error}"
+    );
+}

@@ -401,9 +401,12 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, Servic
             .filter(|s| s.code() == tonic::Code::ResourceExhausted);
         match refused {
             Some(status) => ServiceError::new(ErrorKind::Overloaded, status.message()),
-            None if e.to_string().contains("length limit") => ServiceError::invalid(format!(
-                "request body is over {limit} bytes: send fewer images per call"
-            )),
+            None if e.to_string().contains("length limit") => ServiceError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "request body is over {limit} bytes (--max-message-bytes): send fewer or smaller images per call"
+                ),
+            ),
             None => ServiceError::invalid(format!("cannot read the request body: {e}")),
         }
     })
