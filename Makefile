@@ -6,7 +6,7 @@ TRAIN_VENV := .venv-train
 PY_VENV := .venv-tools
 OIP_VENV := .venv-oip
 
-.PHONY: run test test-deps rust-components oip-venv check setup ort build train train-cv ood-sets ood-head product-photos test-training bench image lint-deploy tools fresh-check fixtures clean
+.PHONY: run test test-deps rust-components oip-venv node-client check setup ort build train train-cv ood-sets ood-head product-photos test-training bench image lint-deploy tools fresh-check fixtures clean
 
 ## run: start the service with the bundled models (gRPC :50051, browser page http://localhost:50051/, metrics :9090)
 run: build
@@ -35,7 +35,7 @@ test: test-deps
 # already there, so test-deps itself also works offline once it has run.
 test-deps:
 	bash scripts/setup-system.sh chromium prometheus openssl
-	$(MAKE) --no-print-directory rust-components ort tools oip-venv
+	$(MAKE) --no-print-directory rust-components ort tools oip-venv node-client
 	$(CARGO) fetch --locked --offline 2>/dev/null || $(CARGO) fetch --locked
 
 # rustfmt and clippy, which `make test` runs, through rustup when the toolchain came from it.
@@ -75,6 +75,14 @@ fresh-check:
 	bash scripts/fresh-check.sh
 
 # tritonclient and the kserve SDK for tests/oip_clients.sh: their own environment, as they need protobuf < 7.
+# The Node.js client's packages from the npm registry, exactly as package-lock.json pins them (integrity hashes
+# checked): installed here, in the phase with the network, so tests/node_client.sh runs offline.
+node-client: clients/node/node_modules/.package-lock.json
+clients/node/node_modules/.package-lock.json: clients/node/package-lock.json
+	command -v node >/dev/null && command -v npm >/dev/null || bash scripts/setup-system.sh nodejs npm
+	cd clients/node && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 oip-venv: $(OIP_VENV)/.installed
 $(OIP_VENV)/.installed: tests/requirements-oip.txt scripts/install-lock.sh
 	bash scripts/install-lock.sh python3 $(OIP_VENV) tests/requirements-oip.txt

@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 fail() { echo "FAIL: $*"; exit 1; }
 pass() { echo "ok - $*"; }
-command -v node >/dev/null && command -v npm >/dev/null || bash scripts/setup-system.sh nodejs npm
-(cd clients/node && npm ci --no-audit --no-fund --ignore-scripts >/dev/null)
-pass "npm ci installed @grpc/grpc-js and @grpc/proto-loader from clients/node/package-lock.json"
+# `make test-deps` (node-client) installs the packages with `npm ci`, where the network is; this runs offline.
+command -v node >/dev/null || fail "node missing: run \`make test-deps\`"
+[ -d clients/node/node_modules/@grpc/grpc-js ] || fail "clients/node/node_modules missing: run \`make test-deps\`"
+(cd clients/node && npm ls --offline --all >/dev/null 2>&1) || fail "clients/node/node_modules differs from package-lock.json: run \`make test-deps\`"
+pass "@grpc/grpc-js and @grpc/proto-loader installed as clients/node/package-lock.json pins them"
 classify() { node clients/node/classify.js "$@"; }
 
 source tests/lib/server.sh
