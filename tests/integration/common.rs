@@ -442,3 +442,32 @@ pub fn calibrated(model: &str, probabilities: [f32; 10]) -> [f32; 10] {
 pub fn metadata_accuracy(model: &str) -> f64 {
     shipped_metadata(model)["metrics"]["test_accuracy"].as_f64().unwrap()
 }
+
+/// A gRPC call for an HTTP/2 client whose body the test sends itself (`h2`).
+pub fn grpc_call(path: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("POST")
+        .uri(format!("http://test{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// A gRPC-framed message: `fields` (encoded protobuf) followed by an unknown field 100 of `padding` bytes,
+/// which every protobuf decoder skips: a valid message of any size.
+pub fn padded_grpc_message(fields: &[u8], padding: usize) -> bytes::Bytes {
+    let mut message = fields.to_vec();
+    message.extend([0xa2, 0x06]); // field 100, length-delimited
+    let mut len = padding;
+    while len >= 0x80 {
+        message.push((len as u8 & 0x7f) | 0x80);
+        len >>= 7;
+    }
+    message.push(len as u8);
+    message.extend(std::iter::repeat_n(b'x', padding));
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    framed.into()
+}

@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, config, encoded, fixture, metric, png, raw, request};
+use common::{TestServer, config, encoded, fixture, grpc_call, metric, padded_grpc_message, png, raw, request};
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
 
@@ -61,32 +61,8 @@ async fn stalled_uploads_that_fill_the_byte_pool_leave_room_for_ordinary_calls()
     drop(uploads);
 }
 
-/// A gRPC call on an HTTP/2 client whose body the test sends itself.
-fn grpc_call(path: &str) -> http::Request<()> {
-    http::Request::builder()
-        .method("POST")
-        .uri(format!("http://test{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap()
-}
-
-/// A reflection `list_services` request padded with an unknown field to `padding` bytes, gRPC-framed.
-fn padded_reflection_request(padding: usize) -> bytes::Bytes {
-    let mut message = vec![0x3a, 0x00, 0xa2, 0x06]; // list_services = "", then field 100, length-delimited
-    let mut len = padding;
-    while len >= 0x80 {
-        message.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    message.push(len as u8);
-    message.extend(std::iter::repeat_n(b'x', padding));
-    let mut framed = vec![0u8];
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend(message);
-    framed.into()
-}
+/// A reflection request's `list_services = ""`.
+const LIST_SERVICES: &[u8] = &[0x3a, 0x00];
 
 /// Issue #35: reflection streams that sent one padded request, read the answer and stayed open kept every byte
 /// they had sent charged, so a few dozen of them refused every other call with RESOURCE_EXHAUSTED. A
@@ -108,7 +84,10 @@ async fn answered_reflection_streams_left_open_hold_no_request_bytes() {
             let path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
             let (response, mut send) = client.send_request(grpc_call(path), false).unwrap();
             // 40 x 4 x 120 kB: more than the 16 MiB all calls may hold.
-            if send.send_data(padded_reflection_request(120_000), false).is_ok() {
+            if send
+                .send_data(padded_grpc_message(LIST_SERVICES, 120_000), false)
+                .is_ok()
+            {
                 streams.push((response, send));
             }
         }

@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{TestServer, config, fixture, metric, raw, request};
+use common::{TestServer, config, fixture, grpc_call, metric, padded_grpc_message, raw, request};
 use fmnist_serve::{config::Config, pb::classifier_client::ClassifierClient};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -392,17 +392,6 @@ async fn slow_and_silent_sockets_on_the_metrics_port_do_not_hold_up_scrapes() {
     );
 }
 
-/// A gRPC call on an HTTP/2 client whose body the test sends itself.
-fn grpc_call(path: &str) -> http::Request<()> {
-    http::Request::builder()
-        .method("POST")
-        .uri(format!("http://test{path}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap()
-}
-
 /// An empty protobuf message, gRPC-framed (a health check's request).
 const EMPTY_MESSAGE: &[u8] = &[0, 0, 0, 0, 0];
 
@@ -527,20 +516,9 @@ async fn a_whole_unary_message_without_the_end_of_its_stream_fails_after_the_gra
         .send_request(grpc_call("/fashion_mnist.v1.Classifier/Classify"), false)
         .unwrap();
     // A ClassifyRequest of one unknown 600 kB field: whole, valid, and never followed by END_STREAM.
-    let padding = 600_000usize;
-    let mut message = vec![0xa2, 0x06];
-    let mut len = padding;
-    while len >= 0x80 {
-        message.push((len as u8 & 0x7f) | 0x80);
-        len >>= 7;
-    }
-    message.push(len as u8);
-    message.extend(std::iter::repeat_n(0u8, padding));
-    let mut framed = vec![0u8];
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend(message);
+    let framed = padded_grpc_message(&[], 600_000);
     send.reserve_capacity(framed.len());
-    send.send_data(Bytes::from(framed), false).unwrap();
+    send.send_data(framed, false).unwrap();
     let started = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
         .await
