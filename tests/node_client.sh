@@ -43,16 +43,9 @@ out=$(classify --addr "$GRPC_ADDR" --json "${files[@]}")
 [ "$(wc -l <<<"$out")" -eq "${#files[@]}" ] || fail "split calls: $out"
 pass "${#files[@]} files to a server taking 4 images a call: split by GetModelInfo's limit, every file answered"
 
+source tests/lib/tls.sh
 tls=$(mktemp -d)
-(
-  cd "$tls"
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca 2>/dev/null
-  for name in localhost client; do
-    openssl req -newkey rsa:2048 -nodes -keyout $name.key -out $name.csr -subj /CN=$name 2>/dev/null
-    printf 'subjectAltName=DNS:%s\n' $name >$name.ext
-    openssl x509 -req -in $name.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $name.pem -days 1 -extfile $name.ext 2>/dev/null
-  done
-)
+make_test_certs "$tls"
 start_server --tls-cert "$tls/localhost.pem" --tls-key "$tls/localhost.key"
 out=$(classify --addr "localhost:${GRPC_ADDR##*:}" --tls-ca "$tls/ca.pem" --json tests/fixtures/png/ankle-boot-0.png)
 grep -q '"classId":9' <<<"$out" || fail "TLS: $out"

@@ -124,16 +124,9 @@ out=$(classify --addr "$GRPC_ADDR" --json "${files[@]}") || fail "${#files[@]} f
 pass "${#files[@]} files against a server that takes 8 per call: split by the limit GetModelInfo reports"
 
 # TLS and mutual TLS: a CA, a server certificate for localhost and a client certificate, made with openssl.
+source tests/lib/tls.sh
 tls=$(mktemp -d)
-(
-  cd "$tls"
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca 2>/dev/null
-  for name in localhost client; do
-    openssl req -newkey rsa:2048 -nodes -keyout $name.key -out $name.csr -subj /CN=$name 2>/dev/null
-    printf 'subjectAltName=DNS:%s\n' $name >$name.ext
-    openssl x509 -req -in $name.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $name.pem -days 1 -extfile $name.ext 2>/dev/null
-  done
-)
+make_test_certs "$tls"
 start_server --tls-cert "$tls/localhost.pem" --tls-key "$tls/localhost.key" --tls-client-ca "$tls/ca.pem"
 grep -q 'tls="mutual' "$SERVER_LOG" || fail "the start-up log does not name the TLS mode: $(head -3 "$SERVER_LOG")"
 tls_port=${GRPC_ADDR##*:}
