@@ -71,7 +71,7 @@ pub struct Config {
     /// batches from the version's one queue side by side (Triton's instance_group count). More instances
     /// with fewer threads each let a batch run while another forms; each costs one more session's memory.
     /// 0 = one per core, at most 4. One is the default because no other layout measured better everywhere
-    /// (bench/README.md "Performance round 4": on 2 cores, `--instances 2 --ort-threads 1` served 5-50% more
+    /// (bench/README.md "Performance round 4": on 2 cores, `--instances 2 --ort-threads 1` served 5-38% more
     /// images at 16 per call under load, and 30-47% fewer for a lone caller).
     #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 1)]
     pub instances: usize,

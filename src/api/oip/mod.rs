@@ -14,6 +14,7 @@ use crate::{
     core::control::{ControlCall, ModelControl},
     core::model::CLASSES,
     core::preprocess::{PIXELS, SIDE},
+    core::registry::LoadedModel,
     core::statistics::Statistics,
     core::verdict::Verdict,
     error::{ErrorKind, ServiceError, clip},
@@ -103,11 +104,7 @@ pub struct ModelDescription {
 
 /// `ModelMetadata` for the model a call names (the version it names must be ready, as for `ModelInfer`).
 pub fn describe_model(core: &Pipeline, name: &str, version: &str) -> Result<ModelDescription, ServiceError> {
-    if name.is_empty() {
-        return Err(ServiceError::invalid(
-            "the model name is empty: name the model to describe",
-        ));
-    }
+    require_name(name, "to describe")?;
     let snapshot = core.models()?;
     let model = snapshot.find(name, version)?;
     let versions = snapshot.models[&model.name].ready.keys().map(u64::to_string).collect();
@@ -166,11 +163,7 @@ impl ConfigTensor {
 
 /// `ModelConfig` for the model a call names (its version must be ready, as for `ModelInfer`).
 pub fn model_configuration(core: &Pipeline, name: &str, version: &str) -> Result<ModelConfiguration, ServiceError> {
-    if name.is_empty() {
-        return Err(ServiceError::invalid(
-            "the model name is empty: name the model whose configuration you want",
-        ));
-    }
+    require_name(name, "whose configuration you want")?;
     let snapshot = core.models()?;
     let model = snapshot.find(name, version)?;
     let batching = model.batcher.config();
@@ -191,29 +184,33 @@ pub fn model_statistics(
     version: &str,
 ) -> Result<Vec<(String, String, Statistics)>, ServiceError> {
     let snapshot = core.models()?;
+    let row = |m: &LoadedModel| (m.name.clone(), m.version.to_string(), m.batcher.statistics().snapshot());
     if name.is_empty() {
         return Ok(snapshot
             .models
             .values()
             .flat_map(|served| served.ready.values())
-            .map(|m| (m.name.clone(), m.version.to_string(), m.batcher.statistics().snapshot()))
+            .map(|m| row(m))
             .collect());
     }
-    if version.is_empty() {
-        // Every version that serves; find() gives the clear error for an unknown or unready model.
-        let model = snapshot.find(name, "")?;
-        return Ok(snapshot.models[&model.name]
-            .ready
-            .values()
-            .map(|m| (m.name.clone(), m.version.to_string(), m.batcher.statistics().snapshot()))
-            .collect());
-    }
+    // find() gives the clear error for an unknown or unready model or version.
     let model = snapshot.find(name, version)?;
-    Ok(vec![(
-        model.name.clone(),
-        model.version.to_string(),
-        model.batcher.statistics().snapshot(),
-    )])
+    if !version.is_empty() {
+        return Ok(vec![row(model)]);
+    }
+    // Every version that serves.
+    Ok(snapshot.models[&model.name].ready.values().map(|m| row(m)).collect())
+}
+
+/// Refuses an empty model name, saying what the name is needed for ("the model name is empty: name the model
+/// `purpose`").
+fn require_name(name: &str, purpose: &str) -> Result<(), ServiceError> {
+    if name.is_empty() {
+        return Err(ServiceError::invalid(format!(
+            "the model name is empty: name the model {purpose}"
+        )));
+    }
+    Ok(())
 }
 
 /// `ModelReady`: the server is not draining, and the model has the version named (or any, when none is named).

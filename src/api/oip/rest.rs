@@ -94,8 +94,8 @@ pub fn router(core: Pipeline, control: ModelControl, settings: RestSettings) -> 
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{name}/load", post(load))
         .route("/v2/repository/models/{name}/unload", post(unload))
-        // Any other path under /v2 (Triton's model config and statistics routes among them) is a 404 that
-        // says so, not the gRPC fallback's empty 400.
+        // Any other path under /v2 (Triton's trace and log settings, for example) is a 404 that says so, not
+        // the gRPC fallback's empty 400.
         .route("/v2/{*rest}", any(unknown_route))
         .with_state(Rest {
             core,
@@ -109,7 +109,7 @@ async fn unknown_route(request: Request) -> Response {
         ErrorKind::NotFound,
         format!(
             "no route {} {}: this server answers the Open Inference Protocol's health, metadata, ready, infer and \
-             repository routes (docs/api.md)",
+             repository routes, and Triton's model config and stats routes (docs/api.md)",
             request.method(),
             clip(request.uri().path())
         ),
