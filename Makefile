@@ -29,6 +29,7 @@ test: test-deps
 	bash tests/traces.sh
 	bash tests/oip_clients.sh
 	bash tests/web.sh
+	bash tests/drift.sh
 
 # Everything the tests download, first and in this order: a registry hiccup then fails the run before any
 # compile, and every later step works offline (.ci/run runs them without a network). Each step skips what is
@@ -96,8 +97,8 @@ TRAIN_STAMPS := build/train-stages
 TRAIN_PY := set -o pipefail; $(TRAIN_VENV)/bin/python
 OOD_ARGS = --ood-dir $(OOD_DIR) --exposure-dirs $(EXPOSURE_DIR) --shapes-dir $(SHAPES_DIR) --held-out-dir $(HELD_OUT_DIR)
 
-## train: retrain everything that ships, from scratch, into new versions in models/: the dense model, the CNN with its second exposure stage (3 seeds x 7 left-out groups), cnn-int8, the OOD protocol (leave-one-group-out table, detector, temperature, accept rule) and its fixtures, then the garment head on both CNNs (issue #36). Resumable: each stage leaves a stamp in build/train-stages/ and a rerun starts at the first stage without one (delete a stamp to redo that stage and what follows). Several hours on 2 cores; log in train.log
-train: $(TRAIN_STAMPS)/8-head-fixtures
+## train: retrain everything that ships, from scratch, into new versions in models/: the dense model, the CNN with its second exposure stage (3 seeds x 7 left-out groups), cnn-int8, the OOD protocol (leave-one-group-out table, detector, temperature, accept rule) and its fixtures, then the garment head on both CNNs (issue #36), and each new version's drift reference (issue #38). Resumable: each stage leaves a stamp in build/train-stages/ and a rerun starts at the first stage without one (delete a stamp to redo that stage and what follows). Several hours on 2 cores; log in train.log
+train: $(TRAIN_STAMPS)/9-drift-reference
 	@echo "make train: every stage done (stamps in $(TRAIN_STAMPS))"
 
 $(TRAIN_STAMPS)/0-ood-sets:
@@ -134,6 +135,13 @@ $(TRAIN_STAMPS)/7-head: $(TRAIN_STAMPS)/6-protocol
 	touch $@
 $(TRAIN_STAMPS)/8-head-fixtures: $(TRAIN_STAMPS)/7-head
 	$(TRAIN_PY) training/ood_head.py fixtures 2>&1 | tee -a train.log
+	touch $@
+# Each newest version's drift reference (docs/drift.md): its validation split replayed through the release
+# server, the metrics written into its model.json.
+$(TRAIN_STAMPS)/9-drift-reference: $(TRAIN_STAMPS)/8-head-fixtures
+	$(MAKE) --no-print-directory ort
+	$(CARGO) build --release --locked --bin fmnist
+	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/drift_reference.py --model $$m || exit 1; done 2>&1 | tee -a train.log
 	touch $@
 
 # Out-of-distribution images through the service's own preprocessing: the evaluation groups (build/ood, each

@@ -131,7 +131,7 @@ fn validation(c: &mut Criterion) {
             return;
         }
     };
-    let service = FashionMnistService::new(Pipeline::new(models, config.policy()), config.max_message_bytes);
+    let service = FashionMnistService::new(Pipeline::new(models, config.policy(), None), config.max_message_bytes);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -64,7 +64,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .versions
         .last_key_value()
         .ok_or_else(|| format!("no version of {} in {}", args.model, args.models_dir.display()))?;
-    let mut models = Model::load_instances(&newest.path, &options, largest, args.sessions)?;
+    let mut models = Model::load_sessions(
+        &newest.path,
+        &options,
+        largest,
+        &vec![options.intra_threads; args.sessions.max(1)],
+    )?;
 
     let raw = std::fs::read(&args.images)?;
     if raw.len() < PIXELS || raw.len() % PIXELS != 0 {

@@ -5,6 +5,13 @@ use std::{io::IsTerminal, sync::OnceLock};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
+/// Upper bounds of the top-probability histogram.
+const TOP_PROBABILITY_BUCKETS: [f64; 9] = [0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0];
+/// Upper bounds of the OOD margin histogram (the score minus the model's threshold: above 0 is rejected).
+const OOD_MARGIN_BUCKETS: [f64; 12] = [-8.0, -4.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0, 4.0];
+/// Upper bounds of the brightness and contrast histograms (pixel mean and standard deviation, over 255).
+const INPUT_BUCKETS: [f64; 10] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8];
+
 /// Declares each metric once: its name as a constant, and its help text, which is both the constant's doc and
 /// the `# HELP` line `/metrics` writes (`describe`).
 macro_rules! metrics {
@@ -40,6 +47,35 @@ metrics! {
     INFERENCE_TIME: histogram = "fmnist_inference_duration_seconds";
     /// Images per ONNX Runtime run, by `model` and `version`.
     BATCH_SIZE: histogram = "fmnist_batch_size_images";
+    /// Batches run on the version's solo session (`--solo-threads`: no other instance busy, nothing waiting),
+    /// by `model` and `version`; the rest ran on an instance's own session.
+    SOLO_BATCHES: counter = "fmnist_solo_batches_total";
+    /// Images the model saw, by `model`, `version` and predicted `class` (drift: the class mix).
+    PREDICTED_CLASS: counter = "fmnist_predicted_class_total";
+    /// Calibrated top probability of each image the model saw, by `model` and `version`.
+    TOP_PROBABILITY: histogram = "fmnist_top_probability";
+    /// OOD score minus the model's own threshold (above 0: rejected), by `model` and `version`.
+    OOD_MARGIN: histogram = "fmnist_ood_margin";
+    /// Pixel mean over 255 of each 28x28 input, by `model` and `version`.
+    INPUT_BRIGHTNESS: histogram = "fmnist_input_brightness";
+    /// Pixel standard deviation over 255 of each 28x28 input, by `model` and `version`.
+    INPUT_CONTRAST: histogram = "fmnist_input_contrast";
+    /// Share of the validation split per verdict `reason`, by `model` and `version` (the model's drift
+    /// reference).
+    REFERENCE_REASON_SHARE: gauge = "fmnist_drift_reference_reason_share";
+    /// Share of the validation split per predicted `class`, by `model` and `version`.
+    REFERENCE_CLASS_SHARE: gauge = "fmnist_drift_reference_class_share";
+    /// The validation split's mean of a drift `signal` (top_probability_mean, ood_margin_mean, brightness_mean,
+    /// contrast_mean), by `model` and `version`.
+    REFERENCE: gauge = "fmnist_drift_reference";
+    /// The memory budget's terms, by `term` (baseline, model_sessions, large_decodes, small_decodes,
+    /// request_bytes, connections, capture_queue, total): the most the server can hold (docs/reliability.md).
+    MEMORY_BUDGET: gauge = "fmnist_memory_budget_bytes";
+    /// The memory limit of the process's cgroup hierarchy (the lowest on the way up), when there is one.
+    MEMORY_LIMIT: gauge = "fmnist_memory_limit_bytes";
+    /// Images offered to the capture (`--capture-dir`), by `outcome`: not_sampled, queued, dropped_queue_full
+    /// (the writer is behind: a slow or failing disk), written, write_failed.
+    CAPTURE_RECORDS: counter = "fmnist_capture_records_total";
     /// Calls that did not fit in the batch being formed and opened the next one, by `model` and `version`.
     CARRIED_JOBS: counter = "fmnist_batch_carried_calls_total";
     /// Images queued or running, by `model` and `version`.
@@ -122,6 +158,12 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(metric::BATCH_SIZE.into()), &batch))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(metric::TOP_PROBABILITY.into()), &TOP_PROBABILITY_BUCKETS)
+                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(metric::OOD_MARGIN.into()), &OOD_MARGIN_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(metric::INPUT_BRIGHTNESS.into()), &INPUT_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(metric::INPUT_CONTRAST.into()), &INPUT_BUCKETS))
                 .expect("bucket lists are non-empty")
                 .install_recorder()
                 .expect("the Prometheus recorder is installed once per process");

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 CLIENT = sys.argv[1]
-if CLIENT == "triton":
+if CLIENT in ("triton", "triton-tls"):
     import tritonclient.grpc as tgrpc
     import tritonclient.http as thttp
     from tritonclient.utils import InferenceServerException
@@ -372,9 +372,53 @@ def test_model_config_and_statistics():
     ok("tritonclient gRPC and HTTP: get_model_config, and get_inference_statistics counting 5 images in 2 calls")
 
 
+def test_tritonclient_tls(tls_port, mtls_port, certs):
+    """tritonclient over TLS and mutual TLS, gRPC and HTTP, against servers with the test CA's certificate for
+    localhost: the answers equal the plaintext server's; mutual TLS refuses a client without a certificate."""
+    import ssl
+
+    certs = Path(certs)
+    ca = (certs / "ca.pem").read_bytes()
+    images, _ = fixture(8)
+    want = classify_reference(images=images)
+
+    client = tgrpc.InferenceServerClient(f"localhost:{tls_port}", ssl=True, root_certificates=str(certs / "ca.pem"))
+    assert client.is_server_ready()
+    r = client.infer("cnn", [triton_input("raw", images, "UINT8")])
+    assert_close(r.as_numpy("probabilities"), want, "tritonclient gRPC over TLS")
+    ok("tritonclient gRPC over TLS (ssl=True, root_certificates=the test CA): ready, and the plaintext answers")
+
+    def tls_context(**_):
+        return ssl.create_default_context(cadata=ca.decode())
+
+    http = thttp.InferenceServerClient(f"localhost:{tls_port}", ssl=True, ssl_context_factory=tls_context)
+    assert http.is_server_ready()
+    inp = thttp.InferInput("raw", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images, binary_data=True)
+    r = http.infer("cnn", [inp])
+    assert_close(r.as_numpy("probabilities"), want, "tritonclient HTTP over TLS")
+    ok("tritonclient HTTP over TLS (ssl=True, an SSL context trusting the test CA): ready, and the plaintext answers")
+
+    anonymous = tgrpc.InferenceServerClient(f"localhost:{mtls_port}", ssl=True, root_certificates=str(certs / "ca.pem"))
+    try:
+        anonymous.is_server_ready()
+        raise AssertionError("mutual TLS served a client without a certificate")
+    except InferenceServerException:
+        pass
+    client = tgrpc.InferenceServerClient(
+        f"localhost:{mtls_port}", ssl=True, root_certificates=str(certs / "ca.pem"),
+        private_key=str(certs / "client.key"), certificate_chain=str(certs / "client.pem"))
+    r = client.infer("cnn", [triton_input("raw", images, "UINT8")])
+    assert_close(r.as_numpy("probabilities"), want, "tritonclient gRPC over mutual TLS")
+    ok("tritonclient gRPC over mutual TLS: refused without a client certificate, served with the test CA's")
+
+
 def main():
     if CLIENT == "kserve":
         asyncio.run(kserve_checks())
+        return
+    if CLIENT == "triton-tls":
+        test_tritonclient_tls(*sys.argv[3:6])
         return
     test_tritonclient_grpc()
     test_every_reason()

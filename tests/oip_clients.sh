@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Open Inference Protocol with clients nobody here wrote, against real servers:
-#  - tritonclient (gRPC and HTTP) and the kserve SDK (tests/oip_clients.py), in their own virtual environment
+#  - tritonclient (gRPC and HTTP, plaintext, TLS and mutual TLS) and the kserve SDK (tests/oip_clients.py), in their own virtual environment
 #    (.venv-oip, `make oip-venv` from the hashed tests/requirements-oip.txt: they need protobuf < 7);
 #  - the README's curl example, run as written;
 #  - deploy/kserve/ loaded into the kserve SDK's model classes (deploy/kserve_check.py);
@@ -36,6 +36,17 @@ CONTROL_ADDR=$GRPC_ADDR CONTROL_METRICS=$METRICS_ADDR CONTROL_LOG=$SERVER_LOG
 GRPC_ADDR=$DEFAULT_ADDR
 FMNIST_MODEL_CONTROL_KEY=$CONTROL_KEY "$VENV/bin/python" tests/oip_clients.py triton "$GRPC_ADDR" "$BUSY_ADDR" "$CONTROL_ADDR"
 "$VENV/bin/python" tests/oip_clients.py kserve "$GRPC_ADDR"
+# tritonclient over TLS and mutual TLS (clients/README.md "TLS"), with test certificates for localhost.
+source tests/lib/tls.sh
+CERTS=$(mktemp -d)
+make_test_certs "$CERTS"
+start_server --tls-cert "$CERTS/localhost.pem" --tls-key "$CERTS/localhost.key"
+TLS_PORT=${GRPC_ADDR##*:}
+start_server --tls-cert "$CERTS/localhost.pem" --tls-key "$CERTS/localhost.key" --tls-client-ca "$CERTS/ca.pem"
+MTLS_PORT=${GRPC_ADDR##*:}
+GRPC_ADDR=$DEFAULT_ADDR
+"$VENV/bin/python" tests/oip_clients.py triton-tls "$GRPC_ADDR" "$TLS_PORT" "$MTLS_PORT" "$CERTS"
+rm -rf "$CERTS"
 # Preprocessing parity, on a server without the unsharp mask (the image crate's own; tests/preprocess_parity.py).
 start_server --sharpen-sigma 0
 PARITY_ADDR=$GRPC_ADDR

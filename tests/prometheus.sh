@@ -43,8 +43,8 @@ pass "the expressions checked are the documented ones ($doc)"
 
 # The rules, without a server: syntax, unit tests, and the one source of truth.
 out=$("$PROMTOOL" check rules "$MON/alerts.rules.yml" 2>&1) || fail "promtool check rules: $out"
-grep -q 'SUCCESS: 5 rules found' <<<"$out" || fail "promtool check rules: $out"
-pass "promtool check rules: 5 alerting rules"
+grep -q 'SUCCESS: 16 rules found' <<<"$out" || fail "promtool check rules: $out"
+pass "promtool check rules: 10 alerting rules, 6 recording rules (the drift group)"
 out=$(cd "$MON" && "$PROMTOOL" test rules alerts.test.yml 2>&1) || fail "promtool test rules: $out"
 pass "promtool test rules: each alert fires where it should and stays quiet where it should not"
 python3 "$MON/generate.py" --check || fail "$MON/prometheusrule.yaml is stale"
@@ -210,14 +210,18 @@ ok(f"the {len(used)} metric names in the rules and the dashboard are all exporte
 # The alert rules, loaded from the file and evaluated on the live data: no error, nothing pending or firing.
 def rules():
     return [r for g in get("/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-wait("the rules to be evaluated", lambda: len(rules()) == 5 and all(r.get("evaluationTime", 0) > 0 for r in rules()))
-names = sorted(r["name"] for r in rules())
+wait("the rules to be evaluated", lambda: len(rules()) == 16 and all(r.get("evaluationTime", 0) > 0 for r in rules()))
+alerts = [r for r in rules() if r["type"] == "alerting"]
+names = sorted(r["name"] for r in alerts)
 assert names == sorted(["FmnistHighErrorRatio", "FmnistHighLatencyP99", "FmnistQueueSaturated",
-                        "FmnistResourceExhaustedSustained", "FmnistModelLoadFailed"]), names
+                        "FmnistResourceExhaustedSustained", "FmnistModelLoadFailed",
+                        "FmnistOutOfDistributionShareHigh", "FmnistLowConfidenceShareHigh", "FmnistClassMixShifted",
+                        "FmnistConfidenceDropped", "FmnistInputBrightnessShifted"]), names
 for r in rules():
     assert r["health"] == "ok" and not r.get("lastError"), (r["name"], r["health"], r.get("lastError"))
+for r in alerts:
     assert r["state"] == "inactive" and not r["alerts"], (r["name"], r["state"], r["alerts"])
-ok("the live Prometheus loaded the 5 alerts: each evaluates without error and is inactive under healthy traffic")
+ok("the live Prometheus loaded the 10 alerts and 6 recording rules: each evaluates without error, and every alert is inactive under healthy traffic")
 
 # Every expression of the dashboard, Grafana's interval variables filled in, parses and returns data.
 dash = json.load(open(dashboard_file))

@@ -1,6 +1,8 @@
 //! The most memory the server can hold under any load, from its limits, and the check that it fits the
 //! container's memory limit at start-up.
 
+use crate::telemetry::metric;
+
 /// The most memory the server can hold under any load, derived from its limits (docs/reliability.md, "Memory budget").
 /// Every attack the limits exist for (cancelled decodes, stalled uploads, stream floods, greedy clients) is
 /// bounded by one of these terms; `deploy/` gives the pod a memory limit above the total with margin.
@@ -8,8 +10,8 @@
 pub struct MemoryBudget {
     /// The runtime and ONNX Runtime, without models.
     pub baseline: u64,
-    /// Every model session: (models + 1 for a version being swapped in) x instances x one session with its
-    /// arenas at full batches (measured 2026-12-06, lscpu "AMD EPYC", after warm-up with the three models:
+    /// Every model session: (models + 1 for a version being swapped in) x (instances + the solo session, if
+    /// any) x one session with its arenas at full batches (measured 2026-12-06, lscpu "AMD EPYC", after warm-up with the three models:
     /// 95 MB resident with 1 instance, 128 MB with 2, 194 MB with 4, so ~11 MB a session and ~62 MB without).
     pub model_sessions: u64,
     /// Decode slots of the large lane x the peak of one image under the decode limits.
@@ -20,6 +22,8 @@ pub struct MemoryBudget {
     pub request_bytes: u64,
     /// Connections x (buffers + streams x per-stream state).
     pub connections: u64,
+    /// Records waiting for the capture's writer (`--capture-dir`), at most.
+    pub capture_queue: u64,
     pub total: u64,
 }
 
@@ -31,6 +35,8 @@ const SESSION_BYTES: u64 = 16 << 20;
 const STREAM_BYTES: u64 = 8 << 10;
 /// hyper's read and write buffers of one connection.
 const CONNECTION_BYTES: u64 = 64 << 10;
+/// One captured record in the writer's queue: 784 pixels as base64 (1,048 bytes) with its strings.
+const CAPTURE_RECORD_BYTES: u64 = 2 << 10;
 
 impl MemoryBudget {
     pub fn of(config: &crate::app::config::Config) -> MemoryBudget {
@@ -45,10 +51,15 @@ impl MemoryBudget {
                 .min(config.max_decode_bytes),
         };
         let small_decodes = slots * small_call.peak_bytes_per_image();
-        let model_sessions = (config.models.len() as u64 + 1) * config.model_instances() as u64 * SESSION_BYTES;
+        let model_sessions = (config.models.len() as u64 + 1)
+            * (config.model_instances() + usize::from(config.solo_threads().is_some())) as u64
+            * SESSION_BYTES;
         let request_bytes = 2 * config.max_request_bytes_in_flight as u64;
         let connections = config.max_connections as u64
             * (CONNECTION_BYTES + u64::from(config.max_concurrent_streams) * STREAM_BYTES);
+        let capture_queue = config
+            .capture_settings()
+            .map_or(0, |c| c.queue as u64 * CAPTURE_RECORD_BYTES);
         MemoryBudget {
             baseline: BASELINE_BYTES,
             model_sessions,
@@ -56,7 +67,38 @@ impl MemoryBudget {
             small_decodes,
             request_bytes,
             connections,
-            total: BASELINE_BYTES + model_sessions + large_decodes + small_decodes + request_bytes + connections,
+            capture_queue,
+            total: BASELINE_BYTES
+                + model_sessions
+                + large_decodes
+                + small_decodes
+                + request_bytes
+                + connections
+                + capture_queue,
+        }
+    }
+
+    /// Each term, by name, as `/metrics` shows them (`fmnist_memory_budget_bytes{term}`).
+    pub fn terms(&self) -> [(&'static str, u64); 8] {
+        [
+            ("baseline", self.baseline),
+            ("model_sessions", self.model_sessions),
+            ("large_decodes", self.large_decodes),
+            ("small_decodes", self.small_decodes),
+            ("request_bytes", self.request_bytes),
+            ("connections", self.connections),
+            ("capture_queue", self.capture_queue),
+            ("total", self.total),
+        ]
+    }
+
+    /// Sets `fmnist_memory_budget_bytes{term}`, and `fmnist_memory_limit_bytes` when a cgroup limit applies.
+    pub fn publish(&self) {
+        for (term, bytes) in self.terms() {
+            metrics::gauge!(metric::MEMORY_BUDGET, "term" => term).set(bytes as f64);
+        }
+        if let Some(limit) = cgroup_memory_limit() {
+            metrics::gauge!(metric::MEMORY_LIMIT).set(limit as f64);
         }
     }
 }
@@ -67,14 +109,15 @@ impl std::fmt::Display for MemoryBudget {
         write!(
             f,
             "{} MiB = baseline {} + model sessions {} + large decodes {} + small decodes {} + request bytes {} + \
-             connections {}",
+             connections {} + capture queue {}",
             mib(self.total),
             mib(self.baseline),
             mib(self.model_sessions),
             mib(self.large_decodes),
             mib(self.small_decodes),
             mib(self.request_bytes),
-            mib(self.connections)
+            mib(self.connections),
+            mib(self.capture_queue)
         )
     }
 }

@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use crate::{
     api::oip::rest::RestSettings,
     core::admission::SharePolicy,
+    core::capture::CaptureSettings,
     core::control::{ControlKey, ControlSettings},
     core::model::RuntimeOptions,
     core::preprocess::{DecodeLimits, InputCheck, PreprocessSettings, UploadConversion},
@@ -71,10 +72,16 @@ pub struct Config {
     /// batches from the version's one queue side by side (Triton's instance_group count). More instances
     /// with fewer threads each let a batch run while another forms; each costs one more session's memory.
     /// 0 = one per core, at most 4. One is the default because no other layout measured better everywhere
-    /// (bench/README.md "Performance round 4": on 2 cores, `--instances 2 --ort-threads 1` served 5-38% more
-    /// images at 16 per call under load, and 30-47% fewer for a lone caller).
+    /// (bench/README.md "The adaptive layout": on 2 cores, `--instances 2 --ort-threads 1 --solo-threads 2`
+    /// served 11-27% more images at 16 per call under load, and 4-12% fewer single images to a lone caller).
     #[arg(long, env = "FMNIST_INSTANCES", default_value_t = 1)]
     pub instances: usize,
+
+    /// Intra-op threads of one more session per model version, which runs a batch instead of the instance that
+    /// formed it when no other instance is busy and no call waits behind it: a lone caller gets these threads,
+    /// while under load the --instances run side by side. Costs one more session's memory. 0 = none.
+    #[arg(long, env = "FMNIST_SOLO_THREADS", default_value_t = 0)]
+    pub solo_threads: usize,
 
     /// Threads that serve the network (tokio workers: HTTP/2, protobuf, JSON, raw images); 0 = one per core.
     /// Model inference runs on its own threads; on 2 cores, 1 and 2 measured the same (bench/README.md).
@@ -316,6 +323,20 @@ pub struct Config {
     #[arg(long, env = "FMNIST_MODEL_CONTROL_KEY", hide_env_values = true)]
     pub model_control_key: Option<String>,
 
+    /// Keep a sample of the images the model rejects (out of distribution, low confidence) in this directory:
+    /// the 28x28 input with its verdict, scores, model version and time, as JSON lines that
+    /// training/captures.py reads once labelled. Off unless set (docs/security.md "The capture").
+    #[arg(long, env = "FMNIST_CAPTURE_DIR")]
+    pub capture_dir: Option<PathBuf>,
+
+    /// The share of those images the capture keeps (every k-th), in (0, 1].
+    #[arg(long, env = "FMNIST_CAPTURE_SAMPLE", default_value_t = 0.1)]
+    pub capture_sample: f64,
+
+    /// The most the capture holds on disk, in MiB: its oldest segments (4 MiB each at most) are deleted past it.
+    #[arg(long, env = "FMNIST_CAPTURE_MAX_MB", default_value_t = 64)]
+    pub capture_max_mb: u64,
+
     /// Start even when the memory budget (logged at start-up) exceeds the container's memory limit (cgroup
     /// `memory.max`); by default the server refuses, as the first burst the budget allows would be OOM-killed.
     #[arg(long, env = "FMNIST_IGNORE_MEMORY_LIMIT", default_value_t = false, action = clap::ArgAction::Set)]
@@ -426,6 +447,15 @@ impl Config {
         ];
         if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
+        }
+        if !(self.capture_sample > 0.0 && self.capture_sample <= 1.0) {
+            return Err(format!(
+                "--capture-sample ({}) must be above 0 and at most 1",
+                self.capture_sample
+            ));
+        }
+        if self.capture_dir.is_some() && self.capture_max_mb == 0 {
+            return Err("--capture-max-mb must be at least 1".into());
         }
         // A blur wider than the 28-pixel garment is no sharpening; NaN would turn every upload into NaN pixels.
         if !(0.0..=8.0).contains(&self.sharpen_sigma) {
@@ -611,7 +641,26 @@ impl Config {
             batch: self.batch_config(),
             warmup_batch: self.max_batch_size,
             instances: self.model_instances(),
+            solo_threads: self.solo_threads(),
         }
+    }
+
+    /// The capture's settings, when `--capture-dir` is set.
+    pub fn capture_settings(&self) -> Option<CaptureSettings> {
+        let dir = self.capture_dir.clone()?;
+        let max_bytes = self.capture_max_mb << 20;
+        Some(CaptureSettings {
+            dir,
+            sample: self.capture_sample,
+            max_bytes,
+            segment_bytes: (4 << 20).min(max_bytes / 4).max(1),
+            queue: CAPTURE_QUEUE,
+        })
+    }
+
+    /// `--solo-threads`: `None` when 0.
+    pub fn solo_threads(&self) -> Option<usize> {
+        (self.solo_threads > 0).then_some(self.solo_threads)
     }
 
     /// `--instances`, with 0 resolved: one per core, at most [`AUTO_INSTANCES_MAX`].
@@ -681,6 +730,10 @@ impl Config {
 }
 
 /// The cores this process may use (which follows a container's CPU limit).
+/// Captured records waiting for the writer thread, at most (~1.3 KB each): past it they are dropped, so a
+/// slow disk costs memory only up to this.
+pub const CAPTURE_QUEUE: usize = 256;
+
 /// The most instances `--instances 0` starts: each costs a session's memory, and past a few nothing was
 /// measured.
 const AUTO_INSTANCES_MAX: usize = 4;
@@ -738,6 +791,24 @@ mod tests {
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.models, ["cnn", "cnn-int8", "dense"]);
         assert_eq!(config.min_confidence, None, "each model's own accept rule");
+        assert!(
+            config.capture_settings().is_none(),
+            "nothing is captured unless --capture-dir is set"
+        );
+        assert!(config.solo_threads().is_none(), "no solo session by default");
+    }
+
+    #[test]
+    fn the_capture_takes_a_share_in_0_to_1_and_rotates_within_its_bound() {
+        let mut config = Config::defaults();
+        config.capture_dir = Some("/tmp/capture".into());
+        config.capture_max_mb = 8;
+        let settings = config.capture_settings().expect("set");
+        assert_eq!((settings.max_bytes, settings.segment_bytes), (8 << 20, 2 << 20));
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            config.capture_sample = bad;
+            assert!(config.validate().unwrap_err().contains("--capture-sample"), "{bad}");
+        }
     }
 
     #[test]

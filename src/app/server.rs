@@ -14,6 +14,7 @@ use crate::{
     app::budget::{self, MemoryBudget},
     app::config::Config,
     app::web,
+    core::capture::Capture,
     core::classify::Pipeline,
     core::control::ModelControl,
     core::registry::DefaultModel,
@@ -207,7 +208,21 @@ pub async fn serve(
     // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile.
     let registry = Registry::new(config.registry_settings());
     let policy = config.policy();
-    let core = Pipeline::new(registry.clone(), policy);
+    // The recorder first: a metric handle taken before it exists records nowhere (the capture's are taken
+    // at its start).
+    let metrics = telemetry::metrics_handle();
+    budget.publish();
+    let capture = match config.capture_settings() {
+        Some(settings) => {
+            let dir = settings.dir.clone();
+            let capture = Capture::start(settings)
+                .map_err(|e| ServeError::Config(format!("--capture-dir {}: {e}", dir.display())))?;
+            tracing::info!(dir = %dir.display(), sample = config.capture_sample, max_mb = config.capture_max_mb, "capturing a sample of the images the model rejects");
+            Some(capture)
+        }
+        None => None,
+    };
+    let core = Pipeline::new(registry.clone(), policy, capture);
     let classifier = ClassifierServer::new(FashionMnistService::new(core.clone(), config.max_message_bytes))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -268,10 +283,7 @@ pub async fn serve(
         .add_routes(web::with_grpc_web_and_page(grpc, rest))
         .serve_with_incoming_shutdown(incoming, stop);
     let mut server = tokio::spawn(server);
-    let metrics_task = tokio::spawn(crate::app::metrics::serve_metrics(
-        metrics_listener,
-        telemetry::metrics_handle(),
-    ));
+    let metrics_task = tokio::spawn(crate::app::metrics::serve_metrics(metrics_listener, metrics));
     tracing::info!(
         grpc = %addr,
         metrics = %metrics_addr,

@@ -14,6 +14,7 @@
 use std::{
     sync::{
         Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
         mpsc::{self, RecvTimeoutError, TryRecvError},
     },
     thread,
@@ -118,9 +119,14 @@ impl Batcher {
     /// runs on another, as Triton's instance groups do, so a preempted intra-op thread delays one batch, not
     /// all of them. The returned thread joins them; they end once every `Batcher` clone is dropped and the
     /// queue is empty, so dropping the server drains the queue instead of losing it.
+    ///
+    /// `solo`, a session of the same version with more intra-op threads, runs a batch instead of the instance
+    /// that formed it when no other instance is busy and nothing waits behind it: a lone caller gets every
+    /// core, and under load the instances run side by side (bench/README.md "The adaptive layout").
     /// Metrics are labelled with the model's `name` and `version`.
     pub fn spawn(
         instances: Vec<Model>,
+        solo: Option<Model>,
         config: BatchConfig,
         name: &str,
         version: u64,
@@ -137,7 +143,11 @@ impl Batcher {
                 let (name, version) = (name.clone(), version.clone());
                 let statistics = statistics.clone();
                 move || {
-                    let receiver = Mutex::new(Queue { receiver, carry: None });
+                    let shared = Shared {
+                        queue: Mutex::new(Queue { receiver, carry: None }),
+                        busy: AtomicUsize::new(0),
+                        solo: solo.map(Mutex::new),
+                    };
                     let count = instances.len();
                     thread::scope(|scope| {
                         let mut loops = instances
@@ -145,15 +155,15 @@ impl Batcher {
                             .map(|model| InferenceLoop::new(model, config, name.clone(), version.clone(), statistics.clone()));
                         let first = loops.next().expect("at least one instance");
                         for (i, other) in loops.enumerate() {
-                            let receiver = &receiver;
+                            let shared = &shared;
                             let spawned = thread::Builder::new()
                                 .name(format!("infer-{name}-{version}-{}", i + 1))
-                                .spawn_scoped(scope, move || other.run(receiver));
+                                .spawn_scoped(scope, move || other.run(shared));
                             if let Err(e) = spawned {
                                 tracing::warn!(model = %name, instances = count, error = %e, "cannot start a model instance's thread; the others serve");
                             }
                         }
-                        first.run(&receiver);
+                        first.run(&shared);
                     });
                 }
             })
@@ -296,8 +306,32 @@ struct Queue {
     carry: Option<Job>,
 }
 
+/// A batch that has run, waiting to be answered.
+struct RanBatch {
+    batch: Vec<Job>,
+    n: usize,
+    result: Result<(), ModelError>,
+    /// Filling the input, and the ONNX Runtime run.
+    input: Duration,
+    infer: Duration,
+    ran: Instant,
+}
+
+/// What a version's instances share.
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Instances running a batch (counted from the moment one is formed, under the queue's lock).
+    busy: AtomicUsize,
+    solo: Option<Mutex<Model>>,
+}
+
 struct InferenceLoop {
     model: Model,
+    work: BatchWork,
+}
+
+/// An instance's state apart from its session, so a batch can run on either its own session or the solo one.
+struct BatchWork {
     config: BatchConfig,
     name: Arc<str>,
     version: Arc<str>,
@@ -317,6 +351,7 @@ struct LoopMetrics {
     queue_wait: metrics::Histogram,
     inference_time: metrics::Histogram,
     carried: metrics::Counter,
+    solo_batches: metrics::Counter,
     dropped_cancelled: metrics::Counter,
     dropped_deadline: metrics::Counter,
 }
@@ -331,35 +366,81 @@ impl InferenceLoop {
             queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => m(), "version" => v()),
             inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => m(), "version" => v()),
             carried: metrics::counter!(metric::CARRIED_JOBS, "model" => m(), "version" => v()),
+            solo_batches: metrics::counter!(metric::SOLO_BATCHES, "model" => m(), "version" => v()),
             dropped_cancelled: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "cancelled"),
             dropped_deadline: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "deadline"),
         };
         InferenceLoop {
             model,
-            config,
-            name,
-            version,
-            input,
-            output: BatchOutput::default(),
-            metrics,
-            statistics,
-            waits: Vec::with_capacity(config.max_batch_size),
+            work: BatchWork {
+                config,
+                name,
+                version,
+                input,
+                output: BatchOutput::default(),
+                metrics,
+                statistics,
+                waits: Vec::with_capacity(config.max_batch_size),
+            },
         }
     }
 
-    /// Forms a batch holding the queue (the other instances wait for it meanwhile), then runs it without.
-    fn run(mut self, queue: &Mutex<Queue>) {
+    /// Forms a batch holding the queue (the other instances wait for it meanwhile), then runs it without: on
+    /// the solo session when there is one, no other instance is busy and no call waits behind the batch;
+    /// otherwise on this instance's own session.
+    fn run(mut self, shared: &Shared) {
         loop {
-            let batch = {
-                let mut queue = queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                self.next_batch(&mut queue)
+            let (batch, alone) = {
+                let mut queue = shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let batch = self.work.next_batch(&mut queue);
+                let others_busy = shared.busy.fetch_add(1, Ordering::AcqRel);
+                let nothing_waits = shared.solo.is_some() && queue.nothing_waits();
+                (batch, others_busy == 0 && nothing_waits)
             };
-            let Some(batch) = batch else { break };
-            self.execute(batch);
+            let Some(batch) = batch else {
+                shared.busy.fetch_sub(1, Ordering::AcqRel);
+                break;
+            };
+            // `try_lock`: the instance that ran the last solo batch may not have let go of it yet.
+            let mut solo = if alone {
+                shared.solo.as_ref().and_then(|s| s.try_lock().ok())
+            } else {
+                None
+            };
+            let ran = match solo.as_deref_mut() {
+                Some(model) => {
+                    self.work.metrics.solo_batches.increment(1);
+                    self.work.infer(model, batch)
+                }
+                None => self.work.infer(&mut self.model, batch),
+            };
+            // Free before anyone is answered: a lone caller's next call, formed by whichever instance takes
+            // it, must find the solo session free and no instance busy.
+            drop(solo);
+            shared.busy.fetch_sub(1, Ordering::AcqRel);
+            self.work.answer(ran);
         }
-        tracing::debug!(model = %self.name, "inference thread stopped: queue closed and empty");
+        tracing::debug!(model = %self.work.name, "inference thread stopped: queue closed and empty");
     }
+}
 
+impl Queue {
+    /// Whether no call waits to be batched. A call found waiting is kept as the next batch's first.
+    fn nothing_waits(&mut self) -> bool {
+        if self.carry.is_some() {
+            return false;
+        }
+        match self.receiver.try_recv() {
+            Ok(job) => {
+                self.carry = Some(job);
+                false
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+impl BatchWork {
     /// Blocks for the first live job, then takes what else is queued, up to the batch size (and, when a batch
     /// delay is set, waits up to that long after the oldest job was queued). `None` once the queue is closed.
     fn next_batch(&mut self, queue: &mut Queue) -> Option<Vec<Job>> {
@@ -450,7 +531,9 @@ impl InferenceLoop {
         (batch_span, calls)
     }
 
-    fn execute(&mut self, mut batch: Vec<Job>) {
+    /// Runs a batch on `model`; [`BatchWork::answer`] then answers its callers, once the session is free for
+    /// the next batch.
+    fn infer(&mut self, model: &mut Model, mut batch: Vec<Job>) -> RanBatch {
         let started = Instant::now();
         let n: usize = batch.iter().map(|j| j.inputs.len()).sum();
         let (batch_span, call_spans) = self.trace(&mut batch, n);
@@ -473,13 +556,31 @@ impl InferenceLoop {
             input.write_scaled(chunk);
         }
         let scaled = Instant::now();
-        let result = batch_span.in_scope(|| self.model.run_into(&self.input, n, &mut self.output));
+        let result = batch_span.in_scope(|| model.run_into(&self.input, n, &mut self.output));
         drop(call_spans);
         let ran = Instant::now();
         self.metrics
             .inference_time
             .record(ran.duration_since(started).as_secs_f64());
+        RanBatch {
+            batch,
+            n,
+            result,
+            input: scaled.duration_since(started),
+            infer: ran.duration_since(scaled),
+            ran,
+        }
+    }
 
+    fn answer(&mut self, ran: RanBatch) {
+        let RanBatch {
+            batch,
+            n,
+            result,
+            input,
+            infer,
+            ran,
+        } = ran;
         match result {
             Ok(()) => {
                 let out = &self.output;
@@ -508,8 +609,8 @@ impl InferenceLoop {
                 self.statistics.batch(BatchRecord {
                     images: n,
                     waits: &self.waits,
-                    input: scaled.duration_since(started),
-                    infer: ran.duration_since(scaled),
+                    input,
+                    infer,
                     output: ran.elapsed(),
                 });
                 for (job, outputs) in answers {

@@ -16,6 +16,8 @@ use tracing::Instrument;
 use crate::{
     core::admission::{self, ConnectionShare, DecodeLanes},
     core::batching::{BatchConfig, Reservation},
+    core::capture::Capture,
+    core::drift,
     core::model::ModelMetadata,
     core::preprocess::{self, ImageData, ModelInput, PreprocessSettings, Rejection},
     core::registry::{LoadedModel, Registry, Snapshot},
@@ -92,15 +94,18 @@ pub struct Pipeline {
     policy: Arc<Policy>,
     lanes: DecodeLanes,
     draining: Arc<AtomicBool>,
+    /// Where the model's rejections are kept, when `--capture-dir` is set.
+    capture: Option<Capture>,
 }
 
 impl Pipeline {
-    pub fn new(registry: Arc<Registry>, policy: Policy) -> Self {
+    pub fn new(registry: Arc<Registry>, policy: Policy, capture: Option<Capture>) -> Self {
         Pipeline {
             registry,
             lanes: DecodeLanes::new(policy.max_concurrent_decodes, policy.small_decode_pixels),
             policy: Arc::new(policy),
             draining: Arc::default(),
+            capture,
         }
     }
 
@@ -221,13 +226,16 @@ impl Pipeline {
         // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
         let show = req.return_model_input;
         let mut inputs = Vec::with_capacity(prepared.len());
-        let slots: Vec<Result<Option<Box<[u8; preprocess::PIXELS]>>, Rejection>> = prepared
+        let slots: Vec<Result<Prepared, Rejection>> = prepared
             .into_iter()
             .map(|p| {
                 p.map(|input| {
-                    let shown = show.then(|| input.pixels.clone());
+                    let prepared = Prepared {
+                        pixels: (show || self.capture.is_some()).then(|| input.pixels.clone()),
+                        statistics: drift::input_statistics(&input.pixels),
+                    };
                     inputs.push(input);
-                    shown
+                    prepared
                 })
             })
             .collect();
@@ -241,14 +249,25 @@ impl Pipeline {
         let verdicts = slots
             .into_iter()
             .map(|slot| {
-                let verdict = match slot {
-                    Err(rejection) => Verdict::rejected(rejection),
-                    Ok(shown) => {
+                let (verdict, statistics) = match slot {
+                    Err(rejection) => {
+                        let statistics = rejection.pixels.as_deref().map(drift::input_statistics);
+                        (Verdict::rejected(rejection), statistics)
+                    }
+                    Ok(Prepared { pixels, statistics }) => {
                         let output = outputs.next().expect("the batcher returns one output per input");
-                        verdict::judge(&model.meta, &output, thresholds, shown)
+                        let (shown, kept) = if show { (pixels, None) } else { (None, pixels) };
+                        let verdict = verdict::judge(&model.meta, &output, thresholds, shown);
+                        if let Some(capture) = &self.capture
+                            && let Some(pixels) = verdict.model_input.as_deref().or(kept.as_deref())
+                        {
+                            capture.offer(name, &version, &verdict, pixels);
+                        }
+                        (verdict, Some(statistics))
                     }
                 };
                 model.images.count(verdict.reason);
+                model.drift.observe(&verdict, statistics);
                 verdict
             })
             .collect::<Vec<Verdict>>();
@@ -327,6 +346,13 @@ impl Pipeline {
             Err(e) => Err(ServiceError::internal(format!("preprocessing task failed: {e}"))),
         }
     }
+}
+
+/// An image ready for the model, apart from its pixels (which the batcher takes).
+struct Prepared {
+    /// The pixels, when the caller asked to see them or the capture may keep them.
+    pixels: Option<Box<[u8; preprocess::PIXELS]>>,
+    statistics: drift::InputStatistics,
 }
 
 /// The call's span gets `images.<reason>` = how many of its images got that reason.

@@ -2,8 +2,10 @@
 
 pub mod admission;
 pub mod batching;
+pub mod capture;
 pub mod classify;
 pub mod control;
+pub mod drift;
 pub mod model;
 pub mod ood;
 pub mod preprocess;

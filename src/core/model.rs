@@ -36,6 +36,29 @@ pub struct ModelMetadata {
     pub calibration: Option<CalibrationMetadata>,
     #[serde(default)]
     pub accept: Option<AcceptMetadata>,
+    /// The drift signals over the validation split (see [`crate::core::drift`]).
+    #[serde(default)]
+    pub drift_reference: Option<DriftReference>,
+}
+
+/// Reference values of a version's drift signals: the same metrics the server keeps, measured by replaying
+/// the validation split through a real server when the model was exported (training/drift_reference.py).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DriftReference {
+    /// Where the reference images came from, and how they were sent.
+    pub measured_on: String,
+    pub images: u64,
+    /// Share of the images per verdict reason (`Reason::label`), over all images.
+    pub reasons: std::collections::BTreeMap<String, f64>,
+    /// Share of the images the model saw per predicted class, by class id (floored at 0.001, so that the PSI
+    /// of a live window against it stays finite).
+    pub classes: Vec<f64>,
+    /// Means over the images that have the value.
+    pub top_probability_mean: f64,
+    #[serde(default)]
+    pub ood_margin_mean: Option<f64>,
+    pub brightness_mean: f64,
+    pub contrast_mean: f64,
 }
 
 impl ModelMetadata {
@@ -190,18 +213,18 @@ impl Model {
     /// Loads a version directory: its `model.json` and the ONNX file it names. Checks the file's sha256 and
     /// the graph's signature, and warms the session up at batch sizes 1 and `warmup_batch`.
     pub fn load(dir: &Path, options: &RuntimeOptions, warmup_batch: usize) -> Result<Model, ModelError> {
-        let mut models = Self::load_instances(dir, options, warmup_batch, 1)?;
-        Ok(models.pop().expect("one instance"))
+        let mut models = Self::load_sessions(dir, options, warmup_batch, &[options.intra_threads])?;
+        Ok(models.pop().expect("one session"))
     }
 
-    /// `instances` sessions of the version in `dir`, each warmed up. The files are read once, so every instance
-    /// serves the same bytes even if the directory changes while they load (and a model.json read from a pipe,
-    /// as tests do, is read once).
-    pub fn load_instances(
+    /// One warmed-up session of the version in `dir` per entry of `intra_threads`, each with that many
+    /// intra-op threads. The files are read once, so every session serves the same bytes even if the directory
+    /// changes while they load (and a model.json read from a pipe, as tests do, is read once).
+    pub fn load_sessions(
         dir: &Path,
         options: &RuntimeOptions,
         warmup_batch: usize,
-        instances: usize,
+        intra_threads: &[usize],
     ) -> Result<Vec<Model>, ModelError> {
         let meta_path = dir.join(crate::core::repository::METADATA_FILE);
         let meta_text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Metadata {
@@ -253,22 +276,25 @@ impl Model {
             });
         }
 
-        (0..instances.max(1))
-            .map(|_| Self::session(&meta, &detector, &bytes, &onnx_path, options, warmup_batch))
+        intra_threads
+            .iter()
+            .map(|&threads| Self::session(&meta, &detector, &bytes, &onnx_path, options, threads, warmup_batch))
             .collect()
     }
 
-    /// One warmed-up session of a version whose files [`Model::load_instances`] has read and checked.
+    /// One warmed-up session of `threads` intra-op threads, of a version whose files [`Model::load_sessions`]
+    /// has read and checked.
     fn session(
         meta: &ModelMetadata,
         detector: &Detector,
         bytes: &[u8],
         onnx_path: &Path,
         options: &RuntimeOptions,
+        threads: usize,
         warmup_batch: usize,
     ) -> Result<Model, ModelError> {
         let env = environment(options)?;
-        let threads = options.intra_threads.max(1);
+        let threads = threads.max(1);
         let file_err = |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::File {
             path: onnx_path.to_path_buf(),
             reason: e.to_string(),

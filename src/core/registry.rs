@@ -19,6 +19,7 @@ use std::{
 
 use crate::{
     core::batching::{BatchConfig, Batcher},
+    core::drift::DriftSignals,
     core::model::{Model, ModelMetadata, RuntimeOptions},
     core::repository::{self, Fingerprint},
     core::verdict::Reason,
@@ -47,6 +48,8 @@ pub struct LoadedModel {
     /// `fmnist_images_total` for this version, one counter per reason, looked up once here rather than per
     /// image on the hot path.
     pub images: ImageCounters,
+    /// The version's drift metrics (class mix, top probability, OOD margin, input brightness and contrast).
+    pub drift: DriftSignals,
 }
 
 /// The image counters of one model version, indexed by `Reason as usize`.
@@ -207,6 +210,9 @@ pub struct RegistrySettings {
     pub warmup_batch: usize,
     /// Sessions per version, each on its own inference thread, sharing the version's queue.
     pub instances: usize,
+    /// Intra-op threads of the version's solo session, which runs a batch when it is the only work (see
+    /// [`Batcher::spawn`]); `None`: no solo session.
+    pub solo_threads: Option<usize>,
 }
 
 /// The live set of models; see the module documentation.
@@ -588,13 +594,17 @@ impl Registry {
         dir: &std::path::Path,
     ) -> Result<(LoadedModel, JoinHandle<()>), ModelError> {
         let s = &self.settings;
-        let instances = Model::load_instances(dir, &s.runtime, s.warmup_batch, s.instances)?;
+        let mut threads = vec![s.runtime.intra_threads; s.instances.max(1)];
+        threads.extend(s.solo_threads);
+        let mut instances = Model::load_sessions(dir, &s.runtime, s.warmup_batch, &threads)?;
+        let solo = s.solo_threads.and_then(|_| instances.pop());
         let meta = instances[0].meta.clone();
-        let (batcher, thread) = Batcher::spawn(instances, s.batch, name, version)?;
+        let (batcher, thread) = Batcher::spawn(instances, solo, s.batch, name, version)?;
         Ok((
             LoadedModel {
                 name: name.to_string(),
                 version,
+                drift: DriftSignals::new(name, version, &meta),
                 meta,
                 batcher,
                 images: ImageCounters::new(name, version),

@@ -78,7 +78,7 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
 
     // What the server itself answers, without a client-side timer: the core called directly.
     use fmnist_serve::classify::{ClassifyRequest, ImageInput, Pipeline};
-    let core = Pipeline::new(server::load_models(&config).unwrap(), config.policy());
+    let core = Pipeline::new(server::load_models(&config).unwrap(), config.policy(), None);
     let call = |n: usize| ClassifyRequest {
         images: images[..n]
             .iter()

@@ -69,4 +69,35 @@ async fn metrics_count_calls_images_reasons_and_batches() {
         after.contains("fmnist_request_duration_seconds_bucket{rpc=\"Classify\",code=\"Ok\",le=\"0.0001\"}"),
         "sub-ms buckets"
     );
+
+    // Drift signals (docs/drift.md): the two images the model saw add a predicted class and a top
+    // probability each; all three 28x28 inputs (the blank one the input check judged too) a brightness.
+    let predicted = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("fmnist_predicted_class_total{model=\"cnn\",version=\"2\","))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum()
+    };
+    let classes = predicted(&after) - predicted(&before);
+    assert_eq!(classes, 2.0, "one predicted class per image the model saw");
+    assert_eq!(delta("fmnist_top_probability_count{model=\"cnn\",version=\"2\"}"), 2.0);
+    assert_eq!(delta("fmnist_ood_margin_count{model=\"cnn\",version=\"2\"}"), 2.0);
+    assert_eq!(delta("fmnist_input_brightness_count{model=\"cnn\",version=\"2\"}"), 3.0);
+    // The version's reference, from its model.json.
+    assert!(
+        metric(
+            &after,
+            "fmnist_drift_reference{model=\"cnn\",version=\"2\",signal=\"brightness_mean\"}"
+        ) > 0.2
+    );
+
+    // The memory budget, term by term, as the start-up log states it.
+    let budget = fmnist_serve::app::budget::MemoryBudget::of(&config());
+    for (term, bytes) in budget.terms() {
+        assert_eq!(
+            metric(&after, &format!("fmnist_memory_budget_bytes{{term=\"{term}\"}}")),
+            bytes as f64,
+            "{term}"
+        );
+    }
 }

@@ -429,6 +429,7 @@ async fn calls_before_the_models_are_loaded_are_unavailable() {
     let core = Pipeline::new(
         fmnist_serve::registry::Registry::new(config().registry_settings()),
         config().policy(),
+        None,
     );
     let (pixels, _) = fixture()[0];
     let call = ClassifyRequest {
