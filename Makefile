@@ -55,7 +55,7 @@ ort:
 build: setup ort
 	$(CARGO) build --release
 
-## image: build the container image with podman, run it hardened and check health, Classify and /metrics through its ports (cold: about 11 min, warm: 12 s)
+## image: build the container image with podman, run the rendered base and model-volume overlay with podman kube play, check health, Classify, ModelInfer, /metrics, uid, read-only root and a SIGTERM drain through the published ports (cold: about 12 min, warm: 10 s)
 image: tools
 	bash scripts/container-check.sh
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the image from the Dockerfile with podman, runs it the way Kubernetes will (uid 65532, read-only root
-# filesystem, no capabilities, no privilege escalation, a memory limit) and checks it through its published
-# ports only: gRPC health SERVING, a real Classify of a test-set PNG, /metrics, and a clean SIGTERM drain.
+# Builds the image from the Dockerfile with podman, then runs the rendered Kubernetes manifests with it under
+# `podman kube play` (scripts/kube-play-check.sh: uid 65532, read-only root, no capabilities and the memory
+# limit, all from the manifests) and checks them through the published ports only: gRPC health SERVING, a real
+# Classify and ModelInfer, /metrics, and a SIGTERM drain with calls in flight.
 # `make image` runs it. Each step prints how long it took. Safe to re-run: every step skips what is done.
 #
 # Base images. On a machine with a registry, podman pulls what the Dockerfile's FROM lines name. Where there is
@@ -22,7 +23,6 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 IMAGE=${IMAGE:-localhost/fmnist-serve:dev}
 STANDIN_DIR=${STANDIN_DIR:-/var/tmp/fmnist-standins}
-NAME=fmnist-check-$$
 GRPCURL=${GRPCURL:-$ROOT/.venv-tools/bin/grpcurl}
 RUST_VERSION=$(sed -n 's/^ARG RUST_VERSION=//p' Dockerfile)
 RUST_IMAGE=docker.io/library/rust:${RUST_VERSION}-slim-bookworm
@@ -186,72 +186,11 @@ echo "   $IMAGE: $((size / 1000000)) MB ($size bytes)"
 podman history --format '   {{.Size}}\t{{.CreatedBy}}' "$IMAGE" | cut -c1-140 | head -12
 done_step
 
-step "run as Kubernetes will: uid 65532, read-only root, no capabilities, 768 MiB limit"
-extra_env=()
-if [ ! -f models/cnn/1/model.onnx ]; then extra_env=(-e FMNIST_MODELS=dense -e FMNIST_DEFAULT_MODEL=dense); fi
-cleanup() { [ "${KEEP:-0}" = 1 ] || podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true; }
-trap cleanup EXIT
-"${PODMAN[@]}" run -d --name "$NAME" \
-  --read-only --read-only-tmpfs=false --cap-drop=ALL --security-opt=no-new-privileges --user 65532:65532 \
-  --memory 768m -e FMNIST_LOG_FORMAT=json "${extra_env[@]}" \
-  -p 127.0.0.1::50051 -p 127.0.0.1::9090 "$IMAGE" >/dev/null
-GRPC=$(podman port "$NAME" 50051/tcp | head -1)
-METRICS=$(podman port "$NAME" 9090/tcp | head -1)
-echo "   gRPC on $GRPC, metrics on $METRICS"
-for _ in $(seq 1 120); do
-  out=$("$GRPCURL" -plaintext -max-time 2 "$GRPC" grpc.health.v1.Health/Check 2>&1) || true
-  grep -q '"SERVING"' <<<"$out" && break
-  [ "$(podman inspect --format '{{.State.Running}}' "$NAME")" = true ] || { podman logs "$NAME"; fail "container exited"; }
-  sleep 0.5
-done
-grep -q '"SERVING"' <<<"$out" || { podman logs "$NAME"; fail "not SERVING after 60 s: $out"; }
-done_step
-
-step "checks through the published ports"
-out=$("$GRPCURL" -plaintext -d '{"service":"fashion_mnist.v1.Classifier"}' "$GRPC" grpc.health.v1.Health/Check)
-echo "$out" | sed 's/^/   /'
-grep -q '"status": "SERVING"' <<<"$out" || fail "health: $out"
-pass "grpc.health.v1 Check(fashion_mnist.v1.Classifier) is SERVING"
-
-png=tests/fixtures/png/ankle-boot-0.png
-out=$("$GRPCURL" -plaintext -d "{\"images\":[{\"encoded\":\"$(base64 -w0 "$png")\"}]}" "$GRPC" fashion_mnist.v1.Classifier/Classify)
-got=$(python3 -c 'import json,sys; j=json.load(sys.stdin); r=j["results"][0]; p=r["prediction"]
-print(p["className"], r.get("accepted", False), "p=%.4f" % p.get("probability", 0), "model=" + j.get("model", "?"))' <<<"$out")
-echo "   $png -> $got"
-[[ $got == "Ankle boot True "* ]] || fail "Classify $png: $out"
-pass "Classify $png returns \"Ankle boot\", accepted"
-
-# A little load (20 calls of 64 images) before reading metrics and memory.
-batch=$(python3 - "$png" <<'PY'
-import base64, json, sys
-img = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
-print(json.dumps({"images": [{"encoded": img}] * 64}))
-PY
-)
-for _ in $(seq 1 20); do "$GRPCURL" -plaintext -d @ "$GRPC" fashion_mnist.v1.Classifier/Classify <<<"$batch" >/dev/null; done
-metrics=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=5).read().decode())' "$METRICS")
-grep '^fmnist_requests_total' <<<"$metrics" | sed 's/^/   /'
-grep -q '^fmnist_requests_total{' <<<"$metrics" || fail "/metrics lacks fmnist_requests_total"
-pass "/metrics on the published metrics port shows fmnist_requests_total"
-
-pid=$(podman inspect --format '{{.State.Pid}}' "$NAME")
-uid=$(ps -o uid= -p "$pid" | tr -d ' ')
-caps=$(sed -n 's/^CapEff:[[:space:]]*//p' "/proc/$pid/status")
-readonly_root=$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$NAME")
-echo "   process $pid: uid $uid, effective capabilities $caps, read-only root $readonly_root"
-if [ "$uid" != 65532 ] || [ "$caps" != 0000000000000000 ] || [ "$readonly_root" != true ]; then
-  fail "expected uid 65532, no capabilities, read-only root"
-fi
-pass "the server runs as uid 65532 on a read-only root filesystem with no capabilities"
-echo "   resident memory after 1 + 20x64 images: $(( $(ps -o rss= -p "$pid") / 1024 )) MiB (ps -o rss)"
-done_step
-
-step "SIGTERM: drain and exit 0"
-podman stop -t 30 "$NAME" >/dev/null
-code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
-podman logs "$NAME" 2>&1 | grep -E 'shutdown requested|stopped cleanly' | cut -c1-160 | sed 's/^/   /'
-[ "$code" = 0 ] || { podman logs "$NAME" | tail -20; fail "exit code $code after SIGTERM"; }
-pass "SIGTERM drains and exits 0"
+# Run as Kubernetes will, from the manifests themselves: the rendered base and model-volume overlay under
+# `podman kube play`, checked through the published ports (scripts/kube-play-check.sh). The arguments,
+# environment, security context and limits are the manifests', not a second list here.
+step "run the rendered manifests with podman kube play"
+IMAGE=$IMAGE bash scripts/kube-play-check.sh
 done_step
 
 echo "container check: all checks passed in $((SECONDS - T0)) s"
