@@ -13,14 +13,19 @@ classify() { "$PYTHON" clients/python/classify.py "$@"; }
 PYTHON="$PYTHON" bash clients/python/generate.sh >/dev/null
 # The documented pins are the tested ones, and the generated stubs live beside tritonclient and kserve in one
 # interpreter (with grpcio-tools 1.85, whose code needs protobuf >= 7, importing them together failed).
-"$PYTHON" - clients/python/requirements.txt <<'PY' || fail "clients/python/requirements.txt pins other versions than the tested ones"
+"$PYTHON" - clients/python/requirements.txt <<'PY' || fail "clients/python/requirements.txt pins other versions than the tested ones, or lacks hashes"
 import sys
 from importlib.metadata import version
+pins, hashes = 0, False
 for line in open(sys.argv[1]):
     line = line.split("#")[0].strip()
-    if line:
-        name, pinned = line.split("==")
+    if line and not line.startswith("--hash="):
+        name, pinned = line.rstrip(" \\").split("==")
         assert version(name) == pinned, f"{name}: pinned {pinned}, tested {version(name)}"
+        pins += 1
+    elif line:
+        hashes = True
+assert pins >= 3 and hashes, "a hashed lock: every package pinned with its sha256 (scripts/install-lock.sh)"
 PY
 # tritonclient and kserve cannot share one interpreter whatever this project does: both register
 # inference.ServerLiveRequest in protobuf's default pool ("duplicate symbol"). So the stubs are imported with
