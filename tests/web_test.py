@@ -111,6 +111,20 @@ class BrowserPage(unittest.TestCase):
         if os.environ.get("SCREENSHOT"):
             self.page.screenshot(path=os.environ["SCREENSHOT"], full_page=True)
 
+    def test_the_class_mix_is_shown_beside_the_validation_reference(self):
+        self.upload(PNG_DIR / "ankle-boot-0.png")
+        expect(self.page.locator("#class")).to_have_text("Ankle boot")
+        expect(self.page.locator("#drift")).to_be_visible()
+        rows = self.page.locator("#drift-table tbody tr")
+        expect(rows).to_have_count(10)
+        model, version = self.page.locator("#answered-by").text_content().split()[1:3]
+        reference = json.loads((REPO / "models" / model / version / "model.json").read_text())["drift_reference"]
+        # After the page's own call the mix has an ankle boot (the panel is refreshed after each answer).
+        here = rows.nth(9).locator("td").nth(1)
+        expect(here).not_to_have_text("0.0%")
+        expect(rows.nth(9).locator("td").nth(2)).to_have_text(f"{100 * reference['classes'][9]:.1f}%")
+        expect(self.page.locator("#drift-summary")).to_contain_text(f"{reference['images']} validation images")
+
     def test_a_dropped_trouser_is_classified_and_accepted(self):
         data = list((PNG_DIR / "trouser-2.png").read_bytes())
         self.page.evaluate("""(bytes) => {

@@ -8,6 +8,8 @@
 //! that became a 28x28 input adds that input's brightness and contrast. The verdict reasons are counted in
 //! `fmnist_images_total`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::{
     core::model::{CLASSES, DriftReference, ModelMetadata},
     core::preprocess::PIXELS,
@@ -41,6 +43,8 @@ pub struct InputStatistics {
 #[derive(Debug)]
 pub struct DriftSignals {
     classes: [metrics::Counter; CLASSES],
+    /// The same counts, readable here: the browser page compares them with the reference.
+    class_counts: [AtomicU64; CLASSES],
     /// The model's own OOD threshold: margins are measured from it, whatever a call overrides.
     ood_threshold: Option<f32>,
     top_probability: metrics::Histogram,
@@ -62,6 +66,7 @@ impl DriftSignals {
         }
         DriftSignals {
             classes,
+            class_counts: Default::default(),
             ood_threshold: meta.ood.as_ref().map(|o| o.threshold),
             top_probability: metrics::histogram!(metric::TOP_PROBABILITY, "model" => m(), "version" => v()),
             ood_margin: metrics::histogram!(metric::OOD_MARGIN, "model" => m(), "version" => v()),
@@ -75,6 +80,7 @@ impl DriftSignals {
     pub fn observe(&self, verdict: &Verdict, input: Option<InputStatistics>) {
         if let Some(p) = &verdict.prediction {
             self.classes[p.class_id as usize].increment(1);
+            self.class_counts[p.class_id as usize].fetch_add(1, Ordering::Relaxed);
             self.top_probability.record(f64::from(p.probability));
             if let Some(threshold) = self.ood_threshold {
                 self.ood_margin.record(f64::from(p.ood_score - threshold));
@@ -84,6 +90,13 @@ impl DriftSignals {
             self.brightness.record(input.brightness);
             self.contrast.record(input.contrast);
         }
+    }
+}
+
+impl DriftSignals {
+    /// Images the model saw per predicted class since the version was loaded, by class id.
+    pub fn class_counts(&self) -> [u64; CLASSES] {
+        std::array::from_fn(|i| self.class_counts[i].load(Ordering::Relaxed))
     }
 }
 

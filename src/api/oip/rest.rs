@@ -89,6 +89,8 @@ pub fn router(core: Pipeline, control: ModelControl, settings: RestSettings) -> 
         .route("/v2/models/{name}/versions/{version}/config", get(model_config))
         .route("/v2/models/{name}/stats", get(model_statistics))
         .route("/v2/models/{name}/versions/{version}/stats", get(model_statistics))
+        .route("/v2/models/{name}/drift", get(model_drift))
+        .route("/v2/models/{name}/versions/{version}/drift", get(model_drift))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
@@ -109,7 +111,7 @@ async fn unknown_route(request: Request) -> Response {
         ErrorKind::NotFound,
         format!(
             "no route {} {}: this server answers the Open Inference Protocol's health, metadata, ready, infer and \
-             repository routes, and Triton's model config and stats routes (docs/api.md)",
+             repository routes, Triton's model config and stats routes, and the drift route (docs/api.md)",
             request.method(),
             clip(request.uri().path())
         ),
@@ -201,6 +203,39 @@ async fn model_statistics(State(rest): State<Rest>, Path(path): Path<ModelPath>)
         return Err(ServiceError::invalid("the model name is empty: ask /v2/models/stats for every model").into());
     }
     statistics_json(&rest, &path.name, &path.version)
+}
+
+/// This server's extension: the predicted class mix of a version since it was loaded, beside its validation
+/// reference (docs/drift.md), for the browser page.
+async fn model_drift(State(rest): State<Rest>, Path(path): Path<ModelPath>) -> Result<Json<Value>, Failed> {
+    let snapshot = rest.core.models()?;
+    let model = snapshot.find(&path.name, &path.version).map_err(ServiceError::from)?;
+    let counts = model.drift.class_counts();
+    let seen: u64 = counts.iter().sum();
+    let reference = model.meta.drift_reference.as_ref();
+    let classes = model
+        .meta
+        .classes
+        .iter()
+        .zip(counts)
+        .enumerate()
+        .map(|(i, (class, count))| {
+            json!({
+                "name": class.name,
+                "live_count": count,
+                "live_share": if seen > 0 { count as f64 / seen as f64 } else { 0.0 },
+                "reference_share": reference.and_then(|r| r.classes.get(i)),
+            })
+        })
+        .collect::<Vec<_>>();
+    Ok(Json(json!({
+        "name": model.name,
+        "version": model.version.to_string(),
+        "live_images": seen,
+        "reference_images": reference.map(|r| r.images),
+        "reference_measured_on": reference.map(|r| r.measured_on.as_str()),
+        "classes": classes,
+    })))
 }
 
 async fn all_statistics(State(rest): State<Rest>) -> Result<Json<Value>, Failed> {

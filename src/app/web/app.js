@@ -308,7 +308,7 @@ async function classify() {
     const image = new Uint8Array(await currentFile.arrayBuffer());
     const request = encodeClassifyRequest({ image, model: $('model').value, minConfidence });
     const response = decodeClassifyResponse(decodeFields(await unaryCall(CLASSIFY, request)));
-    if (mine === callNumber) showResult(response);
+    if (mine === callNumber) { showResult(response); showDrift(); }
   } catch (err) {
     if (mine === callNumber) {
       $('result').hidden = true;
@@ -345,6 +345,34 @@ async function loadModelInfo() {
   document.body.dataset.ready = 'true';
 }
 
+// The class mix of the model answering (the one chosen, else the default), since it was loaded, beside its
+// validation reference (GET /v2/models/{name}/drift, docs/drift.md).
+async function showDrift() {
+  const name = $('model').value || modelInfo?.models?.find((m) => m.isDefault)?.name;
+  if (!name) return;
+  try {
+    const response = await fetch(`/v2/models/${encodeURIComponent(name)}/drift`);
+    if (!response.ok) return;
+    const drift = await response.json();
+    const percent = (x) => (x === null || x === undefined ? '–' : `${(100 * x).toFixed(1)}%`);
+    $('drift-summary').textContent = `${drift.name} ${drift.version}: ${drift.live_images} images here` +
+      (drift.reference_images ? `; ${drift.reference_images} validation images` : '; no validation reference');
+    const body = $('drift-table').querySelector('tbody');
+    body.replaceChildren(...drift.classes.map((c) => {
+      const row = document.createElement('tr');
+      for (const text of [c.name, percent(drift.live_images ? c.live_share : null), percent(c.reference_share)]) {
+        const cell = document.createElement('td');
+        cell.textContent = text;
+        row.append(cell);
+      }
+      return row;
+    }));
+    $('drift').hidden = false;
+  } catch (err) {
+    // The mix is a side panel: the page works without it.
+  }
+}
+
 function wire() {
   const drop = $('drop');
   $('file').addEventListener('change', (e) => pick(e.target.files[0]));
@@ -359,9 +387,9 @@ function wire() {
     pick(e.dataTransfer.files[0]);
   });
   document.addEventListener('paste', (e) => pick([...e.clipboardData.files].find((f) => f.type.startsWith('image/'))));
-  $('model').addEventListener('change', classify);
+  $('model').addEventListener('change', () => { classify(); showDrift(); });
   $('min-confidence').addEventListener('change', classify);
 }
 
 wire();
-loadModelInfo();
+loadModelInfo().then(showDrift);
