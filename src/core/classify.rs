@@ -223,7 +223,8 @@ impl Pipeline {
             .preprocess_all(req.images, share, deadline, reservation)
             .instrument(preprocessing)
             .await?;
-        // Inputs move to the batcher; each slot keeps its rejection, or the pixels when the caller wants them.
+        // Inputs move to the batcher; each slot keeps its rejection, or the input's statistics and, when the caller
+        // wants them or the capture may keep them, a copy of its pixels.
         let show = req.return_model_input;
         let mut inputs = Vec::with_capacity(prepared.len());
         let slots: Vec<Result<Prepared, Rejection>> = prepared
@@ -348,7 +349,7 @@ impl Pipeline {
     }
 }
 
-/// An image ready for the model, apart from its pixels (which the batcher takes).
+/// What a call keeps of an image it hands to the batcher.
 struct Prepared {
     /// The pixels, when the caller asked to see them or the capture may keep them.
     pixels: Option<Box<[u8; preprocess::PIXELS]>>,
