@@ -11,8 +11,9 @@ pub struct MemoryBudget {
     /// The runtime and ONNX Runtime, without models.
     pub baseline: u64,
     /// Every model session: (models + 1 for a version being swapped in) x (instances + the solo session, if
-    /// any) x one session with its arenas at full batches (measured 2026-12-06, lscpu "AMD EPYC", after warm-up with the three models:
-    /// 95 MB resident with 1 instance, 128 MB with 2, 194 MB with 4, so ~11 MB a session and ~62 MB without).
+    /// any) x one session with its arenas at full batches (measured 2026-12-06, lscpu "AMD EPYC", after warm-up
+    /// with the three models: 95 MB resident with 1 instance, 128 MB with 2, 194 MB with 4, so ~11 MB a session
+    /// and ~62 MB without).
     pub model_sessions: u64,
     /// Decode slots of the large lane x the peak of one image under the decode limits.
     pub large_decodes: u64,
@@ -104,21 +105,15 @@ impl MemoryBudget {
 }
 
 impl std::fmt::Display for MemoryBudget {
+    /// "712 MiB = baseline 64 + model sessions 64 + ...": the terms of [`MemoryBudget::terms`], in MiB.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mib = |b: u64| b >> 20;
-        write!(
-            f,
-            "{} MiB = baseline {} + model sessions {} + large decodes {} + small decodes {} + request bytes {} + \
-             connections {} + capture queue {}",
-            mib(self.total),
-            mib(self.baseline),
-            mib(self.model_sessions),
-            mib(self.large_decodes),
-            mib(self.small_decodes),
-            mib(self.request_bytes),
-            mib(self.connections),
-            mib(self.capture_queue)
-        )
+        write!(f, "{} MiB =", self.total >> 20)?;
+        let parts = self.terms().into_iter().filter(|(term, _)| *term != "total");
+        for (i, (term, bytes)) in parts.enumerate() {
+            let joint = if i == 0 { "" } else { " +" };
+            write!(f, "{joint} {} {}", term.replace('_', " "), bytes >> 20)?;
+        }
+        Ok(())
     }
 }
 
@@ -185,6 +180,26 @@ pub fn check_memory_limit(budget: &MemoryBudget, ignore_memory_limit: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_reads_as_its_terms_in_mib() {
+        let mib = |n: u64| n << 20;
+        let budget = MemoryBudget {
+            baseline: mib(64),
+            model_sessions: mib(64),
+            large_decodes: mib(200),
+            small_decodes: mib(40),
+            request_bytes: mib(128),
+            connections: mib(216),
+            capture_queue: mib(0),
+            total: mib(712),
+        };
+        assert_eq!(
+            budget.to_string(),
+            "712 MiB = baseline 64 + model sessions 64 + large decodes 200 + small decodes 40 + request bytes 128 \
+             + connections 216 + capture queue 0"
+        );
+    }
 
     fn hierarchy(limits: &[(&str, &str)]) -> std::path::PathBuf {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

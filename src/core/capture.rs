@@ -92,7 +92,6 @@ impl Capture {
             }
             writer.close();
         })?;
-        let outcome = |o: &'static str| metrics::counter!(metric::CAPTURE_RECORDS, "outcome" => o);
         Ok(Capture {
             sender,
             sample: settings.sample.clamp(f64::MIN_POSITIVE, 1.0),
@@ -170,7 +169,6 @@ impl Writer {
             .filter_map(|e| Some((e.path(), e.metadata().ok()?.len())))
             .collect();
         segments.sort();
-        let outcome = |o: &'static str| metrics::counter!(metric::CAPTURE_RECORDS, "outcome" => o);
         Writer {
             dir: settings.dir.clone(),
             max_bytes: settings.max_bytes,
@@ -251,6 +249,11 @@ impl Writer {
             let _ = file.flush();
         }
     }
+}
+
+/// `fmnist_capture_records_total{outcome}`.
+fn outcome(outcome: &'static str) -> metrics::Counter {
+    metrics::counter!(metric::CAPTURE_RECORDS, "outcome" => outcome)
 }
 
 fn is_segment(path: &Path) -> bool {

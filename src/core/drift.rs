@@ -91,9 +91,7 @@ impl DriftSignals {
             self.contrast.record(input.contrast);
         }
     }
-}
 
-impl DriftSignals {
     /// Images the model saw per predicted class since the version was loaded, by class id.
     pub fn class_counts(&self) -> [u64; CLASSES] {
         std::array::from_fn(|i| self.class_counts[i].load(Ordering::Relaxed))
