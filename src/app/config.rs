@@ -213,6 +213,12 @@ pub struct Config {
     #[arg(long, env = "FMNIST_MAX_CONCURRENT_STREAMS", default_value_t = 100)]
     pub max_concurrent_streams: u32,
 
+    /// Bytes of one request's header list, as HTTP/2 counts them (name + value + 32 per field); a larger one
+    /// is refused. HPACK lets a few wire bytes name a whole list, and each open stream holds its own; the
+    /// default is gRPC's own limit on metadata (8 KiB).
+    #[arg(long, env = "FMNIST_MAX_HEADER_LIST_BYTES", default_value_t = 8 * 1024)]
+    pub max_header_list_bytes: u32,
+
     /// Calls of one connection in progress at once; further calls get RESOURCE_EXHAUSTED at once (never
     /// queued: docs/reliability.md "Limits, and why each exists"). At its default, equal to
     /// --max-concurrent-streams, clients meet the stream limit first; lower it to refuse sooner than HTTP/2
@@ -424,7 +430,7 @@ impl Config {
     /// Checks the settings together, once, at start-up: a bad combination fails with a message naming the
     /// flags instead of being clamped somewhere deep inside.
     pub fn validate(&self) -> Result<(), String> {
-        let positive: [(&str, u64); 16] = [
+        let positive: [(&str, u64); 17] = [
             ("--max-batch-size", self.max_batch_size as u64),
             ("--max-images-per-request", self.max_images_per_request as u64),
             ("--max-queued-images", self.max_queued_images as u64),
@@ -434,6 +440,7 @@ impl Config {
             ),
             ("--max-connections", self.max_connections as u64),
             ("--max-concurrent-streams", u64::from(self.max_concurrent_streams)),
+            ("--max-header-list-bytes", u64::from(self.max_header_list_bytes)),
             ("--max-calls-per-connection", self.max_calls_per_connection as u64),
             ("--idle-timeout-s", self.idle_timeout_s),
             ("--max-connection-idle-s", self.max_connection_idle_s),

@@ -271,6 +271,7 @@ pub async fn serve(
     let server = builder
         .accept_http1(true)
         .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(config.max_header_list_bytes)
         .http2_keepalive_interval(Some(keepalive))
         .http2_keepalive_timeout(Some(keepalive))
         .http2_max_pending_accept_reset_streams(Some(config.http2_max_pending_resets))

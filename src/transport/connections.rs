@@ -11,7 +11,8 @@
 //! 92 calls through. Every connection's [`Slot`] counts its calls in flight (`grpc::layers::CallLimits`);
 //! one without a call for `--max-connection-idle-s` is closed whatever it sends (gRPC's MAX_CONNECTION_IDLE),
 //! and at the cap a new connection evicts the one idle the longest (Envoy's overload manager), never one with
-//! a call in flight.
+//! a call in flight. A streamed response (a health `Watch`, reflection) is work too: its connection is not
+//! idle while the stream is open, and is evicted only when every connection holds a stream.
 
 use std::{
     collections::HashMap,
@@ -104,7 +105,10 @@ pub struct Slot {
     opened: Instant,
     calls: AtomicUsize,
     calls_started: AtomicU64,
-    /// When its last call ended (or it opened), in nanoseconds after `opened`.
+    /// Its streamed responses still open (a health `Watch`, a reflection stream): work in progress, though
+    /// no call waits for an answer.
+    streams: AtomicUsize,
+    /// When its last call or stream ended (or it opened), in nanoseconds after `opened`.
     idle_since: AtomicU64,
     close: AtomicU8,
     waker: Mutex<Option<Waker>>,
@@ -120,6 +124,7 @@ impl Slot {
             opened: Instant::now(),
             calls: AtomicUsize::new(0),
             calls_started: AtomicU64::new(0),
+            streams: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             close: AtomicU8::new(0),
             waker: Mutex::new(None),
@@ -142,12 +147,35 @@ impl Slot {
         CallInFlight(self.clone())
     }
 
+    /// Counts a streamed response as work in progress until the returned guard is dropped (when its last
+    /// message is written, or the stream is reset).
+    pub fn stream_started(self: &Arc<Self>) -> StreamInFlight {
+        self.streams.fetch_add(1, Ordering::SeqCst);
+        StreamInFlight(self.clone())
+    }
+
     /// Since when the connection has had no call in flight; `None` while it has one.
     fn idle_since(&self) -> Option<Instant> {
         if self.calls.load(Ordering::SeqCst) > 0 {
             return None;
         }
         Some(self.opened + Duration::from_nanos(self.idle_since.load(Ordering::SeqCst)))
+    }
+
+    /// Whether a streamed response is open on the connection.
+    fn streaming(&self) -> bool {
+        self.streams.load(Ordering::SeqCst) > 0
+    }
+
+    /// Since when the connection has had neither a call in flight nor an open stream: what the idle limit
+    /// (`--max-connection-idle-s`) counts from, as gRPC's MAX_CONNECTION_IDLE counts outstanding RPCs.
+    fn quiet_since(&self) -> Option<Instant> {
+        self.idle_since().filter(|_| !self.streaming())
+    }
+
+    fn mark_idle_now(&self) {
+        let nanos = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.idle_since.store(nanos, Ordering::SeqCst);
     }
 
     /// Asks the connection to close: its next read or write fails (an eviction is dropped if a call has
@@ -182,10 +210,19 @@ pub struct CallInFlight(Arc<Slot>);
 
 impl Drop for CallInFlight {
     fn drop(&mut self) {
-        let slot = &self.0;
-        let nanos = u64::try_from(slot.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        slot.idle_since.store(nanos, Ordering::SeqCst);
-        slot.calls.fetch_sub(1, Ordering::SeqCst);
+        self.0.mark_idle_now();
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A streamed response counted open on its connection's [`Slot`].
+#[derive(Debug)]
+pub struct StreamInFlight(Arc<Slot>);
+
+impl Drop for StreamInFlight {
+    fn drop(&mut self) {
+        self.0.mark_idle_now();
+        self.0.streams.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -211,10 +248,13 @@ impl Slots {
 
     /// Asks one connection without a call in flight to close, choosing, in order: a TLS handshake that has
     /// run past [`FRESH`] (not yet anyone's connection); the connection idle the longest, once idle for
-    /// [`IN_USE`]; and else the one whose last call ended the longest ago, however recently: a connection
-    /// that makes a cheap call every half second must not hold its slot for ever (issue #35). A connection
-    /// that has had no call yet is never chosen before it is [`FRESH`]. False when none may be evicted
-    /// (every one has a call in flight, is new, or is closing already).
+    /// [`IN_USE`]; the one whose last call ended the longest ago, however recently: a connection that makes
+    /// a cheap call every half second must not hold its slot for ever (issue #35); and, only when every
+    /// connection holds one, the one with a streamed response open whose last call ended longest ago (a
+    /// health `Watch` is a client's work, not idleness; it goes last, not never, so that slots can always be
+    /// reclaimed). A connection that has had no call yet is never chosen before
+    /// it is [`FRESH`]. False when none may be evicted (every one has a call in flight, is new, or is
+    /// closing already).
     fn evict_longest_idle(&self) -> bool {
         let now = Instant::now();
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -227,15 +267,25 @@ impl Slots {
                     (!never_called || idle >= FRESH).then_some((idle, slot))
                 })
         };
+        let not_streaming = || candidates().filter(|(_, slot)| !slot.streaming());
         let victim = candidates()
             .filter(|(_, slot)| slot.handshaking.load(Ordering::SeqCst))
             .max_by_key(|(idle, _)| *idle)
             .or_else(|| {
-                candidates()
+                not_streaming()
                     .filter(|(idle, _)| *idle >= IN_USE)
                     .max_by_key(|(idle, _)| *idle)
             })
-            .or_else(|| candidates().max_by_key(|(idle, _)| *idle));
+            .or_else(|| not_streaming().max_by_key(|(idle, _)| *idle))
+            .or_else(|| {
+                // A stream goes only when every connection holds one: a connection busy with a call, or
+                // too new to evict, will be a candidate in a moment, and the accept loop looks again.
+                let all_streaming = open
+                    .values()
+                    .filter(|slot| slot.close_requested().is_none())
+                    .all(|slot| slot.streaming());
+                candidates().filter(|_| all_streaming).max_by_key(|(idle, _)| *idle)
+            });
         match victim {
             Some((_, slot)) => {
                 slot.close(CloseCause::Evicted);
@@ -462,7 +512,7 @@ impl Connection {
         }
         let deadlines = [
             (Some(self.last_active + self.limits.idle_timeout), "idle_timeout"),
-            (slot.idle_since().map(|since| since + self.limits.max_idle), "max_idle"),
+            (slot.quiet_since().map(|since| since + self.limits.max_idle), "max_idle"),
             (
                 self.head.map(|(since, _)| since + self.limits.head_timeout),
                 "head_timeout",
@@ -720,4 +770,68 @@ pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8], client_ca_pem: Option<&[u8]
         .map_err(|e| format!("certificate and key: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot as a connection that has made one call (so it may be evicted at once), registered in `slots`.
+    fn called(slots: &Arc<Slots>) -> (Arc<Slot>, Registration) {
+        let slot = Arc::new(Slot::new());
+        drop(slot.call_started());
+        let registration = slots.register(slot.clone());
+        (slot, registration)
+    }
+
+    #[test]
+    fn a_connection_with_an_open_stream_is_evicted_after_one_without_work() {
+        let slots = Arc::new(Slots::default());
+        let (watching, _w) = called(&slots);
+        let _stream = watching.stream_started();
+        let (idle, _i) = called(&slots);
+        assert!(slots.evict_longest_idle());
+        assert_eq!(idle.close_requested(), Some(CloseCause::Evicted));
+        assert_eq!(watching.close_requested(), None);
+    }
+
+    #[test]
+    fn a_stream_waits_while_a_call_in_flight_will_free_a_connection_soon() {
+        let slots = Arc::new(Slots::default());
+        let (watching, _w) = called(&slots);
+        let _stream = watching.stream_started();
+        let (busy, _b) = called(&slots);
+        let _call = busy.call_started();
+        assert!(!slots.evict_longest_idle(), "nothing may be evicted yet");
+        assert_eq!(watching.close_requested(), None);
+    }
+
+    #[test]
+    fn when_every_connection_holds_a_stream_one_is_evicted_so_slots_can_be_reclaimed() {
+        let slots = Arc::new(Slots::default());
+        let (first, _f) = called(&slots);
+        let _first_stream = first.stream_started();
+        let (second, _s) = called(&slots);
+        let _second_stream = second.stream_started();
+        assert!(slots.evict_longest_idle());
+        let evicted = [&first, &second]
+            .iter()
+            .filter(|slot| slot.close_requested().is_some())
+            .count();
+        assert_eq!(evicted, 1);
+    }
+
+    #[test]
+    fn the_idle_limit_counts_from_the_end_of_the_last_stream() {
+        let slot = Arc::new(Slot::new());
+        drop(slot.call_started());
+        let stream = slot.stream_started();
+        assert_eq!(slot.quiet_since(), None, "a connection with an open stream is not idle");
+        let before = Instant::now();
+        drop(stream);
+        assert!(
+            slot.quiet_since()
+                .is_some_and(|since| since + Duration::from_millis(1) >= before)
+        );
+    }
 }

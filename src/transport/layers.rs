@@ -29,7 +29,7 @@ use crate::{
     error::{AdmissionError, ErrorKind, ServiceError},
     telemetry::metric,
     traces,
-    transport::connections::{CloseCause, ConnectionInfo, Slot},
+    transport::connections::{CloseCause, ConnectionInfo, Slot, StreamInFlight},
     transport::failure_log::{Decision, FailureLog},
     transport::status,
 };
@@ -357,6 +357,40 @@ struct BytePools {
     small_calls: Arc<Semaphore>,
 }
 
+impl BytePools {
+    /// Takes `n` more bytes for a call into `held`: from its connection's share, then the shared pool, then
+    /// (for a call of at most [`SMALL_CALL_BYTES`] so far) the small calls' reserve.
+    fn charge(
+        &self,
+        connection: Option<&Arc<Semaphore>>,
+        held: &mut Held,
+        n: u32,
+        small: bool,
+    ) -> Result<(), ServiceError> {
+        if let Some(connection) = connection {
+            held.permits.push(
+                connection
+                    .clone()
+                    .try_acquire_many_owned(n)
+                    .map_err(|_| ServiceError::from(AdmissionError::ConnectionRequestBytes))?,
+            );
+        }
+        let permit = match self.shared.clone().try_acquire_many_owned(n) {
+            Ok(permit) => permit,
+            Err(_) if small => self
+                .small_calls
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| ServiceError::from(AdmissionError::RequestBytes))?,
+            Err(_) => return Err(ServiceError::from(AdmissionError::RequestBytes)),
+        };
+        held.permits.push(permit);
+        held.bytes += u64::from(n);
+        metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).increment(f64::from(n));
+        Ok(())
+    }
+}
+
 impl CallLimitsLayer {
     pub fn new(max_request_bytes_in_flight: usize, rate: MinBodyRate) -> Self {
         let small = max_request_bytes_in_flight / 8;
@@ -420,24 +454,38 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let connection = request.extensions().get::<ConnectionInfo>();
         let (share, slot) = (connection.map(|c| c.share.clone()), connection.map(|c| c.slot.clone()));
-        // Until its response is ready the call keeps its connection from counting as idle (a streamed
-        // response, such as a health Watch, does not).
+        // Until its response is ready the call keeps its connection from counting as idle; a streamed
+        // response (a health Watch, reflection) keeps it busy until the stream ends.
         let in_flight = slot.as_ref().map(Slot::call_started);
+        let stream = slot
+            .as_ref()
+            .filter(|_| SERVER_STREAMING.contains(&request.uri().path()))
+            .cloned();
+        let refuse = |refused: ServiceError| -> Self::Future {
+            let refusal = if is_grpc(request.headers()) {
+                Status::from(refused).into_http()
+            } else {
+                status::http_response(refused).map(Body::new)
+            };
+            Box::pin(async move { Ok(refusal) })
+        };
         let call = match &share {
             Some(share) => match share.calls.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
-                Err(_) => {
-                    let refused = ServiceError::from(AdmissionError::ConnectionCalls);
-                    let refusal = if is_grpc(request.headers()) {
-                        Status::from(refused).into_http()
-                    } else {
-                        status::http_response(refused).map(Body::new)
-                    };
-                    return Box::pin(async move { Ok(refusal) });
-                }
+                Err(_) => return refuse(AdmissionError::ConnectionCalls.into()),
             },
             None => None,
         };
+        // The request's header list is held as long as its body (HPACK lets a few wire bytes name a list of
+        // up to --max-header-list-bytes): charged to the same account, refused like a body that finds no room.
+        let mut head = Held::default();
+        let head_bytes = u32::try_from(header_list_bytes(request.headers())).unwrap_or(u32::MAX);
+        if let Err(refused) = self
+            .pools
+            .charge(share.as_ref().map(|s| &s.bytes), &mut head, head_bytes, true)
+        {
+            return refuse(refused);
+        }
         let charge: Charge = Arc::default();
         let answered = Arc::new(AtomicBool::new(false));
         // HTTP/2 multiplexes calls on one connection; only an HTTP/1 call owns its connection.
@@ -466,10 +514,29 @@ where
             let response = response.await;
             answered.store(true, Ordering::Relaxed);
             // The handler has finished with the request's bytes (a streaming response holds none of them).
-            drop((charge, call, in_flight));
+            drop((charge, head, call));
+            let response = match (response, stream) {
+                (Ok(response), Some(slot)) => Ok(response.map(|inner| {
+                    Body::new(StreamBody {
+                        inner,
+                        _open: slot.stream_started(),
+                    })
+                })),
+                (response, _) => response,
+            };
+            drop(in_flight);
             response
         })
     }
+}
+
+/// A header list's size as HTTP/2 counts it against SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113 6.5.2): each
+/// field's name and value, plus 32 bytes.
+fn header_list_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
 }
 
 /// The gRPC methods whose request is a stream of messages (the rest send one): their bytes are charged per
@@ -478,6 +545,37 @@ const CLIENT_STREAMING: [&str; 2] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
+
+/// The gRPC methods whose response is a stream of messages, open as long as the client wants: the connection
+/// counts as busy, not idle, until the stream ends.
+const SERVER_STREAMING: [&str; 3] = [
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// A streamed response body, counted open on its connection until it ends or is dropped (a reset stream).
+struct StreamBody {
+    inner: Body,
+    _open: StreamInFlight,
+}
+
+impl HttpBody for StreamBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Where a gRPC request body is among its length-prefixed messages (a 5-byte prefix, then the message).
 #[derive(Default)]
@@ -562,29 +660,10 @@ impl ChargedBody {
             return Ok(());
         }
         let mut held = self.charge.lock().expect("the charge lock is never poisoned");
-        if let Some(connection) = &self.connection {
-            held.permits.push(
-                connection
-                    .clone()
-                    .try_acquire_many_owned(n)
-                    .map_err(|_| ServiceError::from(AdmissionError::ConnectionRequestBytes))?,
-            );
-        }
-        let shared = self.pools.shared.clone().try_acquire_many_owned(n);
-        let permit = match shared {
-            Ok(permit) => permit,
-            Err(_) if self.received <= SMALL_CALL_BYTES => self
-                .pools
-                .small_calls
-                .clone()
-                .try_acquire_many_owned(n)
-                .map_err(|_| ServiceError::from(AdmissionError::RequestBytes))?,
-            Err(_) => return Err(ServiceError::from(AdmissionError::RequestBytes).into()),
-        };
-        held.permits.push(permit);
-        held.bytes += u64::from(n);
-        metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).increment(f64::from(n));
-        Ok(())
+        let small = self.received <= SMALL_CALL_BYTES;
+        self.pools
+            .charge(self.connection.as_ref(), &mut held, n, small)
+            .map_err(Status::from)
     }
 }
 

@@ -31,11 +31,12 @@ async fn stalled_uploads_that_fill_the_byte_pool_leave_room_for_ordinary_calls()
         upload.write_all(head.as_bytes()).await.unwrap();
         upload.write_all(&[0]).await.unwrap();
         upload.write_all(&(message as u32).to_be_bytes()).await.unwrap();
-        upload.write_all(&vec![0u8; (7 << 20) / 2 - 5]).await.unwrap();
+        // Each call's header list is charged too (issue #35): leave room for them.
+        upload.write_all(&vec![0u8; (7 << 20) / 2 - 5 - 1024]).await.unwrap();
         uploads.push(upload);
     }
     let waiting = Instant::now();
-    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") < f64::from(7 << 20) - 1.0 {
+    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") < f64::from((7 << 20) - 2048) {
         assert!(
             waiting.elapsed() < Duration::from_secs(10),
             "the uploads were never charged"
@@ -118,4 +119,131 @@ async fn answered_reflection_streams_left_open_hold_no_request_bytes() {
     let served = client.classify(request(vec![raw(&pixels)])).await;
     assert!(served.is_ok(), "a polite call beside the open streams: {served:?}");
     drop(open);
+}
+
+/// A Classify call whose header list is `pad` bytes of `x-pad` beyond the usual fields; its body never comes.
+fn padded_head(pad: usize) -> http::Request<()> {
+    let mut call = grpc_call("/fashion_mnist.v1.Classifier/Classify");
+    call.headers_mut()
+        .insert("x-pad", http::HeaderValue::from_str(&"a".repeat(pad)).unwrap());
+    call
+}
+
+/// Opens `n` streams of `head()` on a new HTTP/2 connection and sends no body: each waits, holding its header
+/// list. The streams' responses, and the connection's task.
+async fn streams_without_bodies(
+    addr: std::net::SocketAddr,
+    n: usize,
+    head: fn() -> http::Request<()>,
+) -> (
+    Vec<(h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>)>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let mut client = client.clone().ready().await.unwrap();
+        streams.push(client.send_request(head(), false).unwrap());
+    }
+    (streams, connection)
+}
+
+/// The grpc-status (from headers or trailers) of responses that arrive within `wait`; `None` for the rest.
+async fn statuses_within(
+    streams: Vec<(h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>)>,
+    wait: Duration,
+) -> Vec<Option<String>> {
+    let mut set = tokio::task::JoinSet::new();
+    for (i, (response, send)) in streams.into_iter().enumerate() {
+        set.spawn(async move {
+            let status = tokio::time::timeout(wait, async {
+                let response = response.await.ok()?;
+                let in_headers = response.headers().get("grpc-status").cloned();
+                let trailers = response.into_body().trailers().await.ok().flatten();
+                let status = trailers.and_then(|t| t.get("grpc-status").cloned()).or(in_headers)?;
+                Some(status.to_str().unwrap_or("?").to_string())
+            })
+            .await
+            .ok()
+            .flatten();
+            drop(send);
+            (i, status)
+        });
+    }
+    let mut statuses = vec![None; set.len()];
+    while let Some(joined) = set.join_next().await {
+        let (i, status) = joined.unwrap();
+        statuses[i] = status;
+    }
+    statuses
+}
+
+/// Issue #35: header-only streams held up to 16 KiB of decoded header list each (HPACK lets a few wire bytes
+/// name them), charged nowhere: 200 connections x 100 streams reached 415 MiB within the body grace. A header
+/// list is now charged to the request-byte account while its call lasts, a new stream that finds no room is
+/// refused at once (RESOURCE_EXHAUSTED), and a list over --max-header-list-bytes is refused outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_the_account_are_refused() {
+    let mut config = config();
+    config.max_message_bytes = 1 << 20;
+    config.max_request_bytes_in_flight = 1 << 20; // 896 KiB for any call, 128 KiB kept for small ones
+    config.max_request_bytes_per_connection = 1 << 20;
+    config.request_body_grace_s = 30;
+    let server = TestServer::start(config).await;
+    const PAD: usize = 7_000;
+
+    let (first, _first_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
+    let started = Instant::now();
+    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") < (100 * PAD) as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "100 streams' header lists were never charged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 100 more on a second connection: about 40 fit what is left; the rest are refused at once.
+    let (second, _second_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
+    let statuses = statuses_within(second, Duration::from_secs(2)).await;
+    let refused = statuses.iter().filter(|s| s.as_deref() == Some("8")).count();
+    let other: Vec<_> = statuses.iter().flatten().filter(|s| *s != "8").collect();
+    assert!(
+        (40..=80).contains(&refused),
+        "{refused} of 100 streams past the account were refused"
+    );
+    assert!(other.is_empty(), "unexpected statuses: {other:?}");
+
+    // A list over the limit (8 KiB) is refused without waiting for a body.
+    let (over, _over_connection) = streams_without_bodies(server.addr, 1, || padded_head(9_000)).await;
+    let (response, _send) = over.into_iter().next().unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(2), response).await;
+    assert!(
+        matches!(&answered, Ok(Err(_)) | Ok(Ok(_))),
+        "a 9 kB header list was still waiting for its body after 2 s"
+    );
+    if let Ok(Ok(response)) = answered {
+        assert_ne!(
+            response.headers().get("grpc-status").map(|s| s.as_bytes()),
+            Some(&b"0"[..]),
+            "a 9 kB header list was served"
+        );
+        assert_ne!(
+            response.status(),
+            http::StatusCode::OK,
+            "a 9 kB header list was accepted"
+        );
+    }
+
+    // Every charge goes when its stream does.
+    drop(first);
+    let started = Instant::now();
+    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "header charges outlived their streams"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

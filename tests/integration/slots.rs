@@ -614,3 +614,61 @@ async fn silent_sockets_in_a_tls_handshake_are_evicted_before_an_established_cli
         .expect("the established client kept its connection: a handshake was evicted instead");
     drop(silent);
 }
+
+/// A health `Watch` on its own HTTP/2 connection, as a client-side balancer keeps one: the stream, once the
+/// first status has come, and the connection's task (finished when the server closes the connection).
+async fn open_watch(addr: SocketAddr) -> (h2::RecvStream, JoinHandle<Result<(), h2::Error>>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let (watch, mut send) = client
+        .send_request(grpc_call("/grpc.health.v1.Health/Watch"), false)
+        .unwrap();
+    send.send_data(Bytes::from_static(EMPTY_MESSAGE), true).unwrap();
+    let mut watch = watch.await.unwrap().into_body();
+    let serving = watch.data().await.expect("the watch sends the current status").unwrap();
+    let _ = watch.flow_control().release_capacity(serving.len());
+    (watch, connection)
+}
+
+/// Issue #35: a health Watch is a client at work, not an idle connection. Its connection counted as idle from
+/// the moment the stream opened, so the idle limit (`--max-connection-idle-s`, 3 s here) cut every watch, as
+/// gRPC's MAX_CONNECTION_IDLE does not (it counts outstanding streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_keeps_its_connection_open_past_the_idle_limit() {
+    let server = TestServer::start(slot_config()).await;
+    let (mut watch, connection) = open_watch(server.addr).await;
+    let quiet = tokio::time::timeout(Duration::from_secs(6), watch.data()).await;
+    assert!(
+        quiet.is_err(),
+        "the watch ended within 6 s, twice the idle limit: {quiet:?}"
+    );
+    assert!(!connection.is_finished(), "the watch's connection was closed");
+}
+
+/// Issue #35: under connection pressure the watch's connection was always the first evicted (idle since its
+/// stream opened). Connections with no work go first; the watch keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_connection_pressure_a_watch_is_evicted_after_connections_without_work() {
+    let elsewhere = open_elsewhere();
+    let server = TestServer::start(slot_config()).await;
+    // The test server's own client holds a slot once it has called; the watch opens next, before the
+    // connections that will crowd it.
+    let (pixels, _) = fixture()[0];
+    server
+        .client
+        .clone()
+        .classify(request(vec![raw(&pixels)]))
+        .await
+        .unwrap();
+    let (mut watch, connection) = open_watch(server.addr).await;
+    let attack = Attack::start(ATTACKERS, server.addr, cheap_calls);
+    until_slots_are_held(&server, elsewhere).await;
+    let (polite, probes) = polite_caller_and_probes(server.addr).await;
+    drop(attack);
+    assert_got_through("cheap-call connections beside a health watch", polite, probes);
+    let ended = tokio::time::timeout(Duration::from_millis(300), watch.data()).await;
+    assert!(ended.is_err(), "the watch ended under connection pressure: {ended:?}");
+    assert!(!connection.is_finished(), "the watch's connection was evicted");
+}
