@@ -1,6 +1,6 @@
 //! The Prometheus `/metrics` port: its own accept loop, with the same rules as the service port (a request
-//! head within a bound, a cap on connections that evicts the one waiting longest), so silent or slow sockets
-//! cannot keep a scraper out.
+//! head within a bound, a cap on connections that evicts the oldest one not yet done), so silent or slow
+//! sockets, and clients that ask and never read, cannot keep a scraper out.
 
 use std::{
     collections::BTreeMap,
@@ -30,18 +30,20 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
             upkeep.run_upkeep();
         }
     }));
-    // A scraper needs one connection at a time and sends its request at once. A connection must bring its
-    // request within METRICS_HEAD_TIMEOUT; at the cap, a new one evicts the one that has waited longest for
-    // its request (40 slow or 175 silent sockets once made scrapes wait 5 s, and fail).
+    // A scraper needs one connection at a time, sends its request at once and reads the answer as it comes.
+    // A connection must bring its request within METRICS_HEAD_TIMEOUT; at the cap, a new one evicts the
+    // oldest connection still waiting for its request or still being written to (40 slow or 175 silent
+    // sockets once made scrapes wait 5 s, and fail; 16 clients that ask and never read held every slot for
+    // METRICS_TIMEOUT once the answer outgrew the socket buffers).
     let open = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
-    let waiting = Arc::new(Mutex::new(BTreeMap::<u64, oneshot::Sender<()>>::new()));
+    let unfinished = Arc::new(Mutex::new(BTreeMap::<u64, oneshot::Sender<()>>::new()));
     let mut backoff = Duration::ZERO;
     for id in 0u64.. {
         let (stream, _) = crate::transport::connections::accept(&listener, &mut backoff).await;
         let permit = match open.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let oldest = waiting.lock().unwrap_or_else(PoisonError::into_inner).pop_first();
+                let oldest = unfinished.lock().unwrap_or_else(PoisonError::into_inner).pop_first();
                 if let Some((_, evict)) = oldest {
                     let _ = evict.send(());
                 }
@@ -52,28 +54,38 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
                 }
             }
         };
-        let (evict, evicted) = oneshot::channel();
-        waiting.lock().unwrap_or_else(PoisonError::into_inner).insert(id, evict);
-        let (handle, waiting) = (handle.clone(), waiting.clone());
+        let (evict, mut evicted) = oneshot::channel();
+        unfinished
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, evict);
+        let (handle, unfinished) = (handle.clone(), unfinished.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let mut stream = stream;
             let head = tokio::select! {
-                _ = evicted => Err("evicted"),
+                _ = &mut evicted => Err("evicted"),
                 head = tokio::time::timeout(METRICS_HEAD_TIMEOUT, read_head(&mut stream)) => head.map_err(|_| "head_timeout"),
             };
-            waiting.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-            match head {
-                Ok(head) => {
-                    let _ = tokio::time::timeout(METRICS_TIMEOUT, answer(&mut stream, &head, &handle)).await;
-                }
-                Err(cause) => metrics::counter!(metric::METRICS_CONNECTIONS_CLOSED, "cause" => cause).increment(1),
+            let closed = match head {
+                // Still evictable while it is written to: a client that does not read holds nothing for long.
+                Ok(head) => tokio::select! {
+                    _ = &mut evicted => Some("evicted"),
+                    written = tokio::time::timeout(METRICS_TIMEOUT, answer(&mut stream, &head, &handle)) => {
+                        written.err().map(|_| "write_timeout")
+                    }
+                },
+                Err(cause) => Some(cause),
+            };
+            unfinished.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            if let Some(cause) = closed {
+                metrics::counter!(metric::METRICS_CONNECTIONS_CLOSED, "cause" => cause).increment(1);
             }
         });
     }
 }
 
-/// Connections open at once; past it a new one evicts the one waiting longest for its request.
+/// Connections open at once; past it a new one evicts the oldest still unfinished for its request or its answer.
 const METRICS_MAX_CONNECTIONS: usize = 16;
 /// The request head must arrive within this.
 const METRICS_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -122,5 +134,78 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use metrics_exporter_prometheus::PrometheusBuilder;
+    use tokio::net::TcpSocket;
+
+    use super::*;
+
+    /// A metrics handle of its own (not the process-wide one), whose answer is about 5 MB: more than the
+    /// server's socket buffer can grow to (4 MiB here), so a client that does not read blocks the write.
+    fn large_handle() -> PrometheusHandle {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for i in 0..60_000 {
+                metrics::counter!("padding_series_total", "series" => format!("{i:0>40}")).increment(1);
+            }
+        });
+        handle
+    }
+
+    async fn scrape(addr: std::net::SocketAddr) -> Option<usize> {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        answer.starts_with(b"HTTP/1.1 200").then_some(answer.len())
+    }
+
+    /// Issue #35: clients that ask for /metrics and never read held every slot of the metrics port while
+    /// the server's write waited (METRICS_TIMEOUT each), and Prometheus was turned away. A connection that is
+    /// being written to can be evicted like one still waiting for its request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_that_ask_and_never_read_do_not_keep_a_scraper_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_metrics(listener, large_handle()));
+        let body = scrape(addr).await.expect("a first scrape");
+        assert!(body > 4 << 20, "the answer ({body} bytes) fits the socket buffers");
+        // More clients than slots ask and never read; each asks again on a new socket every 6 s, after the
+        // server has given up writing to its last one.
+        let readers: Vec<_> = (0..METRICS_MAX_CONNECTIONS + 4)
+            .map(|_| {
+                tokio::spawn(async move {
+                    loop {
+                        let socket = TcpSocket::new_v4().unwrap();
+                        socket.set_recv_buffer_size(4096).unwrap();
+                        if let Ok(mut stream) = socket.connect(addr).await {
+                            let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").await;
+                            tokio::time::sleep(Duration::from_secs(6)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let scrapes = 10;
+        let mut answered = 0;
+        for _ in 0..scrapes {
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), scrape(addr)).await {
+                answered += 1;
+            }
+        }
+        for reader in readers {
+            reader.abort();
+        }
+        server.abort();
+        assert!(answered >= 9, "{answered} of {scrapes} scrapes answered within 1 s");
     }
 }
