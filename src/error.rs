@@ -138,6 +138,8 @@ pub enum AdmissionError {
     ConnectionRequestBytes,
     #[error("server busy: too many request bytes in flight; retry with backoff")]
     RequestBytes,
+    #[error("server busy: too many answers wait for their clients to read them; read your answers, retry with backoff")]
+    AnswerBytes,
     #[error(
         "the request body arrived slower than {bytes_per_s} bytes/s (after the first {grace_s} s); the connection is closed"
     )]

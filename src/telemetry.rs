@@ -94,15 +94,19 @@ metrics! {
     /// head_timeout, body_too_slow, write_stall, evicted (for a new connection at the cap),
     /// tls_handshake_timeout, tls_handshake_failed.
     CONNECTIONS_CLOSED: counter = "fmnist_connections_closed_total";
-    /// Connections the metrics port closed, by `cause` (head_timeout, evicted).
+    /// Connections the metrics port closed, by `cause` (head_timeout, evicted, write_timeout).
     METRICS_CONNECTIONS_CLOSED: counter = "fmnist_metrics_connections_closed_total";
     /// Failed calls whose WARN line was left out: past a few lines a second per peer, a peer's failures are
     /// counted here and summed in its next line (`failures_not_logged_before`).
     FAILURES_NOT_LOGGED: counter = "fmnist_failures_not_logged_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
     ACCEPT_ERRORS: counter = "fmnist_accept_errors_total";
-    /// Request body bytes held by calls in flight (bounded by --max-request-bytes-in-flight).
+    /// Request bytes (bodies and header lists) held by calls in flight (with the answers waiting, bounded by
+    /// --max-request-bytes-in-flight).
     REQUEST_BYTES_IN_FLIGHT: gauge = "fmnist_request_bytes_in_flight";
+    /// Answer bytes ready and not yet taken by their connection, which waits for its client to read
+    /// (charged to the same account as the request bytes).
+    ANSWER_BYTES_WAITING: gauge = "fmnist_answer_bytes_waiting";
     /// Blocking decodes stopped between images because their caller had gone or its deadline had passed.
     DECODES_ABANDONED: counter = "fmnist_decodes_abandoned_total";
 }

@@ -386,7 +386,7 @@ impl BytePools {
         };
         held.permits.push(permit);
         held.bytes += u64::from(n);
-        metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).increment(f64::from(n));
+        held.gauge().increment(f64::from(n));
         Ok(())
     }
 }
@@ -425,16 +425,28 @@ pub struct CallLimits<S> {
 
 type Charge = Arc<Mutex<Held>>;
 
-/// The request bytes one call holds; released (and taken off the gauge) when the call is done with them.
+/// The bytes one call holds in the account: its request's (released, and taken off the gauge, when the call
+/// is done with them) or its answer's (when the connection has taken the last of them).
 #[derive(Default)]
 struct Held {
     permits: Vec<OwnedSemaphorePermit>,
     bytes: u64,
+    answer: bool,
+}
+
+impl Held {
+    fn gauge(&self) -> metrics::Gauge {
+        if self.answer {
+            metrics::gauge!(metric::ANSWER_BYTES_WAITING)
+        } else {
+            metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT)
+        }
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).decrement(self.bytes as f64);
+        self.gauge().decrement(self.bytes as f64);
     }
 }
 
@@ -488,6 +500,8 @@ where
         }
         let charge: Charge = Arc::default();
         let answered = Arc::new(AtomicBool::new(false));
+        let (pools, connection_bytes) = (self.pools.clone(), share.as_ref().map(|s| s.bytes.clone()));
+        let grpc = is_grpc(request.headers());
         // HTTP/2 multiplexes calls on one connection; only an HTTP/1 call owns its connection.
         let slot = slot.filter(|_| request.version() < http::Version::HTTP_2);
         let framing = is_grpc(request.headers()).then(|| GrpcFraming {
@@ -511,22 +525,127 @@ where
         });
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await;
+            let response = match response.await {
+                Ok(response) => response,
+                Err(e) => return Err(e),
+            };
             answered.store(true, Ordering::Relaxed);
             // The handler has finished with the request's bytes (a streaming response holds none of them).
             drop((charge, head, call));
-            let response = match (response, stream) {
-                (Ok(response), Some(slot)) => Ok(response.map(|inner| {
+            let response = match stream {
+                Some(slot) => response.map(|inner| {
                     Body::new(StreamBody {
                         inner,
                         _open: slot.stream_started(),
                     })
-                })),
-                (response, _) => response,
+                }),
+                None => charge_answer(response, &pools, connection_bytes.as_ref(), grpc).await,
             };
             drop(in_flight);
-            response
+            Ok(response)
         })
+    }
+}
+
+/// Reads what of a (unary) answer is ready and charges its bytes to the account until the connection has
+/// taken them: an answer waits in the server for as long as its client does not read (a zero HTTP/2 window),
+/// and 100 streams on each of 256 connections, each waiting for a 60 kB answer, held 1.6 GiB. An answer that
+/// finds no room is replaced by RESOURCE_EXHAUSTED (503 for REST), which frees it: the limit acts on the
+/// stream that broke it.
+async fn charge_answer(
+    response: http::Response<Body>,
+    pools: &BytePools,
+    connection: Option<&Arc<Semaphore>>,
+    grpc: bool,
+) -> http::Response<Body> {
+    let (parts, mut body) = response.into_parts();
+    let mut ready = std::collections::VecDeque::new();
+    let mut ended = false;
+    // Only what is ready now: a unary answer is whole at once; anything still to come passes through.
+    while let Poll::Ready(frame) = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
+        match frame {
+            Some(frame) => ready.push_back(frame),
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    let bytes: usize = ready
+        .iter()
+        .filter_map(|f| f.as_ref().ok().and_then(Frame::data_ref).map(Bytes::len))
+        .sum();
+    let mut held = Held {
+        permits: Vec::new(),
+        bytes: 0,
+        answer: true,
+    };
+    let charged = match u32::try_from(bytes) {
+        Ok(0) => Ok(()),
+        Ok(n) => pools.charge(connection, &mut held, n, bytes <= SMALL_CALL_BYTES),
+        Err(_) => Err(ServiceError::from(AdmissionError::AnswerBytes)),
+    };
+    if charged.is_err() {
+        drop(ready);
+        let refused = ServiceError::from(AdmissionError::AnswerBytes);
+        return if grpc {
+            Status::from(refused).into_http()
+        } else {
+            status::http_response(refused).map(Body::new)
+        };
+    }
+    let body = AnswerBody {
+        ready,
+        rest: (!ended).then_some(body),
+        _held: held,
+    };
+    http::Response::from_parts(parts, Body::new(body))
+}
+
+/// An answer whose ready frames were read (and charged) before the connection asked for them; the charge
+/// goes when the body does, after its last frame.
+struct AnswerBody {
+    ready: std::collections::VecDeque<Result<Frame<Bytes>, Status>>,
+    rest: Option<Body>,
+    _held: Held,
+}
+
+impl HttpBody for AnswerBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if let Some(frame) = self.ready.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        match &mut self.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ready.is_empty() && self.rest.as_ref().is_none_or(HttpBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let ready: u64 = self
+            .ready
+            .iter()
+            .filter_map(|f| f.as_ref().ok().and_then(Frame::data_ref))
+            .map(|d| d.len() as u64)
+            .sum();
+        match &self.rest {
+            None => SizeHint::with_exact(ready),
+            Some(rest) => {
+                let mut hint = rest.size_hint();
+                hint.set_lower(hint.lower() + ready);
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + ready);
+                }
+                hint
+            }
+        }
     }
 }
 
@@ -672,7 +791,7 @@ impl ChargedBody {
     fn release(&mut self) {
         let mut held = self.charge.lock().expect("the charge lock is never poisoned");
         if held.bytes > 0 {
-            metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT).decrement(held.bytes as f64);
+            held.gauge().decrement(held.bytes as f64);
             held.bytes = 0;
             held.permits.clear();
         }

@@ -247,3 +247,65 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Issue #27/#35, the slow reader: a client that sets its HTTP/2 window to 0 and never reads let each of its
+/// streams hold a whole answer in the server (100 streams on each of 256 connections held 1.6 GiB against a
+/// 712 MiB budget). A ready answer is now charged to the same account as request bytes until its connection
+/// takes it; one that finds no room is refused (RESOURCE_EXHAUSTED, a header frame that needs no window),
+/// which frees it, and every charge goes with the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused() {
+    use prost::Message;
+    let mut config = config();
+    config.max_message_bytes = 1 << 20;
+    config.max_request_bytes_in_flight = 1 << 20;
+    config.max_request_bytes_per_connection = 1 << 20;
+    let server = TestServer::start(config).await;
+    // 64 blank images (refused for low contrast: no inference), each answered with the 784 pixels the model
+    // would have seen: an answer of tens of kB for a request of 50 kB.
+    let mut call = request(vec![raw(&[0u8; 784]); 64]);
+    call.return_model_input = true;
+    let message = call.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let framed = bytes::Bytes::from(framed);
+
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut streams = Vec::new();
+    for _ in 0..40 {
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut send) = client
+            .send_request(grpc_call("/fashion_mnist.v1.Classifier/Classify"), false)
+            .unwrap();
+        send.send_data(framed.clone(), true).unwrap();
+        streams.push((response, send));
+    }
+    let statuses = statuses_within(streams, Duration::from_secs(3)).await;
+    let refused = statuses.iter().filter(|s| s.as_deref() == Some("8")).count();
+    let waiting = metric(&server.metrics().await, "fmnist_answer_bytes_waiting");
+    eprintln!("{refused} of 40 answers refused; {waiting} answer bytes waiting for the client");
+    assert!(refused >= 1, "no answer was refused: every unread answer was held");
+    assert!(waiting > 0.0, "the unread answers were not charged");
+    assert!(
+        waiting <= f64::from(1 << 20),
+        "{waiting} answer bytes held, over the 1 MiB account"
+    );
+
+    drop(client);
+    connection.abort();
+    let started = Instant::now();
+    while metric(&server.metrics().await, "fmnist_answer_bytes_waiting") > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "answer charges outlived their connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
