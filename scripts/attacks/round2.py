@@ -497,6 +497,87 @@ def case_slow_reader(ctx):
     return {"notes": notes, "checks": []}
 
 
+def case_header_flood(ctx):
+    """Connections that open 100 Classify streams each and send headers only, never a body, answering the
+    server's pings. Each connection first puts one 3,890-byte header into the server's HPACK table
+    (literal with incremental indexing); every stream then names it `--header-refs` times (one byte each),
+    so a header block of a few dozen bytes decodes to a list of refs x 3,927 bytes (issue #35: 200 x 100
+    such streams held ~15 KiB each, 415 MiB, against a 16 KiB list limit)."""
+    args = ctx.args
+    big = b"a" * 3890
+    first = b"\x40" + wire._hpack_int(5, 7) + b"x-pad" + wire._hpack_int(len(big), 7) + big
+    ref = wire._hpack_int(62, 7, 0x80)  # the first dynamic entry
+    stats = {"opened": 0, "refused": 0, "ended": 0, "errors": [], "pings": 0}
+    lock = threading.Lock()
+    sent_all = threading.Barrier(args.header_flood_connections + 1)
+    release = threading.Event()
+
+    def one():
+        conn = None
+        sids = []
+        try:
+            conn = H2(ctx.server.addr, keep_data=False, timeout=30)
+            fields = [(":method", "POST"), (":scheme", "http"), (":path", CLASSIFY), (":authority", conn.authority),
+                      ("content-type", "application/grpc"), ("te", "trailers")]
+            for i in range(args.header_flood_streams):
+                sid = conn.next_id
+                conn.next_id += 2
+                conn.streams[sid] = wire.Stream(conn.peer_initial_window)
+                block = wire.hpack_encode(fields) + (first if i == 0 else b"") + ref * (args.header_refs - (i == 0))
+                conn.sock.sendall(wire.frame(wire.HEADERS, wire.END_HEADERS, sid, block))
+                sids.append(sid)
+            with lock:
+                stats["opened"] += len(sids)
+        except (OSError, EOFError, wire.H2Error) as e:
+            with lock:
+                stats["errors"].append(type(e).__name__)
+        try:
+            sent_all.wait()
+        except threading.BrokenBarrierError:
+            pass
+        if conn is None:
+            return
+        try:
+            conn.sock.settimeout(1.0)
+            while not release.is_set():
+                try:
+                    conn.pump()
+                except socket.timeout:
+                    pass
+        except (OSError, EOFError, wire.H2Error) as e:
+            with lock:
+                stats["errors"].append("closed by server: " + type(e).__name__)
+        finally:
+            with lock:
+                for sid in sids:
+                    st = conn.streams[sid]
+                    stats["ended"] += st.ended
+                    stats["refused"] += st.grpc_status() == "8"
+                stats["pings"] += conn.pings_answered
+            conn.close()
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(args.header_flood_connections)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        sent_all.wait(timeout=180)
+    except threading.BrokenBarrierError:
+        pass
+    send_s = time.monotonic() - t0
+    peak_sending = ctx.server.peak_mib()
+    ctx.stop.wait(args.hold)
+    release.set()
+    for t in threads:
+        t.join()
+    notes = (f"{args.header_flood_connections} conns x {args.header_flood_streams} header-only streams x "
+             f"{args.header_refs} references to a 3,927-byte HPACK entry: {stats['opened']:,} streams opened in "
+             f"{send_s:.0f} s, {stats['ended']:,} ended by the server ({stats['refused']:,} RESOURCE_EXHAUSTED); "
+             f"peak {peak_sending:.0f} MiB when all were sent; {stats['pings']} server pings answered; "
+             f"client errors: {count(stats['errors']) or 'none'}")
+    return {"notes": notes, "checks": []}
+
+
 def iccp_png(profile_bytes):
     """The polite caller's 28x28 PNG with an iCCP chunk whose zlib stream inflates to `profile_bytes`."""
     png = open(POLITE_PNG, "rb").read()
@@ -844,6 +925,8 @@ CASES = [
          case_classify_empty_images),
     Case("slow-reader", "6", "250 connections x 100 answered Classify streams, receive window 0, held",
          case_slow_reader),
+    Case("header-flood", "13", "200 connections x 100 header-only streams, HPACK-referenced lists, held",
+         case_header_flood),
     Case("iccp-bomb", "7", "28x28 PNGs whose iCCP inflates to 48 MiB, 64 per call, 8 callers", case_iccp_bomb),
     Case("h2-idle-pings", "8", "300 HTTP/2 connections that only ping and answer pings, held", case_h2_idle_pings),
     Case("slowloris", "9", "300 HTTP/1.1 request heads at one byte per second, reconnecting", case_slowloris),
@@ -966,6 +1049,11 @@ def main():
     p.add_argument("--slow-reader-connections", type=int, default=250)
     p.add_argument("--slow-reader-streams", type=int, default=100)
     p.add_argument("--slow-reader-images", type=int, default=64)
+    p.add_argument("--header-flood-connections", type=int, default=200)
+    p.add_argument("--header-flood-streams", type=int, default=100)
+    p.add_argument("--header-refs", type=int, default=2,
+                   help="references per stream to the 3,927-byte entry: 2 (8,173 bytes with the other fields) fits the server's 8 KiB list "
+                        "limit; 4 (16 kB) fit the 16 KiB limit before it")
     p.add_argument("--iccp-bytes", type=int, default=48 * MiB, help="what the iCCP profile inflates to")
     p.add_argument("--bomb-callers", type=int, default=8)
     p.add_argument("--bomb-seconds", type=float, default=20.0)
