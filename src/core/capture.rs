@@ -66,6 +66,7 @@ pub struct Record {
 /// The capture's handle: cheap to clone, shared by every call.
 #[derive(Debug, Clone)]
 pub struct Capture {
+    dir: std::sync::Arc<PathBuf>,
     sender: SyncSender<Record>,
     sample: f64,
     seen: std::sync::Arc<AtomicU64>,
@@ -93,6 +94,7 @@ impl Capture {
             writer.close();
         })?;
         Ok(Capture {
+            dir: std::sync::Arc::new(settings.dir.clone()),
             sender,
             sample: settings.sample.clamp(f64::MIN_POSITIVE, 1.0),
             seen: Default::default(),
@@ -102,6 +104,37 @@ impl Capture {
                 not_sampled: outcome("not_sampled"),
             },
         })
+    }
+
+    /// The newest `limit` records of `model` on disk, newest first, as written (a line still being written,
+    /// or one that does not parse, is skipped). Reads the newest segments only until it has enough.
+    pub fn recent(&self, model: &str, limit: usize) -> std::io::Result<Vec<serde_json::Value>> {
+        let mut segments: Vec<PathBuf> = fs::read_dir(self.dir.as_path())?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| is_segment(p))
+            .collect();
+        // `capture-<unix ms>-<n>.jsonl`, zero-padded: the names sort as the segments were opened.
+        segments.sort_unstable_by(|a, b| b.cmp(a));
+        let mut records = Vec::new();
+        for segment in segments {
+            let text = match fs::read_to_string(&segment) {
+                Ok(text) => text,
+                // Rotated away since the listing.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for line in text.lines().rev() {
+                if records.len() >= limit {
+                    return Ok(records);
+                }
+                match serde_json::from_str::<serde_json::Value>(line) {
+                    Ok(record) if record["model"] == model => records.push(record),
+                    _ => {}
+                }
+            }
+        }
+        Ok(records)
     }
 
     /// Whether an image with this verdict may be captured (the caller then keeps its pixels until judged).

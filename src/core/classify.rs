@@ -109,6 +109,11 @@ impl Pipeline {
         }
     }
 
+    /// The capture, when `--capture-dir` is set.
+    pub fn capture(&self) -> Option<&Capture> {
+        self.capture.as_ref()
+    }
+
     /// Ready for new work, as health and readiness report it: the server is not draining, and the default model
     /// has a version loaded and warmed up (without one, every call that names no model fails).
     pub fn is_ready(&self) -> bool {

@@ -83,7 +83,7 @@ impl Refusal {
 /// One control call as the gate sees it: what the caller asks, who it is, and what it presented.
 #[derive(Debug, Clone, Copy)]
 pub struct ControlCall<'a> {
-    /// `load` or `unload`.
+    /// `load`, `unload`, or `captures` (reading the captured images).
     pub action: &'static str,
     pub model: &'a str,
     pub peer: Option<SocketAddr>,

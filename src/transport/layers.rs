@@ -219,6 +219,7 @@ fn rest_label(path: &str) -> Option<&'static str> {
         ["models", _, "config"] | ["models", _, "versions", _, "config"] => "v2/model_config",
         ["models", _, "stats"] | ["models", _, "versions", _, "stats"] => "v2/model_statistics",
         ["models", _, "drift"] | ["models", _, "versions", _, "drift"] => "v2/model_drift",
+        ["models", _, "captures"] => "v2/model_captures",
         ["models", _, "ready"] | ["models", _, "versions", _, "ready"] => "v2/model_ready",
         ["models", _, "infer"] | ["models", _, "versions", _, "infer"] => "v2/infer",
         ["repository", "index"] => "v2/repository_index",
@@ -1045,6 +1046,7 @@ mod tests {
         assert_eq!(rest_label("/v2/models/cnn/stats"), Some("v2/model_statistics"));
         assert_eq!(rest_label("/v2/models/cnn/drift"), Some("v2/model_drift"));
         assert_eq!(rest_label("/v2/models/cnn/versions/2/drift"), Some("v2/model_drift"));
+        assert_eq!(rest_label("/v2/models/cnn/captures"), Some("v2/model_captures"));
         assert_eq!(rest_label("/v2/whatever/else"), Some("v2/unknown"));
         assert_eq!(rest_label("/app.js"), None);
     }

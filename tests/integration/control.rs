@@ -305,3 +305,80 @@ async fn without_its_default_model_the_server_says_not_serving_until_it_is_loade
     assert_eq!(get_status(server.addr, "/v2/models/cnn/ready").await, 200);
     assert_eq!(unnamed_call(&mut server).await, Code::Ok);
 }
+
+/// GET a captures route, with the control key or without: status and JSON body.
+async fn captures(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, Value) {
+    let headers: Vec<(&str, String)> = key
+        .map(|key| vec![("authorization", format!("Bearer {key}"))])
+        .unwrap_or_default();
+    let (status, _, body) = http(addr, "GET", path, &headers, b"").await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// Issue #38: captured images are users' inputs. The operator holding the control key sees the newest ones
+/// (the 28x28 input, verdict, scores and version, as the capture wrote them); nobody else does, and a server
+/// without the capture says how to turn it on.
+#[tokio::test]
+async fn captured_images_are_shown_to_the_control_key_only() {
+    use base64::Engine;
+    let dir = std::env::temp_dir().join(format!("fmnist-captures-view-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut config = with_model_control(config());
+    config.capture_dir = Some(dir.clone());
+    config.capture_sample = 1.0;
+    let mut server = TestServer::start(config).await;
+    // Two animal photos the model rejects as out of distribution: both are captured.
+    let photos = ["horse-crop1.png", "cat-crop7.png"]
+        .map(|name| common::encoded(std::fs::read(common::repo().join("tests/fixtures/ood").join(name)).unwrap()));
+    let served = server
+        .client
+        .classify(request(photos.to_vec()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(served.results.iter().all(|r| !r.accepted));
+
+    let path = "/v2/models/cnn/captures?limit=10";
+    let (status, body) = captures(server.addr, path, None).await;
+    assert_eq!(status, 401, "without the key: {body}");
+    let (status, _) = captures(server.addr, path, Some("not-the-key")).await;
+    assert_eq!(status, 401, "with a wrong key");
+    let mut shown = Vec::new();
+    for _ in 0..50 {
+        let (status, body) = captures(server.addr, path, Some(CONTROL_KEY)).await;
+        assert_eq!(status, 200, "{body}");
+        shown = body["captures"].as_array().cloned().unwrap_or_default();
+        if shown.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(shown.len(), 2, "the two rejected photos: {shown:?}");
+    for record in &shown {
+        assert_eq!(record["model"], "cnn");
+        assert_eq!(record["reason"], "out_of_distribution");
+        let pixels = base64::engine::general_purpose::STANDARD
+            .decode(record["pixels"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(pixels.len(), 784, "the 28x28 input the model saw");
+    }
+    assert!(
+        shown[0]["time_ms"].as_u64() >= shown[1]["time_ms"].as_u64(),
+        "newest first"
+    );
+    let (status, body) = captures(server.addr, "/v2/models/cnn/captures?limit=0", Some(CONTROL_KEY)).await;
+    assert_eq!(status, 400, "{body}");
+    // An unknown model is the caller's mistake, as for every model route (400, naming the loaded models).
+    let (status, body) = captures(server.addr, "/v2/models/no-such-model/captures", Some(CONTROL_KEY)).await;
+    assert_eq!(status, 400, "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without `--capture-dir` there is nothing to show, and the answer says how to turn the capture on.
+#[tokio::test]
+async fn the_captures_route_says_when_the_capture_is_off() {
+    let server = TestServer::start(with_model_control(config())).await;
+    let (status, body) = captures(server.addr, "/v2/models/cnn/captures", Some(CONTROL_KEY)).await;
+    assert_eq!(status, 409, "the server's state refuses it: {body}");
+    assert!(body["error"].as_str().unwrap().contains("--capture-dir"), "{body}");
+}

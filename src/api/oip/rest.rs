@@ -91,6 +91,7 @@ pub fn router(core: Pipeline, control: ModelControl, settings: RestSettings) -> 
         .route("/v2/models/{name}/versions/{version}/stats", get(model_statistics))
         .route("/v2/models/{name}/drift", get(model_drift))
         .route("/v2/models/{name}/versions/{version}/drift", get(model_drift))
+        .route("/v2/models/{name}/captures", get(model_captures))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v2/repository/index", post(repository_index))
@@ -111,7 +112,7 @@ async fn unknown_route(request: Request) -> Response {
         ErrorKind::NotFound,
         format!(
             "no route {} {}: this server answers the Open Inference Protocol's health, metadata, ready, infer and \
-             repository routes, Triton's model config and stats routes, and the drift route (docs/api.md)",
+             repository routes, Triton's model config and stats routes, and the drift and captures routes (docs/api.md)",
             request.method(),
             clip(request.uri().path())
         ),
@@ -307,6 +308,53 @@ async fn repository_index(State(rest): State<Rest>, body: axum::body::Bytes) -> 
         .map(|e| json!({ "name": e.name, "version": e.version, "state": e.state, "reason": e.reason }))
         .collect();
     Ok(Json(Value::Array(entries)))
+}
+
+/// Captured records a call returns when it asks for no `limit`, and the most it may ask for.
+const CAPTURES_SHOWN: usize = 50;
+const MAX_CAPTURES_SHOWN: usize = 500;
+
+/// This server's extension: the newest images the capture kept for a model (`--capture-dir`, docs/drift.md),
+/// newest first, as written: the 28x28 input (base64), verdict, scores, version and time. They are users'
+/// inputs, so only a caller holding the control key sees them (the same gate as load and unload).
+/// `?limit=N` (default 50, at most 500).
+async fn model_captures(
+    State(rest): State<Rest>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Json<Value>, Failed> {
+    let (parts, _) = request.into_parts();
+    rest.control.authorize(control_call("captures", &name, &parts))?;
+    rest.core.models()?.find(&name, "").map_err(ServiceError::from)?;
+    let capture = rest.core.capture().cloned().ok_or_else(|| {
+        ServiceError::new(
+            ErrorKind::FailedPrecondition,
+            "the capture is off on this server: start it with --capture-dir (docs/drift.md)",
+        )
+    })?;
+    let limit = match parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+    {
+        None => CAPTURES_SHOWN,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_CAPTURES_SHOWN).contains(n))
+            .ok_or_else(|| {
+                ServiceError::invalid(format!(
+                    "limit {:?}: a number of records from 1 to {MAX_CAPTURES_SHOWN}",
+                    clip(n)
+                ))
+            })?,
+    };
+    let model = name.clone();
+    let records = tokio::task::spawn_blocking(move || capture.recent(&model, limit))
+        .await
+        .map_err(|e| ServiceError::new(ErrorKind::Internal, format!("reading the capture: {e}")))?
+        .map_err(|e| ServiceError::new(ErrorKind::Internal, format!("reading the capture: {e}")))?;
+    Ok(Json(json!({ "name": name, "captures": records })))
 }
 
 /// A repository call's body, which may be empty (all defaults) or JSON; `what` names it in the error.
