@@ -85,7 +85,8 @@ pub async fn serve_metrics(listener: TcpListener, handle: PrometheusHandle) {
     }
 }
 
-/// Connections open at once; past it a new one evicts the oldest still unfinished for its request or its answer.
+/// Connections open at once; past it a new one evicts the oldest still waiting for its request or being
+/// written to.
 const METRICS_MAX_CONNECTIONS: usize = 16;
 /// The request head must arrive within this.
 const METRICS_HEAD_TIMEOUT: Duration = Duration::from_secs(2);

@@ -474,12 +474,9 @@ where
             .as_ref()
             .filter(|_| SERVER_STREAMING.contains(&request.uri().path()))
             .cloned();
+        let grpc = is_grpc(request.headers());
         let refuse = |refused: ServiceError| -> Self::Future {
-            let refusal = if is_grpc(request.headers()) {
-                Status::from(refused).into_http()
-            } else {
-                status::http_response(refused).map(Body::new)
-            };
+            let refusal = refusal(grpc, refused);
             Box::pin(async move { Ok(refusal) })
         };
         let call = match &share {
@@ -502,10 +499,9 @@ where
         let charge: Charge = Arc::default();
         let answered = Arc::new(AtomicBool::new(false));
         let (pools, connection_bytes) = (self.pools.clone(), share.as_ref().map(|s| s.bytes.clone()));
-        let grpc = is_grpc(request.headers());
         // HTTP/2 multiplexes calls on one connection; only an HTTP/1 call owns its connection.
         let slot = slot.filter(|_| request.version() < http::Version::HTTP_2);
-        let framing = is_grpc(request.headers()).then(|| GrpcFraming {
+        let framing = grpc.then(|| GrpcFraming {
             client_streaming: CLIENT_STREAMING.contains(&request.uri().path()),
             ..GrpcFraming::default()
         });
@@ -548,6 +544,15 @@ where
     }
 }
 
+/// A call refused by a limit of this layer, in its protocol's terms: a gRPC status, or a REST error.
+fn refusal(grpc: bool, refused: ServiceError) -> http::Response<Body> {
+    if grpc {
+        Status::from(refused).into_http()
+    } else {
+        status::http_response(refused).map(Body::new)
+    }
+}
+
 /// Reads what of a (unary) answer is ready and charges its bytes to the account until the connection has
 /// taken them: an answer waits in the server for as long as its client does not read (a zero HTTP/2 window),
 /// and 100 streams on each of 256 connections, each waiting for a 60 kB answer, held 1.6 GiB. An answer that
@@ -587,13 +592,7 @@ async fn charge_answer(
         Err(_) => Err(ServiceError::from(AdmissionError::AnswerBytes)),
     };
     if charged.is_err() {
-        drop(ready);
-        let refused = ServiceError::from(AdmissionError::AnswerBytes);
-        return if grpc {
-            Status::from(refused).into_http()
-        } else {
-            status::http_response(refused).map(Body::new)
-        };
+        return refusal(grpc, AdmissionError::AnswerBytes.into());
     }
     let body = AnswerBody {
         ready,
