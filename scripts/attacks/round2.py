@@ -422,6 +422,34 @@ def case_classify_empty_images(ctx):
     return {"notes": f"{n:,} empty images, {len(message) / MiB:.1f} MiB: " + grpc_notes(results), "checks": []}
 
 
+def hold_streams(conn, sids, sent_all, release, stats, lock, tally):
+    """The second half of a thread that opened `sids` on `conn`: waits for every thread to have sent, then
+    keeps the connection alive (acknowledging the server's PINGs) until `release`; `tally(stream)` adds a
+    stream's outcome to `stats` under `lock` at the end."""
+    try:
+        sent_all.wait()
+    except threading.BrokenBarrierError:
+        pass
+    if conn is None:
+        return
+    try:
+        conn.sock.settimeout(1.0)
+        while not release.is_set():
+            try:
+                conn.pump()
+            except socket.timeout:
+                pass
+    except (OSError, EOFError, wire.H2Error) as e:
+        with lock:
+            stats["errors"].append("closed by server: " + type(e).__name__)
+    finally:
+        with lock:
+            for sid in sids:
+                tally(conn.streams[sid])
+            stats["pings"] += conn.pings_answered
+        conn.close()
+
+
 def case_slow_reader(ctx):
     """Connections that open 100 Classify streams each and never let the server send the answers (SETTINGS
     INITIAL_WINDOW_SIZE = 0, no WINDOW_UPDATE), answering the server's keepalive pings so that nothing is idle.
@@ -449,30 +477,11 @@ def case_slow_reader(ctx):
         except (OSError, EOFError, wire.H2Error) as e:
             with lock:
                 stats["errors"].append(type(e).__name__)
-        try:
-            sent_all.wait()
-        except threading.BrokenBarrierError:
-            pass
-        if conn is None:
-            return
-        try:
-            conn.sock.settimeout(1.0)
-            while not release.is_set():
-                try:
-                    conn.pump()
-                except socket.timeout:
-                    pass
-        except (OSError, EOFError, wire.H2Error) as e:
-            with lock:
-                stats["errors"].append("closed by server: " + type(e).__name__)
-        finally:
-            with lock:
-                for sid in sids:
-                    st = conn.streams[sid]
-                    stats["answered"] += bool(st.header_blocks)
-                    stats["ended"] += st.ended
-                stats["pings"] += conn.pings_answered
-            conn.close()
+        def tally(st):
+            stats["answered"] += bool(st.header_blocks)
+            stats["ended"] += st.ended
+
+        hold_streams(conn, sids, sent_all, release, stats, lock, tally)
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(args.slow_reader_connections)]
     t0 = time.monotonic()
@@ -531,30 +540,11 @@ def case_header_flood(ctx):
         except (OSError, EOFError, wire.H2Error) as e:
             with lock:
                 stats["errors"].append(type(e).__name__)
-        try:
-            sent_all.wait()
-        except threading.BrokenBarrierError:
-            pass
-        if conn is None:
-            return
-        try:
-            conn.sock.settimeout(1.0)
-            while not release.is_set():
-                try:
-                    conn.pump()
-                except socket.timeout:
-                    pass
-        except (OSError, EOFError, wire.H2Error) as e:
-            with lock:
-                stats["errors"].append("closed by server: " + type(e).__name__)
-        finally:
-            with lock:
-                for sid in sids:
-                    st = conn.streams[sid]
-                    stats["ended"] += st.ended
-                    stats["refused"] += st.grpc_status() == "8"
-                stats["pings"] += conn.pings_answered
-            conn.close()
+        def tally(st):
+            stats["ended"] += st.ended
+            stats["refused"] += st.grpc_status() == "8"
+
+        hold_streams(conn, sids, sent_all, release, stats, lock, tally)
 
     threads = [threading.Thread(target=one, daemon=True) for _ in range(args.header_flood_connections)]
     t0 = time.monotonic()

@@ -415,18 +415,7 @@ async fn grpc_status(response: h2::client::ResponseFuture) -> Result<String, h2:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_too_slow_ends_its_own_stream_and_leaves_the_connections_other_calls_alone() {
     let server = TestServer::start(slot_config()).await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut client = client.ready().await.unwrap();
-
-    let (watch, mut send) = client
-        .send_request(grpc_call("/grpc.health.v1.Health/Watch"), false)
-        .unwrap();
-    send.send_data(Bytes::from_static(EMPTY_MESSAGE), true).unwrap();
-    let mut watch = watch.await.unwrap().into_body();
-    let serving = watch.data().await.expect("the watch sends the current status").unwrap();
-    let _ = watch.flow_control().release_capacity(serving.len());
+    let (mut client, mut watch, connection) = open_watch(server.addr).await;
 
     // A Classify body that announces 600 kB and brings 10 bytes every 200 ms: 50 B/s against 1,000.
     let (slow, mut upload) = client
@@ -615,9 +604,16 @@ async fn silent_sockets_in_a_tls_handshake_are_evicted_before_an_established_cli
     drop(silent);
 }
 
-/// A health `Watch` on its own HTTP/2 connection, as a client-side balancer keeps one: the stream, once the
-/// first status has come, and the connection's task (finished when the server closes the connection).
-async fn open_watch(addr: SocketAddr) -> (h2::RecvStream, JoinHandle<Result<(), h2::Error>>) {
+/// A health `Watch` on its own HTTP/2 connection, as a client-side balancer keeps one: the connection's
+/// client (for more calls), the stream once the first status has come, and the connection's task (finished
+/// when the server closes the connection).
+async fn open_watch(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::RecvStream,
+    JoinHandle<Result<(), h2::Error>>,
+) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
@@ -629,7 +625,7 @@ async fn open_watch(addr: SocketAddr) -> (h2::RecvStream, JoinHandle<Result<(), 
     let mut watch = watch.await.unwrap().into_body();
     let serving = watch.data().await.expect("the watch sends the current status").unwrap();
     let _ = watch.flow_control().release_capacity(serving.len());
-    (watch, connection)
+    (client, watch, connection)
 }
 
 /// Issue #35: a health Watch is a client at work, not an idle connection. Its connection counted as idle from
@@ -638,7 +634,7 @@ async fn open_watch(addr: SocketAddr) -> (h2::RecvStream, JoinHandle<Result<(), 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_health_watch_keeps_its_connection_open_past_the_idle_limit() {
     let server = TestServer::start(slot_config()).await;
-    let (mut watch, connection) = open_watch(server.addr).await;
+    let (_client, mut watch, connection) = open_watch(server.addr).await;
     let quiet = tokio::time::timeout(Duration::from_secs(6), watch.data()).await;
     assert!(
         quiet.is_err(),
@@ -662,7 +658,7 @@ async fn under_connection_pressure_a_watch_is_evicted_after_connections_without_
         .classify(request(vec![raw(&pixels)]))
         .await
         .unwrap();
-    let (mut watch, connection) = open_watch(server.addr).await;
+    let (_client, mut watch, connection) = open_watch(server.addr).await;
     let attack = Attack::start(ATTACKERS, server.addr, cheap_calls);
     until_slots_are_held(&server, elsewhere).await;
     let (polite, probes) = polite_caller_and_probes(server.addr).await;
