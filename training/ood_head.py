@@ -135,6 +135,9 @@ def model_path(model: str) -> Path:
     stack a head on a head."""
     versions = sorted((int(d.name), d) for d in (REPO / "models" / model).iterdir() if d.name.isdigit())
     for _, d in reversed(versions):
+        # A version without model.json is one being written (export writes its graph first): not a source.
+        if not (d / "model.json").exists():
+            continue
         if json.loads((d / "model.json").read_text()).get("ood", {}).get("method") != "garment_head":
             return d / "model.onnx"
     raise SystemExit(f"models/{model} has no version without a garment head")
