@@ -422,6 +422,27 @@ def case_classify_empty_images(ctx):
     return {"notes": f"{n:,} empty images, {len(message) / MiB:.1f} MiB: " + grpc_notes(results), "checks": []}
 
 
+def run_holders(ctx, n, one, sent_all, release):
+    """Runs `one` on `n` threads that open their streams and then hold them (`hold_streams`): waits until all
+    have sent, notes the server's peak, holds for --hold seconds and lets them go. The seconds the sending took
+    and the peak RSS (MiB) when all had sent."""
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        sent_all.wait(timeout=180)
+    except threading.BrokenBarrierError:
+        pass
+    send_s = time.monotonic() - t0
+    peak_sending = ctx.server.peak_mib()
+    ctx.stop.wait(ctx.args.hold)
+    release.set()
+    for t in threads:
+        t.join()
+    return send_s, peak_sending
+
+
 def hold_streams(conn, sids, sent_all, release, stats, lock, tally):
     """The second half of a thread that opened `sids` on `conn`: waits for every thread to have sent, then
     keeps the connection alive (acknowledging the server's PINGs) until `release`; `tally(stream)` adds a
@@ -477,26 +498,14 @@ def case_slow_reader(ctx):
         except (OSError, EOFError, wire.H2Error) as e:
             with lock:
                 stats["errors"].append(type(e).__name__)
+
         def tally(st):
             stats["answered"] += bool(st.header_blocks)
             stats["ended"] += st.ended
 
         hold_streams(conn, sids, sent_all, release, stats, lock, tally)
 
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(args.slow_reader_connections)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    try:
-        sent_all.wait(timeout=180)
-    except threading.BrokenBarrierError:
-        pass
-    send_s = time.monotonic() - t0
-    peak_sending = ctx.server.peak_mib()
-    ctx.stop.wait(args.hold)
-    release.set()
-    for t in threads:
-        t.join()
+    send_s, peak_sending = run_holders(ctx, args.slow_reader_connections, one, sent_all, release)
     held = stats["answered"] - stats["ended"]
     notes = (f"{args.slow_reader_connections} conns x {args.slow_reader_streams} streams x {images} images: "
              f"{stats['opened']:,} calls sent in {send_s:.0f} s; {stats['answered']:,} answered, {held:,} answers "
@@ -540,26 +549,14 @@ def case_header_flood(ctx):
         except (OSError, EOFError, wire.H2Error) as e:
             with lock:
                 stats["errors"].append(type(e).__name__)
+
         def tally(st):
             stats["ended"] += st.ended
             stats["refused"] += st.grpc_status() == "8"
 
         hold_streams(conn, sids, sent_all, release, stats, lock, tally)
 
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(args.header_flood_connections)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    try:
-        sent_all.wait(timeout=180)
-    except threading.BrokenBarrierError:
-        pass
-    send_s = time.monotonic() - t0
-    peak_sending = ctx.server.peak_mib()
-    ctx.stop.wait(args.hold)
-    release.set()
-    for t in threads:
-        t.join()
+    send_s, peak_sending = run_holders(ctx, args.header_flood_connections, one, sent_all, release)
     notes = (f"{args.header_flood_connections} conns x {args.header_flood_streams} header-only streams x "
              f"{args.header_refs} references to a 3,927-byte HPACK entry: {stats['opened']:,} streams opened in "
              f"{send_s:.0f} s, {stats['ended']:,} ended by the server ({stats['refused']:,} RESOURCE_EXHAUSTED); "

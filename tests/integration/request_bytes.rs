@@ -10,6 +10,15 @@ use common::{TestServer, config, encoded, fixture, grpc_call, metric, padded_grp
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
 
+/// Waits until the server's gauge `name` satisfies `holds`; fails with `failure` after `within`.
+async fn until_gauge(server: &TestServer, name: &str, holds: impl Fn(f64) -> bool, within: Duration, failure: &str) {
+    let started = Instant::now();
+    while !holds(metric(&server.metrics().await, name)) {
+        assert!(started.elapsed() < within, "{failure}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn stalled_uploads_that_fill_the_byte_pool_leave_room_for_ordinary_calls() {
     let mut config = config();
@@ -35,14 +44,14 @@ async fn stalled_uploads_that_fill_the_byte_pool_leave_room_for_ordinary_calls()
         upload.write_all(&vec![0u8; (7 << 20) / 2 - 5 - 1024]).await.unwrap();
         uploads.push(upload);
     }
-    let waiting = Instant::now();
-    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") < f64::from((7 << 20) - 2048) {
-        assert!(
-            waiting.elapsed() < Duration::from_secs(10),
-            "the uploads were never charged"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_gauge(
+        &server,
+        "fmnist_request_bytes_in_flight",
+        |held| held >= f64::from((7 << 20) - 2048),
+        Duration::from_secs(10),
+        "the uploads were never charged",
+    )
+    .await;
 
     // A call with more than 256 KiB of body finds no room...
     let (pixels, label) = fixture()[0];
@@ -195,14 +204,14 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
     const PAD: usize = 7_000;
 
     let (first, _first_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
-    let started = Instant::now();
-    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") < (100 * PAD) as f64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "100 streams' header lists were never charged"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_gauge(
+        &server,
+        "fmnist_request_bytes_in_flight",
+        |held| held >= (100 * PAD) as f64,
+        Duration::from_secs(5),
+        "100 streams' header lists were never charged",
+    )
+    .await;
 
     // 100 more on a second connection: about 40 fit what is left; the rest are refused at once.
     let (second, _second_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
@@ -238,14 +247,14 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
 
     // Every charge goes when its stream does.
     drop(first);
-    let started = Instant::now();
-    while metric(&server.metrics().await, "fmnist_request_bytes_in_flight") > 0.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "header charges outlived their streams"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_gauge(
+        &server,
+        "fmnist_request_bytes_in_flight",
+        |held| held <= 0.0,
+        Duration::from_secs(5),
+        "header charges outlived their streams",
+    )
+    .await;
 }
 
 /// Issue #27/#35, the slow reader: a client that sets its HTTP/2 window to 0 and never reads let each of its
@@ -300,12 +309,12 @@ async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused
 
     drop(client);
     connection.abort();
-    let started = Instant::now();
-    while metric(&server.metrics().await, "fmnist_answer_bytes_waiting") > 0.0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "answer charges outlived their connection"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_gauge(
+        &server,
+        "fmnist_answer_bytes_waiting",
+        |held| held <= 0.0,
+        Duration::from_secs(5),
+        "answer charges outlived their connection",
+    )
+    .await;
 }

@@ -352,7 +352,8 @@ async fn model_captures(
     let model = name.clone();
     let records = tokio::task::spawn_blocking(move || capture.recent(&model, limit))
         .await
-        .map_err(|e| ServiceError::new(ErrorKind::Internal, format!("reading the capture: {e}")))?
+        .map_err(std::io::Error::other)
+        .and_then(|read| read)
         .map_err(|e| ServiceError::new(ErrorKind::Internal, format!("reading the capture: {e}")))?;
     Ok(Json(json!({ "name": name, "captures": records })))
 }
