@@ -510,6 +510,17 @@ def targets(result: dict) -> list[dict]:
                        "measured": f"{one['latency_p50_ms']:.3f} ms vs {b1.get('p50_min_ms', b1['latency_p50_ms']):.3f}"
                                    " + 0.15 ms",
                        "met": one["latency_p50_ms"] <= b1.get("p50_min_ms", b1["latency_p50_ms"]) + 0.15})
+    # The serving work per single-image call (#34): the server's CPU per call with a model that costs ORT next
+    # to nothing, so everything measured is HTTP/2, protobuf, the codec, admission, hand-offs, spans and metrics.
+    for c in (1, 64):
+        noop = find(rows, "fmnist-noop", "raw", c)
+        if noop and noop["images_per_s"]:
+            us = noop["server_cpu_cores"] / noop["images_per_s"] * 1e6
+            checks.append({"target": f"serving work per single-image call at C={c} <= 15 us of server CPU "
+                                     "(no-op model)",
+                           "measured": f"{us:.0f} us ({noop['server_cpu_cores']:.2f} cores at "
+                                       f"{noop['images_per_s']:.0f} calls/s)",
+                           "met": us <= 15})
     # Goodput under overload: 16 images per call with four times the callers the queue holds.
     peak, over = find(rows, "fmnist", "multi16", 64), find(rows, "fmnist", "multi16", 256)
     if peak and over and peak["images_per_s"] > 0:
@@ -604,7 +615,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured window per row")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--quick", action="store_true", help="2 s windows, C = 1 and 64 only, no criterion")
-    ap.add_argument("--servers", default="fmnist,fmnist-oip,fmnist-int8,python,mlserver,triton")
+    ap.add_argument("--servers", default="fmnist,fmnist-oip,fmnist-int8,fmnist-noop,python,mlserver,triton")
     ap.add_argument("--modes", default="raw,png,multi16,multi64")
     ap.add_argument("--concurrency", default="1,8,64,256,1024")
     ap.add_argument("--connections", type=int, default=4)
@@ -661,6 +672,11 @@ def main() -> int:
                              "MLServer gets)", "cnn", serve_extra, protocol="oip"),
         "fmnist-int8": Fmnist("fmnist-int8", "this service, requests naming model cnn-int8", "cnn-int8",
                               ["--models", "cnn,cnn-int8,dense"] + serve_extra),
+        # The serving work alone: the same path and bodies, a model ORT runs in microseconds (bench/noop_model.py).
+        "fmnist-noop": Fmnist("fmnist-noop", "this service with a no-op model of cnn's contract (bench/noop-models): "
+                              "its CPU per call is the serving work", "cnn",
+                              ["--models-dir", str(BENCH / "noop-models"), "--models", "cnn",
+                               "--default-model", "cnn"] + serve_extra),
         "python": PythonPeer(a.python_workers),
         "mlserver": MLServerPeer(a.mlserver_batch, a.mlserver_batch_time_ms / 1e3),
         "triton": TritonPeer(a.triton_venv.resolve(), a.triton_batch, a.triton_delay_us, a.triton_threads),

@@ -387,7 +387,7 @@ impl BytePools {
         };
         held.permits.push(permit);
         held.bytes += u64::from(n);
-        held.gauge().increment(f64::from(n));
+        held.gauge.increment(f64::from(n));
         Ok(())
     }
 }
@@ -428,26 +428,37 @@ type Charge = Arc<Mutex<Held>>;
 
 /// The bytes one call holds in the account: its request's (released, and taken off the gauge, when the call
 /// is done with them) or its answer's (when the connection has taken the last of them).
-#[derive(Default)]
 struct Held {
     permits: Vec<OwnedSemaphorePermit>,
     bytes: u64,
-    answer: bool,
+    gauge: &'static metrics::Gauge,
 }
 
 impl Held {
-    fn gauge(&self) -> metrics::Gauge {
-        if self.answer {
-            metrics::gauge!(metric::ANSWER_BYTES_WAITING)
-        } else {
-            metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT)
+    fn request() -> Self {
+        static GAUGE: OnceLock<metrics::Gauge> = OnceLock::new();
+        Held::on(GAUGE.get_or_init(|| metrics::gauge!(metric::REQUEST_BYTES_IN_FLIGHT)))
+    }
+
+    fn answer() -> Self {
+        static GAUGE: OnceLock<metrics::Gauge> = OnceLock::new();
+        Held::on(GAUGE.get_or_init(|| metrics::gauge!(metric::ANSWER_BYTES_WAITING)))
+    }
+
+    /// The gauge is looked up in the recorder once per process, on the first call (after the recorder is
+    /// installed), not once per charge: a lookup hashes the key under a lock, several times per call.
+    fn on(gauge: &'static metrics::Gauge) -> Self {
+        Held {
+            permits: Vec::new(),
+            bytes: 0,
+            gauge,
         }
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.gauge().decrement(self.bytes as f64);
+        self.gauge.decrement(self.bytes as f64);
     }
 }
 
@@ -488,7 +499,7 @@ where
         };
         // The request's header list is held as long as its body (HPACK lets a few wire bytes name a list of
         // up to --max-header-list-bytes): charged to the same account, refused like a body that finds no room.
-        let mut head = Held::default();
+        let mut head = Held::request();
         let head_bytes = u32::try_from(header_list_bytes(request.headers())).unwrap_or(u32::MAX);
         if let Err(refused) = self
             .pools
@@ -496,7 +507,7 @@ where
         {
             return refuse(refused);
         }
-        let charge: Charge = Arc::default();
+        let charge: Charge = Arc::new(Mutex::new(Held::request()));
         let answered = Arc::new(AtomicBool::new(false));
         let (pools, connection_bytes) = (self.pools.clone(), share.as_ref().map(|s| s.bytes.clone()));
         // HTTP/2 multiplexes calls on one connection; only an HTTP/1 call owns its connection.
@@ -581,11 +592,7 @@ async fn charge_answer(
         .iter()
         .filter_map(|f| f.as_ref().ok().and_then(Frame::data_ref).map(Bytes::len))
         .sum();
-    let mut held = Held {
-        permits: Vec::new(),
-        bytes: 0,
-        answer: true,
-    };
+    let mut held = Held::answer();
     let charged = match u32::try_from(bytes) {
         Ok(0) => Ok(()),
         Ok(n) => pools.charge(connection, &mut held, n, bytes <= SMALL_CALL_BYTES),
@@ -791,7 +798,7 @@ impl ChargedBody {
     fn release(&mut self) {
         let mut held = self.charge.lock().expect("the charge lock is never poisoned");
         if held.bytes > 0 {
-            held.gauge().decrement(held.bytes as f64);
+            held.gauge.decrement(held.bytes as f64);
             held.bytes = 0;
             held.permits.clear();
         }
@@ -921,7 +928,7 @@ mod tests {
             }),
             pools: layer.pools.clone(),
             connection: None,
-            charge: Arc::default(),
+            charge: Arc::new(Mutex::new(Held::request())),
             received: 0,
             rate: layer.rate,
             started: tokio::time::Instant::now(),
