@@ -14,6 +14,11 @@ Declared before the first measurement (committed before this script was first ru
   threshold) and the worst left-out group, mean of the three seeds, loses at most 1 point. Otherwise the
   single threshold stays.
 
+Amendment 1, declared after the first run (per-class thresholds: test Bag 0.6%, but the worst left-out group
+lost 5.6 points) and before this one's: a cap, not a budget per class. Each class keeps the single threshold
+unless more than 2% (the issue's bound) of the validation garments predicted as it would be rejected; then
+its threshold is raised to the (1 - 2%) quantile of their scores. Same rule.
+
     .venv-train/bin/python training/ood_head_per_class.py [--model cnn]
 """
 import argparse
@@ -36,14 +41,18 @@ def predicted(x: np.ndarray) -> np.ndarray:
     return x[:, SECTIONS["logits"]].argmax(1)
 
 
-def thresholds(s_val: np.ndarray, c_val: np.ndarray) -> tuple[float, np.ndarray]:
+CLASS_CAP = 0.02
+RULES = ("single", "per_class", "capped")
+
+
+def thresholds(s_val: np.ndarray, c_val: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """The single threshold, and per rule the threshold of each predicted class."""
     single = float(np.quantile(s_val, 1 - VAL_BUDGET))
     per_class = np.array([np.quantile(s_val[c_val == c], 1 - VAL_BUDGET) for c in range(10)])
-    return single, per_class
+    capped = np.array([max(single, float(np.quantile(s_val[c_val == c], 1 - CLASS_CAP))) for c in range(10)])
+    return single, {"single": np.full(10, single), "per_class": per_class, "capped": capped}
 
 
-def rejected(s: np.ndarray, c: np.ndarray, single: float, per_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return s > single, s > per_class[c]
 
 
 def main() -> None:
@@ -62,26 +71,26 @@ def main() -> None:
     out = {"model": a.model, "method": METHOD, "val_budget": VAL_BUDGET, "garments": {}, "logo": {}}
     head = load_head(run_path(METHOD, "all", SEEDS[0]))
     score = {n: head.score(feats[n]) for n in ("val", "test")}
-    single, per_class = thresholds(score["val"], classes["val"])
-    out["thresholds"] = {"single": single, "per_class": dict(zip(CLASS_NAMES, per_class.tolist()))}
+    single, by_rule = thresholds(score["val"], classes["val"])
+    out["thresholds"] = {"single": single} | {
+        rule: dict(zip(CLASS_NAMES, t.tolist())) for rule, t in by_rule.items() if rule != "single"}
     for n in ("val", "test"):
-        one, each = rejected(score[n], classes[n], single, per_class)
-        out["garments"][n] = {
-            rule: {"overall": float(r.mean()),
-                   "per_class": {CLASS_NAMES[c]: float(r[labels[n] == c].mean()) for c in range(10)}}
-            for rule, r in (("single", one), ("per_class", each))}
+        out["garments"][n] = {}
+        for rule, t in by_rule.items():
+            r = score[n] > t[classes[n]]
+            out["garments"][n][rule] = {
+                "overall": float(r.mean()),
+                "per_class": {CLASS_NAMES[c]: float(r[labels[n] == c].mean()) for c in range(10)}}
 
     for fold in FOLDS:
-        rows = {"single": [], "per_class": []}
+        rows = {rule: [] for rule in RULES}
         for seed in SEEDS:
             h = load_head(run_path(METHOD, fold, seed))
-            s_val = h.score(feats["val"])
-            t1, tc = thresholds(s_val, classes["val"])
+            _, fold_rules = thresholds(h.score(feats["val"]), classes["val"])
             for g in fold_measured(fold):
                 s = h.score(feats[g])
-                one, each = rejected(s, classes[g], t1, tc)
-                rows["single"].append((g, seed, float(one.mean())))
-                rows["per_class"].append((g, seed, float(each.mean())))
+                for rule, t in fold_rules.items():
+                    rows[rule].append((g, seed, float((s > t[classes[g]]).mean())))
         out["logo"][fold] = rows
 
     def summary(rule: str) -> dict:
@@ -94,26 +103,28 @@ def main() -> None:
         return {"mean_per_group": means, "worst_group": worst, "worst_mean": means[worst],
                 "worst_seed": float(min(min(v) for v in per_group.values()))}
 
-    out["summary"] = {rule: summary(rule) for rule in ("single", "per_class")}
+    out["summary"] = {rule: summary(rule) for rule in RULES}
     val = out["garments"]["val"]
-    worst_val = {rule: max(val[rule]["per_class"].items(), key=lambda kv: kv[1]) for rule in ("single", "per_class")}
-    loss = out["summary"]["single"]["worst_mean"] - out["summary"]["per_class"]["worst_mean"]
-    out["decision"] = {
-        "worst_val_class": worst_val,
-        "worst_group_loss_points": loss * 100,
-        "per_class_better": worst_val["per_class"][1] < worst_val["single"][1] and loss * 100 <= 1.0,
-    }
+    worst_val = {rule: max(val[rule]["per_class"].items(), key=lambda kv: kv[1]) for rule in RULES}
+    out["decision"] = {}
+    for rule in RULES[1:]:
+        loss = out["summary"]["single"]["worst_mean"] - out["summary"][rule]["worst_mean"]
+        out["decision"][rule] = {
+            "worst_val_class": worst_val[rule], "worst_group_loss_points": loss * 100,
+            "better": worst_val[rule][1] < worst_val["single"][1] and loss * 100 <= 1.0}
     a.out.write_text(json.dumps(out, indent=1) + "\n")
 
-    for rule in ("single", "per_class"):
+    for rule in RULES:
         s = out["summary"][rule]
         g = out["garments"]
         print(f"{rule:9s}: val {g['val'][rule]['overall'] * 100:.2f}% test {g['test'][rule]['overall'] * 100:.2f}%; "
               f"worst val class {worst_val[rule][0]} {worst_val[rule][1] * 100:.1f}%; test per class "
               + ", ".join(f"{c} {v * 100:.1f}" for c, v in g["test"][rule]["per_class"].items())
               + f"; LOGO worst {s['worst_group']} {s['worst_mean'] * 100:.1f}% (worst seed {s['worst_seed'] * 100:.1f}%)")
-    print(f"decision: worst group loses {loss * 100:.1f} points; per-class thresholds "
-          f"{'better' if out['decision']['per_class_better'] else 'not better'} by the declared rule; {a.out}")
+    for rule, d in out["decision"].items():
+        print(f"decision, {rule}: the worst group loses {d['worst_group_loss_points']:.1f} points; "
+              f"{'better' if d['better'] else 'not better'} than the single threshold by the declared rule")
+    print(a.out)
 
 
 if __name__ == "__main__":
