@@ -471,6 +471,49 @@ def hold_streams(conn, sids, sent_all, release, stats, lock, tally):
         conn.close()
 
 
+def case_decoded_varints(ctx):
+    """ModelInfer calls whose tensor holds 50,176 values (64 images' worth) as one-byte varints in
+    `int64_contents`: 50 kB on the wire, up to 16 bytes each once decoded (8-byte values in a Vec that grew by
+    doubling), 800 kB; prost decodes the field whatever the datatype says. Each message is whole but the end
+    of its stream held back, so the server keeps the decoded message until the body grace ends; many at once,
+    over connections that answer pings."""
+    args = ctx.args
+    pixels = 64 * 784
+    contents = pb_bytes(3, bytes(pixels))  # int64_contents, packed: 0 is a one-byte varint
+    tensor = infer_tensor(b"raw", b"UINT8", packed([64, 28, 28]), contents)
+    body = grpc_frame(pb_bytes(1, b"cnn") + pb_bytes(5, tensor))
+    sent_all = threading.Barrier(args.varint_connections + 1)
+    stats = {"answered": 0, "ended": 0, "opened": 0, "errors": [], "pings": 0, "codes": []}
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def one():
+        conn = None
+        sids = []
+        try:
+            conn = H2(ctx.server.addr, keep_data=False, timeout=30)
+            deadline = time.monotonic() + 120
+            for _ in range(args.varint_streams):
+                sids.append(conn.request(MODEL_INFER, body, end_stream=False, deadline=deadline))
+            with lock:
+                stats["opened"] += len(sids)
+        except (OSError, EOFError, wire.H2Error) as e:
+            with lock:
+                stats["errors"].append(type(e).__name__)
+
+        def tally(st):
+            stats["answered"] += bool(st.header_blocks)
+            stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
+
+        hold_streams(conn, sids, sent_all, release, stats, lock, tally)
+
+    send_s, peak_sending = run_holders(ctx, args.varint_connections, one, sent_all, release)
+    notes = (f"{args.varint_connections} conns x {args.varint_streams} streams, {len(body) / 1e3:.0f} kB each "
+             f"({pixels:,} one-byte varints): {stats['opened']:,} sent in {send_s:.1f} s, peak {peak_sending:.0f} MiB "
+             f"when all were sent; statuses {count(stats['codes'])}; client errors: {count(stats['errors']) or 'none'}")
+    return {"notes": notes, "checks": []}
+
+
 def case_slow_reader(ctx):
     """Connections that open 100 Classify streams each and never let the server send the answers (SETTINGS
     INITIAL_WINDOW_SIZE = 0, no WINDOW_UPDATE), answering the server's keepalive pings so that nothing is idle.
@@ -914,6 +957,8 @@ CASES = [
          case_slow_reader),
     Case("header-flood", "13", "200 connections x 100 header-only streams, HPACK-referenced lists, held",
          case_header_flood),
+    Case("decoded-varints", "14", "ModelInfer of 50,176 one-byte int64 varints (800 kB decoded), end of stream "
+         "held, 24 connections x 50", case_decoded_varints),
     Case("iccp-bomb", "7", "28x28 PNGs whose iCCP inflates to 48 MiB, 64 per call, 8 callers", case_iccp_bomb),
     Case("h2-idle-pings", "8", "300 HTTP/2 connections that only ping and answer pings, held", case_h2_idle_pings),
     Case("slowloris", "9", "300 HTTP/1.1 request heads at one byte per second, reconnecting", case_slowloris),
@@ -1041,6 +1086,8 @@ def main():
     p.add_argument("--header-refs", type=int, default=2,
                    help="references per stream to the 3,927-byte entry: 2 (8,173 bytes with the other fields) fits the server's 8 KiB list "
                         "limit; 4 (16 kB) fit the 16 KiB limit before it")
+    p.add_argument("--varint-connections", type=int, default=24)
+    p.add_argument("--varint-streams", type=int, default=50)
     p.add_argument("--iccp-bytes", type=int, default=48 * MiB, help="what the iCCP profile inflates to")
     p.add_argument("--bomb-callers", type=int, default=8)
     p.add_argument("--bomb-seconds", type=float, default=20.0)

@@ -61,6 +61,21 @@ pub enum Packing {
     Fixed64,
 }
 
+impl Packing {
+    /// What one element takes in memory once decoded, beyond bytes the wire also carries: its slot in a
+    /// `Vec` that grew by doubling (so twice its size): 8 bytes at most for a number (so a one-byte varint
+    /// can become 16), 64 for a record (a `Vec`/`String` header, or a small message such as an `Image`; its
+    /// contents are on the wire too, and a nested message's own repeated fields are counted by their limits).
+    /// The few larger structs (a tensor's, at most 8 a call) are left to the baseline.
+    const fn decoded_bytes(self) -> usize {
+        match self {
+            Packing::Records => 2 * 64,
+            Packing::Varint | Packing::Fixed64 => 2 * 8,
+            Packing::Fixed32 => 2 * 4,
+        }
+    }
+}
+
 /// A repeated (or map) field's bound, and the bounds inside each of its elements (for messages).
 #[derive(Debug)]
 pub struct FieldLimit {
@@ -119,7 +134,11 @@ impl<U: prost::Message + Default + Bounded> Decoder for BoundedDecoder<U> {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         if !U::LIMITS.is_empty() {
             // A gRPC message arrives whole in one buffer, so the scan sees all of it.
-            check(buf.chunk(), U::LIMITS).map_err(Status::invalid_argument)?;
+            let wire = buf.chunk();
+            let decoded = check(wire, U::LIMITS).map_err(Status::invalid_argument)?;
+            // The wire bytes are charged as they arrive; what decoding adds to them is charged here, before
+            // prost allocates it, to the same call.
+            crate::transport::layers::charge_decoded(decoded.saturating_sub(wire.len()))?;
         }
         self.0.decode(buf)
     }
@@ -129,22 +148,29 @@ impl<U: prost::Message + Default + Bounded> Decoder for BoundedDecoder<U> {
     }
 }
 
-/// Counts the bounded fields of one message (and of the bounded fields' messages) on the wire. An error names
-/// the field by its path (`inputs.contents.bytes_contents`), built only on the way out.
-fn check(buf: &[u8], limits: &[FieldLimit]) -> Result<(), String> {
+/// Counts the bounded fields of one message (and of the bounded fields' messages) on the wire, and returns a
+/// bound on what their elements take in memory once decoded ([`Packing::decoded_bytes`]). An error names the
+/// field by its path (`inputs.contents.bytes_contents`), built only on the way out.
+fn check(buf: &[u8], limits: &[FieldLimit]) -> Result<usize, String> {
     let mut values = 0usize;
-    check_counting(buf, limits, &mut values)?;
+    let mut decoded = 0usize;
+    check_counting(buf, limits, &mut values, &mut decoded)?;
     let max = Max::Pixels.resolve();
     if values > max {
         return Err(format!(
             "the request's tensors hold {values} values in all: at most {max} (the images a call may carry x 784)"
         ));
     }
-    Ok(())
+    Ok(decoded)
 }
 
 /// [`check`] of one (possibly nested) message, adding the tensor values it holds to `values`.
-fn check_counting(mut buf: &[u8], limits: &[FieldLimit], values: &mut usize) -> Result<(), String> {
+fn check_counting(
+    mut buf: &[u8],
+    limits: &[FieldLimit],
+    values: &mut usize,
+    decoded: &mut usize,
+) -> Result<(), String> {
     let mut counts = vec![0usize; limits.len()];
     while !buf.is_empty() {
         let key = varint(&mut buf).ok_or("malformed message")?;
@@ -173,7 +199,7 @@ fn check_counting(mut buf: &[u8], limits: &[FieldLimit], values: &mut usize) -> 
                     Some(l) if l.packing == Packing::Fixed64 => record.len() / 8,
                     Some(l) => {
                         if !l.inside.is_empty() {
-                            check_counting(record, l.inside, values).map_err(|e| format!("{}.{e}", l.name))?;
+                            check_counting(record, l.inside, values, decoded).map_err(|e| format!("{}.{e}", l.name))?;
                         }
                         1
                     }
@@ -184,6 +210,7 @@ fn check_counting(mut buf: &[u8], limits: &[FieldLimit], values: &mut usize) -> 
         };
         if let Some(i) = limit {
             counts[i] += elements;
+            *decoded = decoded.saturating_add(elements.saturating_mul(limits[i].packing.decoded_bytes()));
             if limits[i].values {
                 *values = values.saturating_add(elements);
             }
@@ -338,7 +365,7 @@ mod tests {
     use crate::{inference_pb as oip, pb};
 
     fn scan<M: Message + Bounded>(message: &M) -> Result<(), String> {
-        check(&message.encode_to_vec(), M::LIMITS)
+        check(&message.encode_to_vec(), M::LIMITS).map(|_| ())
     }
 
     #[test]

@@ -426,6 +426,39 @@ pub struct CallLimits<S> {
 
 type Charge = Arc<Mutex<Held>>;
 
+tokio::task_local! {
+    /// The account of the call whose handler is running, for what its messages take once decoded beyond
+    /// their wire bytes ([`charge_decoded`]).
+    static DECODING: DecodeAccount;
+}
+
+/// Where a call's decoded messages are charged: the same account, connection share and charge as its body.
+struct DecodeAccount {
+    pools: Arc<BytePools>,
+    connection: Option<Arc<Semaphore>>,
+    charge: Charge,
+}
+
+/// Charges `extra` bytes to the call being decoded, until it is answered: what the codec's scan proves a
+/// message will take once decoded beyond its wire bytes (a packed varint of one byte becomes up to 16). A
+/// message that finds no room is refused with RESOURCE_EXHAUSTED before it is decoded. Outside a served call
+/// (a client decoding its answers) there is nothing to charge.
+pub(crate) fn charge_decoded(extra: usize) -> Result<(), Status> {
+    if extra == 0 {
+        return Ok(());
+    }
+    DECODING
+        .try_with(|account| {
+            let n = u32::try_from(extra).map_err(|_| Status::from(ServiceError::from(AdmissionError::RequestBytes)))?;
+            let mut held = account.charge.lock().expect("the charge lock is never poisoned");
+            account
+                .pools
+                .charge(account.connection.as_ref(), &mut held, n, extra <= SMALL_CALL_BYTES)
+                .map_err(Status::from)
+        })
+        .unwrap_or(Ok(()))
+}
+
 /// The bytes one call holds in the account: its request's (released, and taken off the gauge, when the call
 /// is done with them) or its answer's (when the connection has taken the last of them).
 struct Held {
@@ -516,6 +549,11 @@ where
             client_streaming: CLIENT_STREAMING.contains(&request.uri().path()),
             ..GrpcFraming::default()
         });
+        let decoding = DecodeAccount {
+            pools: self.pools.clone(),
+            connection: connection_bytes.clone(),
+            charge: charge.clone(),
+        };
         let request = request.map(|inner| {
             Body::new(ChargedBody {
                 inner,
@@ -531,7 +569,7 @@ where
                 answered: answered.clone(),
             })
         });
-        let response = self.inner.call(request);
+        let response = DECODING.scope(decoding, self.inner.call(request));
         Box::pin(async move {
             let response = match response.await {
                 Ok(response) => response,

@@ -318,3 +318,78 @@ async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused
     )
     .await;
 }
+
+/// Issue #35: a decoded message may take far more memory than its wire bytes (a packed varint of one byte
+/// becomes a `u32` or `u64` in a `Vec` that grew by doubling), and tonic holds it until the stream ends. Only
+/// the wire bytes were charged: 50 kB each for ModelInfer calls holding 800 kB decoded. What the codec's scan
+/// proves a message will take is now charged before it is decoded, and a message that finds no room is
+/// refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoded_messages_are_charged_at_their_decoded_size_before_decoding() {
+    use fmnist_serve::inference_pb::{InferTensorContents, ModelInferRequest, model_infer_request::InferInputTensor};
+    use prost::Message;
+    let mut config = config();
+    config.max_message_bytes = 1 << 20;
+    config.max_request_bytes_in_flight = 1 << 20; // 896 KiB for any call, 128 KiB kept for small ones
+    config.max_request_bytes_per_connection = 1 << 20;
+    config.request_body_grace_s = 30;
+    let server = TestServer::start(config).await;
+    // 64 images of UINT8 pixels as one-byte varints: 50 kB on the wire, up to 16 bytes each once decoded.
+    let call = ModelInferRequest {
+        model_name: "cnn".into(),
+        inputs: vec![InferInputTensor {
+            name: "raw".into(),
+            datatype: "UINT8".into(),
+            shape: vec![64, 28, 28],
+            contents: Some(InferTensorContents {
+                uint_contents: vec![0; 64 * 784],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let message = call.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let framed = bytes::Bytes::from(framed);
+
+    // Each message whole, the end of its stream held back: tonic keeps the decoded message meanwhile.
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut client = client.clone().ready().await.unwrap();
+        let (response, mut send) = client
+            .send_request(grpc_call("/inference.GRPCInferenceService/ModelInfer"), false)
+            .unwrap();
+        send.send_data(framed.clone(), false).unwrap();
+        streams.push((response, send));
+    }
+    until_gauge(
+        &server,
+        "fmnist_request_bytes_in_flight",
+        |held| held >= 700e3,
+        Duration::from_secs(5),
+        "no stream was charged for its decoded message: 4 x 50 kB on the wire, 800 kB each decoded",
+    )
+    .await;
+    let statuses = statuses_within(streams, Duration::from_secs(2)).await;
+    let refused = statuses.iter().filter(|s| s.as_deref() == Some("8")).count();
+    assert_eq!(
+        refused, 3,
+        "one stream's decoded message fits the 896 KiB, three do not: {statuses:?}"
+    );
+
+    connection.abort();
+    until_gauge(
+        &server,
+        "fmnist_request_bytes_in_flight",
+        |held| held <= 0.0,
+        Duration::from_secs(5),
+        "decoded charges outlived their streams",
+    )
+    .await;
+}
