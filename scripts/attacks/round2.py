@@ -471,6 +471,35 @@ def hold_streams(conn, sids, sent_all, release, stats, lock, tally):
         conn.close()
 
 
+def hold_calls(ctx, connections, streams, path, body, tally, end_stream=True, **h2_options):
+    """`connections` threads, each opening `streams` calls of `body` on one connection (H2 options such as
+    receive_window=0), then holding them (`run_holders`); `tally(stats, stream)` counts each stream's outcome.
+    Returns the stats ("opened", "errors", "pings" and what tally adds), the seconds the sending took and the
+    server's peak RSS (MiB) when all had sent."""
+    sent_all = threading.Barrier(connections + 1)
+    stats = {"opened": 0, "errors": [], "pings": 0}
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def one():
+        conn = None
+        sids = []
+        try:
+            conn = H2(ctx.server.addr, keep_data=False, timeout=30, **h2_options)
+            deadline = time.monotonic() + 120
+            for _ in range(streams):
+                sids.append(conn.request(path, body, end_stream=end_stream, deadline=deadline))
+            with lock:
+                stats["opened"] += len(sids)
+        except (OSError, EOFError, wire.H2Error) as e:
+            with lock:
+                stats["errors"].append(type(e).__name__)
+        hold_streams(conn, sids, sent_all, release, stats, lock, lambda st: tally(stats, st))
+
+    send_s, peak_sending = run_holders(ctx, connections, one, sent_all, release)
+    return stats, send_s, peak_sending
+
+
 def case_decoded_varints(ctx):
     """ModelInfer calls whose tensor holds 50,176 values (64 images' worth) as one-byte varints in
     `int64_contents`: 50 kB on the wire, up to 16 bytes each once decoded (8-byte values in a Vec that grew by
@@ -482,35 +511,16 @@ def case_decoded_varints(ctx):
     contents = pb_bytes(3, bytes(pixels))  # int64_contents, packed: 0 is a one-byte varint
     tensor = infer_tensor(b"raw", b"UINT8", packed([64, 28, 28]), contents)
     body = grpc_frame(pb_bytes(1, b"cnn") + pb_bytes(5, tensor))
-    sent_all = threading.Barrier(args.varint_connections + 1)
-    stats = {"answered": 0, "ended": 0, "opened": 0, "errors": [], "pings": 0, "codes": []}
-    lock = threading.Lock()
-    release = threading.Event()
 
-    def one():
-        conn = None
-        sids = []
-        try:
-            conn = H2(ctx.server.addr, keep_data=False, timeout=30)
-            deadline = time.monotonic() + 120
-            for _ in range(args.varint_streams):
-                sids.append(conn.request(MODEL_INFER, body, end_stream=False, deadline=deadline))
-            with lock:
-                stats["opened"] += len(sids)
-        except (OSError, EOFError, wire.H2Error) as e:
-            with lock:
-                stats["errors"].append(type(e).__name__)
+    def tally(stats, st):
+        stats.setdefault("codes", []).append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
 
-        def tally(st):
-            stats["answered"] += bool(st.header_blocks)
-            stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
-
-        hold_streams(conn, sids, sent_all, release, stats, lock, tally)
-
-    send_s, peak_sending = run_holders(ctx, args.varint_connections, one, sent_all, release)
+    stats, send_s, peak_sending = hold_calls(ctx, args.varint_connections, args.varint_streams, MODEL_INFER, body,
+                                             tally, end_stream=False)
     notes = (f"{args.varint_connections} conns x {args.varint_streams} streams, {len(body) / 1e3:.0f} kB each "
              f"({pixels:,} one-byte varints): {stats['opened']:,} sent in {send_s:.1f} s, peak {peak_sending:.0f} MiB "
-             f"when all were sent; statuses {count(stats['codes'])}; client errors: {count(stats['errors']) or 'none'}")
+             f"when all were sent; statuses {count(stats.get('codes', []))}; "
+             f"client errors: {count(stats['errors']) or 'none'}")
     return {"notes": notes, "checks": []}
 
 
@@ -522,37 +532,17 @@ def case_slow_reader(ctx):
     args = ctx.args
     images = args.slow_reader_images
     message = pb_bytes(1, pb_bytes(2, bytes(784))) * images + pb_varint(5, 1)
-    body = grpc_frame(message)
-    sent_all = threading.Barrier(args.slow_reader_connections + 1)
-    stats = {"answered": 0, "ended": 0, "opened": 0, "errors": [], "pings": 0}
-    lock = threading.Lock()
-    release = threading.Event()
 
-    def one():
-        conn = None
-        sids = []
-        try:
-            conn = H2(ctx.server.addr, receive_window=0, keep_data=False, timeout=30)
-            deadline = time.monotonic() + 120
-            for _ in range(args.slow_reader_streams):
-                sids.append(conn.request(CLASSIFY, body, deadline=deadline))
-            with lock:
-                stats["opened"] += len(sids)
-        except (OSError, EOFError, wire.H2Error) as e:
-            with lock:
-                stats["errors"].append(type(e).__name__)
+    def tally(stats, st):
+        stats["answered"] = stats.get("answered", 0) + bool(st.header_blocks)
+        stats["ended"] = stats.get("ended", 0) + st.ended
 
-        def tally(st):
-            stats["answered"] += bool(st.header_blocks)
-            stats["ended"] += st.ended
-
-        hold_streams(conn, sids, sent_all, release, stats, lock, tally)
-
-    send_s, peak_sending = run_holders(ctx, args.slow_reader_connections, one, sent_all, release)
-    held = stats["answered"] - stats["ended"]
+    stats, send_s, peak_sending = hold_calls(ctx, args.slow_reader_connections, args.slow_reader_streams, CLASSIFY,
+                                             grpc_frame(message), tally, receive_window=0)
+    answered, ended = stats.get("answered", 0), stats.get("ended", 0)
     notes = (f"{args.slow_reader_connections} conns x {args.slow_reader_streams} streams x {images} images: "
-             f"{stats['opened']:,} calls sent in {send_s:.0f} s; {stats['answered']:,} answered, {held:,} answers "
-             f"held unread for {args.hold:.0f} s, {stats['ended'] - 0:,} ended (errors or resets); peak "
+             f"{stats['opened']:,} calls sent in {send_s:.0f} s; {answered:,} answered, {answered - ended:,} answers "
+             f"held unread for {args.hold:.0f} s, {ended:,} ended (errors or resets); peak "
              f"{peak_sending:.0f} MiB when all were sent; {stats['pings']} server pings answered; "
              f"client errors: {count(stats['errors']) or 'none'}")
     return {"notes": notes, "checks": []}

@@ -164,7 +164,8 @@ fn check(buf: &[u8], limits: &[FieldLimit]) -> Result<usize, String> {
     Ok(decoded)
 }
 
-/// [`check`] of one (possibly nested) message, adding the tensor values it holds to `values`.
+/// [`check`] of one (possibly nested) message, adding the tensor values it holds to `values` and its bounded
+/// elements' decoded size to `decoded`.
 fn check_counting(
     mut buf: &[u8],
     limits: &[FieldLimit],

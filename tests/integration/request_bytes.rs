@@ -130,6 +130,25 @@ async fn answered_reflection_streams_left_open_hold_no_request_bytes() {
     drop(open);
 }
 
+/// A server whose whole request-byte account is 1 MiB (896 KiB for any call, 128 KiB kept for small ones),
+/// one connection may take all of it, and a whole message may wait 30 s for the end of its stream.
+async fn one_mib_account() -> TestServer {
+    let mut config = config();
+    config.max_message_bytes = 1 << 20;
+    config.max_request_bytes_in_flight = 1 << 20;
+    config.max_request_bytes_per_connection = 1 << 20;
+    config.request_body_grace_s = 30;
+    TestServer::start(config).await
+}
+
+/// `message` as one gRPC frame (uncompressed).
+fn grpc_frame(message: Vec<u8>) -> bytes::Bytes {
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    bytes::Bytes::from(framed)
+}
+
 /// A Classify call whose header list is `pad` bytes of `x-pad` beyond the usual fields; its body never comes.
 fn padded_head(pad: usize) -> http::Request<()> {
     let mut call = grpc_call("/fashion_mnist.v1.Classifier/Classify");
@@ -195,12 +214,7 @@ async fn statuses_within(
 /// refused at once (RESOURCE_EXHAUSTED), and a list over --max-header-list-bytes is refused outright.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_the_account_are_refused() {
-    let mut config = config();
-    config.max_message_bytes = 1 << 20;
-    config.max_request_bytes_in_flight = 1 << 20; // 896 KiB for any call, 128 KiB kept for small ones
-    config.max_request_bytes_per_connection = 1 << 20;
-    config.request_body_grace_s = 30;
-    let server = TestServer::start(config).await;
+    let server = one_mib_account().await;
     const PAD: usize = 7_000;
 
     let (first, _first_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
@@ -265,20 +279,12 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused() {
     use prost::Message;
-    let mut config = config();
-    config.max_message_bytes = 1 << 20;
-    config.max_request_bytes_in_flight = 1 << 20;
-    config.max_request_bytes_per_connection = 1 << 20;
-    let server = TestServer::start(config).await;
+    let server = one_mib_account().await;
     // 64 blank images (refused for low contrast: no inference), each answered with the 784 pixels the model
     // would have seen: an answer of tens of kB for a request of 50 kB.
     let mut call = request(vec![raw(&[0u8; 784]); 64]);
     call.return_model_input = true;
-    let message = call.encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend(message);
-    let framed = bytes::Bytes::from(framed);
+    let framed = grpc_frame(call.encode_to_vec());
 
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let (client, connection) = h2::client::Builder::new()
@@ -328,13 +334,9 @@ async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused
 async fn decoded_messages_are_charged_at_their_decoded_size_before_decoding() {
     use fmnist_serve::inference_pb::{InferTensorContents, ModelInferRequest, model_infer_request::InferInputTensor};
     use prost::Message;
-    let mut config = config();
-    config.max_message_bytes = 1 << 20;
-    config.max_request_bytes_in_flight = 1 << 20; // 896 KiB for any call, 128 KiB kept for small ones
-    config.max_request_bytes_per_connection = 1 << 20;
-    config.request_body_grace_s = 30;
-    let server = TestServer::start(config).await;
-    // 64 images of UINT8 pixels as one-byte varints: 50 kB on the wire, up to 16 bytes each once decoded.
+    let server = one_mib_account().await;
+    // 64 images of UINT8 pixels as one-byte varints: 50 kB on the wire, charged at 16 bytes each once
+    // decoded (the bound for any varint: a u64 in a Vec that grew by doubling).
     let call = ModelInferRequest {
         model_name: "cnn".into(),
         inputs: vec![InferInputTensor {
@@ -349,11 +351,7 @@ async fn decoded_messages_are_charged_at_their_decoded_size_before_decoding() {
         }],
         ..Default::default()
     };
-    let message = call.encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend((message.len() as u32).to_be_bytes());
-    framed.extend(message);
-    let framed = bytes::Bytes::from(framed);
+    let framed = grpc_frame(call.encode_to_vec());
 
     // Each message whole, the end of its stream held back: tonic keeps the decoded message meanwhile.
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
