@@ -471,13 +471,14 @@ def hold_streams(conn, sids, sent_all, release, stats, lock, tally):
         conn.close()
 
 
-def hold_calls(ctx, connections, streams, path, body, tally, end_stream=True, **h2_options):
-    """`connections` threads, each opening `streams` calls of `body` on one connection (H2 options such as
-    receive_window=0), then holding them (`run_holders`); `tally(stats, stream)` counts each stream's outcome.
-    Returns the stats ("opened", "errors", "pings" and what tally adds), the seconds the sending took and the
+def hold_calls(ctx, connections, open_streams, tally, counters=None, **h2_options):
+    """`connections` threads, each opening streams on one connection (H2 options such as receive_window=0) with
+    `open_streams(conn, sids)`, which appends each stream id as it opens it, then holding them (`run_holders`);
+    `tally(stats, stream)` counts each stream's outcome into the case's own `counters` (their starting values).
+    Returns the stats ("opened", "errors", "pings" and the counters), the seconds the sending took and the
     server's peak RSS (MiB) when all had sent."""
     sent_all = threading.Barrier(connections + 1)
-    stats = {"opened": 0, "errors": [], "pings": 0}
+    stats = {"opened": 0, "errors": [], "pings": 0, **(counters or {})}
     lock = threading.Lock()
     release = threading.Event()
 
@@ -486,9 +487,7 @@ def hold_calls(ctx, connections, streams, path, body, tally, end_stream=True, **
         sids = []
         try:
             conn = H2(ctx.server.addr, keep_data=False, timeout=30, **h2_options)
-            deadline = time.monotonic() + 120
-            for _ in range(streams):
-                sids.append(conn.request(path, body, end_stream=end_stream, deadline=deadline))
+            open_streams(conn, sids)
             with lock:
                 stats["opened"] += len(sids)
         except (OSError, EOFError, wire.H2Error) as e:
@@ -498,6 +497,15 @@ def hold_calls(ctx, connections, streams, path, body, tally, end_stream=True, **
 
     send_s, peak_sending = run_holders(ctx, connections, one, sent_all, release)
     return stats, send_s, peak_sending
+
+
+def requests(path, body, n, end_stream=True):
+    """An `open_streams` for `hold_calls`: `n` calls of `body` to `path`."""
+    def open_streams(conn, sids):
+        deadline = time.monotonic() + 120
+        for _ in range(n):
+            sids.append(conn.request(path, body, end_stream=end_stream, deadline=deadline))
+    return open_streams
 
 
 def case_decoded_varints(ctx):
@@ -513,13 +521,14 @@ def case_decoded_varints(ctx):
     body = grpc_frame(pb_bytes(1, b"cnn") + pb_bytes(5, tensor))
 
     def tally(stats, st):
-        stats.setdefault("codes", []).append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
+        stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
 
-    stats, send_s, peak_sending = hold_calls(ctx, args.varint_connections, args.varint_streams, MODEL_INFER, body,
-                                             tally, end_stream=False)
+    stats, send_s, peak_sending = hold_calls(
+        ctx, args.varint_connections, requests(MODEL_INFER, body, args.varint_streams, end_stream=False), tally,
+        counters={"codes": []})
     notes = (f"{args.varint_connections} conns x {args.varint_streams} streams, {len(body) / 1e3:.0f} kB each "
              f"({pixels:,} one-byte varints): {stats['opened']:,} sent in {send_s:.1f} s, peak {peak_sending:.0f} MiB "
-             f"when all were sent; statuses {count(stats.get('codes', []))}; "
+             f"when all were sent; statuses {count(stats['codes'])}; "
              f"client errors: {count(stats['errors']) or 'none'}")
     return {"notes": notes, "checks": []}
 
@@ -534,12 +543,13 @@ def case_slow_reader(ctx):
     message = pb_bytes(1, pb_bytes(2, bytes(784))) * images + pb_varint(5, 1)
 
     def tally(stats, st):
-        stats["answered"] = stats.get("answered", 0) + bool(st.header_blocks)
-        stats["ended"] = stats.get("ended", 0) + st.ended
+        stats["answered"] += bool(st.header_blocks)
+        stats["ended"] += st.ended
 
-    stats, send_s, peak_sending = hold_calls(ctx, args.slow_reader_connections, args.slow_reader_streams, CLASSIFY,
-                                             grpc_frame(message), tally, receive_window=0)
-    answered, ended = stats.get("answered", 0), stats.get("ended", 0)
+    stats, send_s, peak_sending = hold_calls(
+        ctx, args.slow_reader_connections, requests(CLASSIFY, grpc_frame(message), args.slow_reader_streams), tally,
+        counters={"answered": 0, "ended": 0}, receive_window=0)
+    answered, ended = stats["answered"], stats["ended"]
     notes = (f"{args.slow_reader_connections} conns x {args.slow_reader_streams} streams x {images} images: "
              f"{stats['opened']:,} calls sent in {send_s:.0f} s; {answered:,} answered, {answered - ended:,} answers "
              f"held unread for {args.hold:.0f} s, {ended:,} ended (errors or resets); peak "
@@ -558,38 +568,24 @@ def case_header_flood(ctx):
     big = b"a" * 3890
     first = b"\x40" + wire._hpack_int(5, 7) + b"x-pad" + wire._hpack_int(len(big), 7) + big
     ref = wire._hpack_int(62, 7, 0x80)  # the first dynamic entry
-    stats = {"opened": 0, "refused": 0, "ended": 0, "errors": [], "pings": 0}
-    lock = threading.Lock()
-    sent_all = threading.Barrier(args.header_flood_connections + 1)
-    release = threading.Event()
 
-    def one():
-        conn = None
-        sids = []
-        try:
-            conn = H2(ctx.server.addr, keep_data=False, timeout=30)
-            fields = [(":method", "POST"), (":scheme", "http"), (":path", CLASSIFY), (":authority", conn.authority),
-                      ("content-type", "application/grpc"), ("te", "trailers")]
-            for i in range(args.header_flood_streams):
-                sid = conn.next_id
-                conn.next_id += 2
-                conn.streams[sid] = wire.Stream(conn.peer_initial_window)
-                block = wire.hpack_encode(fields) + (first if i == 0 else b"") + ref * (args.header_refs - (i == 0))
-                conn.sock.sendall(wire.frame(wire.HEADERS, wire.END_HEADERS, sid, block))
-                sids.append(sid)
-            with lock:
-                stats["opened"] += len(sids)
-        except (OSError, EOFError, wire.H2Error) as e:
-            with lock:
-                stats["errors"].append(type(e).__name__)
+    def open_streams(conn, sids):
+        fields = [(":method", "POST"), (":scheme", "http"), (":path", CLASSIFY), (":authority", conn.authority),
+                  ("content-type", "application/grpc"), ("te", "trailers")]
+        for i in range(args.header_flood_streams):
+            sid = conn.next_id
+            conn.next_id += 2
+            conn.streams[sid] = wire.Stream(conn.peer_initial_window)
+            block = wire.hpack_encode(fields) + (first if i == 0 else b"") + ref * (args.header_refs - (i == 0))
+            conn.sock.sendall(wire.frame(wire.HEADERS, wire.END_HEADERS, sid, block))
+            sids.append(sid)
 
-        def tally(st):
-            stats["ended"] += st.ended
-            stats["refused"] += st.grpc_status() == "8"
+    def tally(stats, st):
+        stats["ended"] += st.ended
+        stats["refused"] += st.grpc_status() == "8"
 
-        hold_streams(conn, sids, sent_all, release, stats, lock, tally)
-
-    send_s, peak_sending = run_holders(ctx, args.header_flood_connections, one, sent_all, release)
+    stats, send_s, peak_sending = hold_calls(ctx, args.header_flood_connections, open_streams, tally,
+                                             counters={"ended": 0, "refused": 0})
     notes = (f"{args.header_flood_connections} conns x {args.header_flood_streams} header-only streams x "
              f"{args.header_refs} references to a 3,927-byte HPACK entry: {stats['opened']:,} streams opened in "
              f"{send_s:.0f} s, {stats['ended']:,} ended by the server ({stats['refused']:,} RESOURCE_EXHAUSTED); "
