@@ -157,32 +157,43 @@ fn padded_head(pad: usize) -> http::Request<()> {
     call
 }
 
-/// Opens `n` streams of `head()` on a new HTTP/2 connection and sends no body: each waits, holding its header
-/// list. The streams' responses, and the connection's task.
-async fn streams_without_bodies(
+type Calls = Vec<(h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>)>;
+
+/// `n` calls opened on one new HTTP/2 connection, each with the head `head()` and then, if given, `body`
+/// (ending the stream or not); `receive_window`, if given, is the client's initial stream window. The calls,
+/// the client (the connection stays open while it lives) and the connection's task.
+async fn calls_on_one_connection(
     addr: std::net::SocketAddr,
     n: usize,
-    head: fn() -> http::Request<()>,
+    head: impl Fn() -> http::Request<()>,
+    body: Option<(&bytes::Bytes, bool)>,
+    receive_window: Option<u32>,
 ) -> (
-    Vec<(h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>)>,
+    Calls,
+    h2::client::SendRequest<bytes::Bytes>,
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let mut builder = h2::client::Builder::new();
+    if let Some(window) = receive_window {
+        builder.initial_window_size(window);
+    }
+    let (client, connection) = builder.handshake::<_, bytes::Bytes>(tcp).await.unwrap();
     let connection = tokio::spawn(connection);
-    let mut streams = Vec::new();
+    let mut calls = Vec::new();
     for _ in 0..n {
         let mut client = client.clone().ready().await.unwrap();
-        streams.push(client.send_request(head(), false).unwrap());
+        let (response, mut send) = client.send_request(head(), false).unwrap();
+        if let Some((body, end_of_stream)) = body {
+            send.send_data(body.clone(), end_of_stream).unwrap();
+        }
+        calls.push((response, send));
     }
-    (streams, connection)
+    (calls, client, connection)
 }
 
 /// The grpc-status (from headers or trailers) of responses that arrive within `wait`; `None` for the rest.
-async fn statuses_within(
-    streams: Vec<(h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>)>,
-    wait: Duration,
-) -> Vec<Option<String>> {
+async fn statuses_within(streams: Calls, wait: Duration) -> Vec<Option<String>> {
     let mut set = tokio::task::JoinSet::new();
     for (i, (response, send)) in streams.into_iter().enumerate() {
         set.spawn(async move {
@@ -217,7 +228,8 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
     let server = one_mib_account().await;
     const PAD: usize = 7_000;
 
-    let (first, _first_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
+    let (first, _first_client, _first_connection) =
+        calls_on_one_connection(server.addr, 100, || padded_head(PAD), None, None).await;
     until_gauge(
         &server,
         "fmnist_request_bytes_in_flight",
@@ -228,7 +240,8 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
     .await;
 
     // 100 more on a second connection: about 40 fit what is left; the rest are refused at once.
-    let (second, _second_connection) = streams_without_bodies(server.addr, 100, || padded_head(PAD)).await;
+    let (second, _second_client, _second_connection) =
+        calls_on_one_connection(server.addr, 100, || padded_head(PAD), None, None).await;
     let statuses = statuses_within(second, Duration::from_secs(2)).await;
     let refused = statuses.iter().filter(|s| s.as_deref() == Some("8")).count();
     let other: Vec<_> = statuses.iter().flatten().filter(|s| *s != "8").collect();
@@ -239,7 +252,8 @@ async fn header_lists_are_charged_while_their_calls_wait_and_new_streams_past_th
     assert!(other.is_empty(), "unexpected statuses: {other:?}");
 
     // A list over the limit (8 KiB) is refused without waiting for a body.
-    let (over, _over_connection) = streams_without_bodies(server.addr, 1, || padded_head(9_000)).await;
+    let (over, _over_client, _over_connection) =
+        calls_on_one_connection(server.addr, 1, || padded_head(9_000), None, None).await;
     let (response, _send) = over.into_iter().next().unwrap();
     let answered = tokio::time::timeout(Duration::from_secs(2), response).await;
     assert!(
@@ -286,22 +300,9 @@ async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused
     call.return_model_input = true;
     let framed = grpc_frame(call.encode_to_vec());
 
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .unwrap();
-    let connection = tokio::spawn(connection);
-    let mut streams = Vec::new();
-    for _ in 0..40 {
-        let mut client = client.clone().ready().await.unwrap();
-        let (response, mut send) = client
-            .send_request(grpc_call("/fashion_mnist.v1.Classifier/Classify"), false)
-            .unwrap();
-        send.send_data(framed.clone(), true).unwrap();
-        streams.push((response, send));
-    }
+    let classify = || grpc_call("/fashion_mnist.v1.Classifier/Classify");
+    let (streams, client, connection) =
+        calls_on_one_connection(server.addr, 40, classify, Some((&framed, true)), Some(0)).await;
     let statuses = statuses_within(streams, Duration::from_secs(3)).await;
     let refused = statuses.iter().filter(|s| s.as_deref() == Some("8")).count();
     let waiting = metric(&server.metrics().await, "fmnist_answer_bytes_waiting");
@@ -354,18 +355,9 @@ async fn decoded_messages_are_charged_at_their_decoded_size_before_decoding() {
     let framed = grpc_frame(call.encode_to_vec());
 
     // Each message whole, the end of its stream held back: tonic keeps the decoded message meanwhile.
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let mut streams = Vec::new();
-    for _ in 0..4 {
-        let mut client = client.clone().ready().await.unwrap();
-        let (response, mut send) = client
-            .send_request(grpc_call("/inference.GRPCInferenceService/ModelInfer"), false)
-            .unwrap();
-        send.send_data(framed.clone(), false).unwrap();
-        streams.push((response, send));
-    }
+    let infer = || grpc_call("/inference.GRPCInferenceService/ModelInfer");
+    let (streams, _client, connection) =
+        calls_on_one_connection(server.addr, 4, infer, Some((&framed, false)), None).await;
     until_gauge(
         &server,
         "fmnist_request_bytes_in_flight",
