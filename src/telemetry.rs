@@ -101,8 +101,8 @@ metrics! {
     FAILURES_NOT_LOGGED: counter = "fmnist_failures_not_logged_total";
     /// Failed `accept` calls on either port (each is followed by a backoff).
     ACCEPT_ERRORS: counter = "fmnist_accept_errors_total";
-    /// Request bytes (bodies and header lists) held by calls in flight (with the answers waiting, bounded by
-    /// --max-request-bytes-in-flight).
+    /// Request bytes (bodies, header lists, and what decoding a message adds to its wire bytes) held by calls
+    /// in flight (with the answers waiting, bounded by --max-request-bytes-in-flight).
     REQUEST_BYTES_IN_FLIGHT: gauge = "fmnist_request_bytes_in_flight";
     /// Answer bytes ready and not yet taken by their connection, which waits for its client to read
     /// (charged to the same account as the request bytes).
