@@ -13,7 +13,7 @@ use std::{
 
 use clap::Parser;
 use fmnist_serve::{
-    config::{Config, OrtOptimization},
+    config::{Config, OrtOptimization, OrtSpinning},
     model::Model,
     preprocess::{ModelInput, PIXELS},
 };
@@ -36,9 +36,9 @@ struct Args {
     /// layout a 2-core machine can run.
     #[arg(long, default_value_t = 1)]
     sessions: usize,
-    /// Let idle intra-op threads spin (the server's --ort-spinning).
-    #[arg(long)]
-    spinning: bool,
+    /// When idle intra-op threads spin (the server's --ort-spinning: false, run, true).
+    #[arg(long, value_enum, default_value_t = OrtSpinning::Never)]
+    spinning: OrtSpinning,
     /// Graph optimization level (the server's --ort-optimization).
     #[arg(long, value_enum, default_value_t = OrtOptimization::All)]
     optimization: OrtOptimization,
@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &newest.path,
         &options,
         largest,
-        &vec![options.intra_threads; args.sessions.max(1)],
+        &vec![options.session_shape(); args.sessions.max(1)],
     )?;
 
     let raw = std::fs::read(&args.images)?;
@@ -127,7 +127,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "threads": args.threads,
             "sessions": args.sessions,
             "layout": format!("{}x{}", args.sessions, args.threads),
-            "spinning": args.spinning,
+            "spinning": args.spinning != OrtSpinning::Never,
             "optimization": format!("{:?}", args.optimization).to_lowercase(),
             "batch": n,
             "runs": latencies.len(),

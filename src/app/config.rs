@@ -10,7 +10,7 @@ use crate::{
     core::admission::SharePolicy,
     core::capture::CaptureSettings,
     core::control::{ControlKey, ControlSettings},
-    core::model::RuntimeOptions,
+    core::model::{RuntimeOptions, SessionShape, Spinning},
     core::preprocess::{DecodeLimits, InputCheck, PreprocessSettings, UploadConversion},
     core::{
         batching::BatchConfig,
@@ -83,15 +83,22 @@ pub struct Config {
     #[arg(long, env = "FMNIST_SOLO_THREADS", default_value_t = 0)]
     pub solo_threads: usize,
 
+    /// When the solo session's idle intra-op threads spin (the values of --ort-spinning). `true` gives a lone
+    /// caller the lowest latency (bench/README.md "Spinning", round 9) and costs throughput under load.
+    #[arg(long, env = "FMNIST_SOLO_SPINNING", value_enum, default_value_t = OrtSpinning::Never)]
+    pub solo_spinning: OrtSpinning,
+
     /// Threads that serve the network (tokio workers: HTTP/2, protobuf, JSON, raw images); 0 = one per core.
     /// Model inference runs on its own threads; on 2 cores, 1 and 2 measured the same (bench/README.md).
     #[arg(long, env = "FMNIST_IO_THREADS", default_value_t = 0)]
     pub io_threads: usize,
 
-    /// Let idle ONNX Runtime intra-op threads spin-wait for work (ONNX Runtime's default). Off by default: on a
-    /// small machine the spinning thread takes CPU from the gRPC workers (see bench/README.md).
-    #[arg(long, env = "FMNIST_ORT_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
-    pub ort_spinning: bool,
+    /// When idle ONNX Runtime intra-op threads spin-wait for work instead of sleeping: `false`, never; `run`,
+    /// between the operators of one run only; `true`, also between runs (ONNX Runtime's default). Spinning
+    /// serves a lone caller 11-22% more images but takes CPU the network needs under load, so neither is the
+    /// default (bench/README.md "Spinning", round 9).
+    #[arg(long, env = "FMNIST_ORT_SPINNING", value_enum, default_value_t = OrtSpinning::Never)]
+    pub ort_spinning: OrtSpinning,
 
     /// ONNX Runtime graph optimization level.
     #[arg(long, env = "FMNIST_ORT_OPTIMIZATION", value_enum, default_value_t = OrtOptimization::All)]
@@ -366,6 +373,29 @@ pub enum OrtOptimization {
     All,
 }
 
+/// `--ort-spinning`: when idle intra-op threads spin ([`Spinning`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OrtSpinning {
+    /// Never.
+    #[value(name = "false", alias = "off")]
+    Never,
+    /// Within a run, not after it.
+    Run,
+    /// Also between runs.
+    #[value(name = "true", alias = "on")]
+    Always,
+}
+
+impl From<OrtSpinning> for Spinning {
+    fn from(spinning: OrtSpinning) -> Spinning {
+        match spinning {
+            OrtSpinning::Never => Spinning::Never,
+            OrtSpinning::Run => Spinning::WithinRun,
+            OrtSpinning::Always => Spinning::Always,
+        }
+    }
+}
+
 /// Who may load and unload models through the API (Triton's `--model-control-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModelControlMode {
@@ -417,7 +447,7 @@ impl Config {
                 0 => (available_cores() / self.model_instances()).max(1),
                 n => n,
             },
-            intra_spinning: self.ort_spinning,
+            intra_spinning: self.ort_spinning.into(),
             optimization: match self.ort_optimization {
                 OrtOptimization::Disable => Level::Disable,
                 OrtOptimization::Basic => Level::Level1,
@@ -648,7 +678,10 @@ impl Config {
             batch: self.batch_config(),
             warmup_batch: self.max_batch_size,
             instances: self.model_instances(),
-            solo_threads: self.solo_threads(),
+            solo: self.solo_threads().map(|threads| SessionShape {
+                threads,
+                spinning: self.solo_spinning.into(),
+            }),
         }
     }
 
@@ -803,6 +836,35 @@ mod tests {
             "nothing is captured unless --capture-dir is set"
         );
         assert!(config.solo_threads().is_none(), "no solo session by default");
+    }
+
+    #[test]
+    fn ort_spinning_is_off_by_default_and_keeps_its_boolean_spellings() {
+        use clap::{CommandFactory, FromArgMatches, Parser};
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        let spinning = |value: &str| {
+            let matches = Only::command()
+                .no_binary_name(true)
+                .mut_args(|arg| arg.env(None))
+                .try_get_matches_from(["--ort-spinning", value])
+                .map_err(|e| e.to_string())?;
+            let config = Only::from_arg_matches(&matches).map_err(|e| e.to_string())?.config;
+            Ok::<_, String>(config.runtime_options().intra_spinning)
+        };
+        assert_eq!(Config::defaults().runtime_options().intra_spinning, Spinning::Never);
+        assert_eq!(spinning("run"), Ok(Spinning::WithinRun));
+        // Scripts written when the flag was a boolean keep their meaning.
+        assert_eq!(spinning("false"), Ok(Spinning::Never));
+        assert_eq!(spinning("true"), Ok(Spinning::Always));
+        assert_eq!(spinning("off"), Ok(Spinning::Never));
+        assert!(
+            spinning("sometimes").is_err_and(|e| e.contains("run")),
+            "the error lists the values"
+        );
     }
 
     #[test]

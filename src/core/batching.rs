@@ -120,8 +120,9 @@ impl Batcher {
     /// all of them. The returned thread joins them; they end once every `Batcher` clone is dropped and the
     /// queue is empty, so dropping the server drains the queue instead of losing it.
     ///
-    /// `solo`, a session of the same version with more intra-op threads, runs a batch instead of the instance
-    /// that formed it when no other instance is busy and nothing waits behind it: a lone caller gets every
+    /// `solo`, a session of the same version with more intra-op threads (and perhaps its own spinning), runs a
+    /// batch instead of the instance that formed it when no other instance is busy and no other call holds
+    /// queue room (waiting behind it, or still being decoded): a lone caller gets every
     /// core, and under load the instances run side by side (bench/README.md "The adaptive layout").
     /// Metrics are labelled with the model's `name` and `version`.
     pub fn spawn(
@@ -137,6 +138,8 @@ impl Batcher {
         let name: Arc<str> = name.into();
         let version: Arc<str> = version.to_string().into();
         let (sender, receiver) = mpsc::channel();
+        let permits = Arc::new(Semaphore::new(config.max_queued_images));
+        let permits_for_loop = permits.clone();
         let thread = thread::Builder::new()
             .name(format!("infer-{name}-{version}"))
             .spawn({
@@ -147,6 +150,7 @@ impl Batcher {
                         queue: Mutex::new(Queue { receiver, carry: None }),
                         busy: AtomicUsize::new(0),
                         solo: solo.map(Mutex::new),
+                        room: (permits_for_loop, config.max_queued_images),
                     };
                     let count = instances.len();
                     thread::scope(|scope| {
@@ -174,7 +178,7 @@ impl Batcher {
             max_wait: config.max_queue_wait,
             model: name,
             sender,
-            permits: Arc::new(Semaphore::new(config.max_queued_images)),
+            permits,
             spare: Arc::new(Semaphore::new(config.spare_images)),
             limit: config.max_queued_images,
             config,
@@ -323,6 +327,17 @@ struct Shared {
     /// Instances running a batch (counted from the moment one is formed, under the queue's lock).
     busy: AtomicUsize,
     solo: Option<Mutex<Model>>,
+    /// The queue's room and its size: images reserved beyond a batch's own are other calls on their way (being
+    /// decoded or queued), so the batch is not the only work.
+    room: (Arc<Semaphore>, usize),
+}
+
+impl Shared {
+    /// Whether no images are reserved but the `batched` of the batch just formed.
+    fn no_other_calls(&self, batched: usize) -> bool {
+        let (permits, limit) = &self.room;
+        limit.saturating_sub(permits.available_permits()) <= batched
+    }
 }
 
 struct InferenceLoop {
@@ -386,15 +401,20 @@ impl InferenceLoop {
     }
 
     /// Forms a batch holding the queue (the other instances wait for it meanwhile), then runs it without: on
-    /// the solo session when there is one, no other instance is busy and no call waits behind the batch;
-    /// otherwise on this instance's own session.
+    /// the solo session when there is one, no other instance is busy and no other call holds queue room (a
+    /// spinning solo session would take the CPU that call's decoding or network work needs); otherwise on this
+    /// instance's own session.
     fn run(mut self, shared: &Shared) {
         loop {
             let (batch, alone) = {
                 let mut queue = shared.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let batch = self.work.next_batch(&mut queue);
                 let others_busy = shared.busy.fetch_add(1, Ordering::AcqRel);
-                let nothing_waits = shared.solo.is_some() && queue.nothing_waits();
+                let nothing_waits = shared.solo.is_some()
+                    && queue.nothing_waits()
+                    && batch
+                        .as_ref()
+                        .is_some_and(|b| shared.no_other_calls(b.iter().map(|job| job.inputs.len()).sum()));
                 (batch, others_busy == 0 && nothing_waits)
             };
             let Some(batch) = batch else {

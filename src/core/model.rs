@@ -159,11 +159,40 @@ pub struct RuntimeOptions {
     pub dylib: PathBuf,
     /// Intra-op threads per session (`Config::runtime_options` resolves `--ort-threads 0` into a count).
     pub intra_threads: usize,
-    /// Whether idle intra-op threads spin before sleeping (ONNX Runtime's default). Spinning shortens the hand-off
-    /// between batches but burns a core the async runtime could use (see bench/README.md).
-    pub intra_spinning: bool,
+    /// When idle intra-op threads spin before sleeping.
+    pub intra_spinning: Spinning,
     /// Graph optimization level applied when the session is built.
     pub optimization: GraphOptimizationLevel,
+}
+
+impl RuntimeOptions {
+    /// The shape of a model instance's session.
+    pub fn session_shape(&self) -> SessionShape {
+        SessionShape {
+            threads: self.intra_threads,
+            spinning: self.intra_spinning,
+        }
+    }
+}
+
+/// How one session runs: its intra-op threads, and when they spin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionShape {
+    pub threads: usize,
+    pub spinning: Spinning,
+}
+
+/// When a session's idle intra-op threads spin-wait for work instead of sleeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spinning {
+    /// Never: every parallel section wakes the other threads from sleep.
+    Never,
+    /// Between the operators of one run, and not after it (ONNX Runtime's `session.force_spinning_stop`): a
+    /// run's parallel sections follow one another within microseconds, so its threads wait for the next one
+    /// awake, while between runs they sleep and leave the cores to the network.
+    WithinRun,
+    /// Also after a run (ONNX Runtime's default), taking a core the network could use while nothing runs.
+    Always,
 }
 
 /// A loaded model: metadata plus a session. Owned by exactly one inference thread (see `batching`).
@@ -213,18 +242,18 @@ impl Model {
     /// Loads a version directory: its `model.json` and the ONNX file it names. Checks the file's sha256 and
     /// the graph's signature, and warms the session up at batch sizes 1 and `warmup_batch`.
     pub fn load(dir: &Path, options: &RuntimeOptions, warmup_batch: usize) -> Result<Model, ModelError> {
-        let mut models = Self::load_sessions(dir, options, warmup_batch, &[options.intra_threads])?;
+        let mut models = Self::load_sessions(dir, options, warmup_batch, &[options.session_shape()])?;
         Ok(models.pop().expect("one session"))
     }
 
-    /// One warmed-up session of the version in `dir` per entry of `intra_threads`, each with that many
-    /// intra-op threads. The files are read once, so every session serves the same bytes even if the directory
+    /// One warmed-up session of the version in `dir` per entry of `shapes`, each with its intra-op threads and
+    /// spinning. The files are read once, so every session serves the same bytes even if the directory
     /// changes while they load (and a model.json read from a pipe, as tests do, is read once).
     pub fn load_sessions(
         dir: &Path,
         options: &RuntimeOptions,
         warmup_batch: usize,
-        intra_threads: &[usize],
+        shapes: &[SessionShape],
     ) -> Result<Vec<Model>, ModelError> {
         let meta_path = dir.join(crate::core::repository::METADATA_FILE);
         let meta_text = std::fs::read_to_string(&meta_path).map_err(|e| ModelError::Metadata {
@@ -276,25 +305,24 @@ impl Model {
             });
         }
 
-        intra_threads
+        shapes
             .iter()
-            .map(|&threads| Self::session(&meta, &detector, &bytes, &onnx_path, options, threads, warmup_batch))
+            .map(|&shape| Self::session(&meta, &detector, &bytes, &onnx_path, options, shape, warmup_batch))
             .collect()
     }
 
-    /// One warmed-up session of `threads` intra-op threads, of a version whose files [`Model::load_sessions`]
-    /// has read and checked.
+    /// One warmed-up session of `shape`, of a version whose files [`Model::load_sessions`] has read and checked.
     fn session(
         meta: &ModelMetadata,
         detector: &Detector,
         bytes: &[u8],
         onnx_path: &Path,
         options: &RuntimeOptions,
-        threads: usize,
+        shape: SessionShape,
         warmup_batch: usize,
     ) -> Result<Model, ModelError> {
         let env = environment(options)?;
-        let threads = threads.max(1);
+        let threads = shape.threads.max(1);
         let file_err = |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::File {
             path: onnx_path.to_path_buf(),
             reason: e.to_string(),
@@ -305,7 +333,16 @@ impl Model {
             .map_err(file_err)?
             .with_intra_threads(threads)
             .map_err(file_err)?
-            .with_intra_op_spinning(options.intra_spinning)
+            .with_intra_op_spinning(shape.spinning != Spinning::Never)
+            .map_err(file_err)?
+            .with_config_entry(
+                "session.force_spinning_stop",
+                if shape.spinning == Spinning::WithinRun {
+                    "1"
+                } else {
+                    "0"
+                },
+            )
             .map_err(file_err)?
             // One session per inference thread: the inter-op pool would only add idle threads.
             .with_inter_threads(1)

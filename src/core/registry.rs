@@ -20,7 +20,7 @@ use std::{
 use crate::{
     core::batching::{BatchConfig, Batcher},
     core::drift::DriftSignals,
-    core::model::{Model, ModelMetadata, RuntimeOptions},
+    core::model::{Model, ModelMetadata, RuntimeOptions, SessionShape},
     core::repository::{self, Fingerprint},
     core::verdict::Reason,
     error::{ModelError, RequestError, clip},
@@ -210,9 +210,9 @@ pub struct RegistrySettings {
     pub warmup_batch: usize,
     /// Sessions per version, each on its own inference thread, sharing the version's queue.
     pub instances: usize,
-    /// Intra-op threads of the version's solo session, which runs a batch when it is the only work (see
-    /// [`Batcher::spawn`]); `None`: no solo session.
-    pub solo_threads: Option<usize>,
+    /// The version's solo session, which runs a batch when it is the only work (see [`Batcher::spawn`]);
+    /// `None`: no solo session.
+    pub solo: Option<SessionShape>,
 }
 
 /// The live set of models; see the module documentation.
@@ -594,10 +594,10 @@ impl Registry {
         dir: &std::path::Path,
     ) -> Result<(LoadedModel, JoinHandle<()>), ModelError> {
         let s = &self.settings;
-        let mut threads = vec![s.runtime.intra_threads; s.instances.max(1)];
-        threads.extend(s.solo_threads);
-        let mut instances = Model::load_sessions(dir, &s.runtime, s.warmup_batch, &threads)?;
-        let solo = s.solo_threads.and_then(|_| instances.pop());
+        let mut shapes = vec![s.runtime.session_shape(); s.instances.max(1)];
+        shapes.extend(s.solo);
+        let mut instances = Model::load_sessions(dir, &s.runtime, s.warmup_batch, &shapes)?;
+        let solo = s.solo.and_then(|_| instances.pop());
         let meta = instances[0].meta.clone();
         let (batcher, thread) = Batcher::spawn(instances, solo, s.batch, name, version)?;
         Ok((
