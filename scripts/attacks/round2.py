@@ -558,6 +558,145 @@ def case_slow_reader(ctx):
     return {"notes": notes, "checks": []}
 
 
+def case_rest_shape_string(ctx):
+    """#35 row 3: REST infer bodies whose `shape` is a 16 MiB string of one character that JSON escapes as six
+    (serde's "invalid type" message once quoted it whole: a 58.7 MB 400), from HTTP/1.1 clients that send the
+    whole body and never read the answer, held. Checks that one such client, reading at last, gets a short
+    error."""
+    args = ctx.args
+    head = b'{"inputs":[{"name":"raw","datatype":"UINT8","shape":"'
+    tail = b'","data":[0]}]}'
+    body = head + b"\\u0001" * ((LIMIT - len(head) - len(tail)) // 6) + tail
+    request = (f"POST {INFER_REST} HTTP/1.1\r\nHost: fmnist\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    sockets, errors = [], []
+
+    def one():
+        try:
+            s = socket.create_connection(ctx.server.addr, timeout=60)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing; keep what the kernel takes small
+            s.sendall(request)
+            sockets.append(s)
+        except OSError as e:
+            errors.append(type(e).__name__)
+
+    t0 = time.monotonic()
+    run_threads([one] * args.shape_clients)
+    send_s = time.monotonic() - t0
+    peak_sending = ctx.server.peak_mib()
+    ctx.stop.wait(args.hold)
+    answer = b""
+    if sockets:  # the first client reads its answer at last
+        s = sockets[0]
+        s.settimeout(10)
+        try:
+            while b"\r\n\r\n" not in answer or len(answer) < answer.find(b"\r\n\r\n") + 4 + int(
+                    (re.search(rb"content-length: *(\d+)", answer.lower()) or [0, b"0"])[1]):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError as e:
+            errors.append("reading: " + type(e).__name__)
+    for s in sockets:
+        s.close()
+    status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "none"
+    size = len(answer)
+    notes = (f"{len(sockets)} clients sent {len(body) / MiB:.0f} MiB each in {send_s:.1f} s, read nothing for "
+             f"{args.hold:.0f} s; peak {peak_sending:.0f} MiB when all had sent; the first, reading at last: "
+             f"{status}, {size:,} bytes; client errors: {count(errors) or 'none'}")
+    return {"notes": notes, "checks": [("the 400 quotes the value briefly", status == "400" and size < 4096,
+                                        f"{status}, {size:,} bytes")]}
+
+
+def case_busy_connections(ctx):
+    """#35 row 4, with --max-connections 8: 8 HTTP/2 connections, each making a cheap call (a health check) every
+    0.5 s, so that none has been idle for a second; a new client must still get a connection (the polite caller
+    opens one per call)."""
+    args = ctx.args
+    calls, errors = [], []
+    check = "/grpc.health.v1.Health/Check"
+
+    def one():
+        try:
+            conn = H2(ctx.server.addr, timeout=10)
+        except OSError as e:
+            errors.append("connect " + type(e).__name__)
+            return
+        try:
+            while not ctx.stop.is_set():
+                sid = conn.request(check, grpc_frame(b""), deadline=time.monotonic() + 5)
+                conn.wait(sid, time.monotonic() + 5)
+                calls.append(conn.streams[sid].grpc_status())
+                ctx.stop.wait(0.5)
+        except (OSError, EOFError, wire.H2Error) as e:
+            errors.append(type(e).__name__)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(args.busy_connections)]
+    for t in threads:
+        t.start()
+    ctx.stop.wait(args.hold)
+    ctx.stop.set()
+    for t in threads:
+        t.join()
+    notes = (f"{args.busy_connections} connections x a health check every 0.5 s for {args.hold:.0f} s: "
+             f"{len(calls):,} calls ({count(calls)}); connections ended: {count(errors) or 'none'}")
+    return {"notes": notes, "checks": []}
+
+
+def case_slow_upload(ctx):
+    """#35 row 6: on one HTTP/2 connection, one stream uploads a 600 kB Classify at 400 bytes/s, below
+    --min-request-body-rate (1,024 by default; the issue's 100 kB/s broke the limit of its day), while the same
+    connection makes a polite call at 2.5, 6 and 10 s: the limit ends the slow stream alone; the connection and
+    its other calls carry on (behind Envoy or an ingress, one connection carries many users)."""
+    images = b"".join(pb_bytes(1, pb_bytes(2, bytes(784))) for _ in range(765))  # about 600 kB
+    body = grpc_frame(images)
+    conn = H2(ctx.server.addr, timeout=30)
+    slow = conn.request(CLASSIFY, b"", end_stream=False)
+    other = []
+    t0 = time.monotonic()
+    sent = 0
+    polite = grpc_frame(classify_png_message(open(ctx.args.png, "rb").read()))
+    marks = [2.5, 6.0, 10.0]
+    error = None
+    try:
+        while sent < len(body) and not conn.streams[slow].ended and time.monotonic() - t0 < 12:
+            chunk = body[sent : sent + 40]
+            conn.send_data(slow, chunk, end_stream=sent + len(chunk) == len(body))
+            sent += len(chunk)
+            conn.sock.settimeout(0.1)
+            try:
+                conn.pump()
+            except socket.timeout:
+                pass
+            if marks and time.monotonic() - t0 >= marks[0]:
+                marks.pop(0)
+                sid = conn.request(CLASSIFY, polite, deadline=time.monotonic() + 5)
+                conn.wait(sid, time.monotonic() + 5)
+                other.append(conn.streams[sid].grpc_status())
+            time.sleep(0.1)
+        while marks:  # the slow stream ended early: the other calls still go on this connection
+            marks.pop(0)
+            sid = conn.request(CLASSIFY, polite, deadline=time.monotonic() + 5)
+            conn.wait(sid, time.monotonic() + 5)
+            other.append(conn.streams[sid].grpc_status())
+    except (OSError, EOFError, wire.H2Error) as e:
+        error = type(e).__name__
+    finally:
+        slow_status = conn.streams[slow].grpc_status() or ("reset" if conn.streams[slow].ended else "open")
+        conn.close()
+    others_ok = len(other) == 3 and all(s == "0" for s in other)
+    slow_ended = conn.streams[slow].ended and slow_status != "0"
+    notes = (f"slow stream: {sent / 1e3:.0f} of {len(body) / 1e3:.0f} kB sent in {time.monotonic() - t0:.1f} s, "
+             f"ended {GRPC_CODES.get(slow_status, slow_status)}; the connection's other calls: "
+             f"{[GRPC_CODES.get(s, s) for s in other]}; connection error: {error or 'none'}")
+    return {"notes": notes, "checks": [("the connection's other calls served", others_ok and error is None,
+                                        f"{other}, {error or 'no error'}"),
+                                       ("the slow stream ended by the server", slow_ended, slow_status)]}
+
+
 def case_header_flood(ctx):
     """Connections that open 100 Classify streams each and send headers only, never a body, answering the
     server's pings. Each connection first puts one 3,890-byte header into the server's HPACK table
@@ -945,6 +1084,13 @@ CASES = [
          case_header_flood),
     Case("decoded-varints", "14", "ModelInfer of 50,176 one-byte int64 varints (800 kB decoded), end of stream "
          "held, 24 connections x 50", case_decoded_varints),
+    Case("rest-shape-string", "35.3", "REST infer with a 16 MiB escaped `shape` string, 12 HTTP/1.1 clients that "
+         "never read, held", case_rest_shape_string),
+    Case("busy-connections", "35.4", "--max-connections 8: 8 HTTP/2 connections, a health check on each every "
+         "0.5 s; new clients must get in", case_busy_connections,
+         server_args=lambda args: ["--max-connections", str(args.busy_connections)]),
+    Case("slow-upload", "35.6", "one stream uploads 600 kB at 400 B/s; the same connection's other calls",
+         case_slow_upload),
     Case("iccp-bomb", "7", "28x28 PNGs whose iCCP inflates to 48 MiB, 64 per call, 8 callers", case_iccp_bomb),
     Case("h2-idle-pings", "8", "300 HTTP/2 connections that only ping and answer pings, held", case_h2_idle_pings),
     Case("slowloris", "9", "300 HTTP/1.1 request heads at one byte per second, reconnecting", case_slowloris),
@@ -1074,6 +1220,8 @@ def main():
                         "limit; 4 (16 kB) fit the 16 KiB limit before it")
     p.add_argument("--varint-connections", type=int, default=24)
     p.add_argument("--varint-streams", type=int, default=50)
+    p.add_argument("--shape-clients", type=int, default=12)
+    p.add_argument("--busy-connections", type=int, default=8)
     p.add_argument("--iccp-bytes", type=int, default=48 * MiB, help="what the iCCP profile inflates to")
     p.add_argument("--bomb-callers", type=int, default=8)
     p.add_argument("--bomb-seconds", type=float, default=20.0)

@@ -253,7 +253,8 @@ pub struct Config {
     pub request_head_timeout_s: u64,
 
     /// Slowest request body accepted (bytes/s): after --request-body-grace-s, a body must have averaged at
-    /// least this since its call began, or the call fails and its connection is closed.
+    /// least this since its call began, or the call fails: its HTTP/2 stream alone is reset, while an HTTP/1.1
+    /// connection, which the unread body blocks, is closed.
     #[arg(long, env = "FMNIST_MIN_REQUEST_BODY_RATE", default_value_t = 1024)]
     pub min_request_body_rate: u64,
 
