@@ -558,6 +558,47 @@ def case_slow_reader(ctx):
     return {"notes": notes, "checks": []}
 
 
+def case_reflection_streams(ctx):
+    """#35 row 1: reflection streams (bidirectional) whose requests carry an unknown field of 600 kB, never
+    ended, their answers read; 9 connections x 12 streams, held. The server once kept every such message charged
+    until its stream ended (64 MiB), and refused every other call meanwhile."""
+    args = ctx.args
+    message = pb_bytes(7, b"") + pb_bytes(15, bytes(600_000))  # list_services, and an unknown field
+    path = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+
+    def tally(stats, st):
+        stats["answered"] += bool(st.header_blocks)
+
+    stats, send_s, peak_sending = hold_calls(
+        ctx, args.reflection_connections, requests(path, grpc_frame(message), args.reflection_streams,
+                                                   end_stream=False), tally, counters={"answered": 0})
+    notes = (f"{args.reflection_connections} conns x {args.reflection_streams} streams, "
+             f"{len(message) / 1e3:.0f} kB request each, never ended: {stats['opened']:,} opened in {send_s:.1f} s, "
+             f"{stats['answered']:,} answered; peak {peak_sending:.0f} MiB when all were sent; "
+             f"client errors: {count(stats['errors']) or 'none'}")
+    return {"notes": notes, "checks": []}
+
+
+def case_packed_zeros(ctx):
+    """#35 row 2: ModelInfer with 8 inputs, each holding 50,176 packed zeros in two 64-bit content fields
+    (`int64_contents`, `uint64_contents`; 803 kB on the wire, 6.4 MB once decoded), 2 connections x 40 streams,
+    the end of each stream held back."""
+    args = ctx.args
+    zeros = bytes(64 * 784)
+    tensor = infer_tensor(b"raw", b"UINT8", packed([64, 28, 28]), pb_bytes(3, zeros) + pb_bytes(5, zeros))
+    body = grpc_frame(pb_bytes(1, b"cnn") + pb_bytes(5, tensor) * 8)
+
+    def tally(stats, st):
+        stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
+
+    stats, send_s, peak_sending = hold_calls(
+        ctx, 2, requests(MODEL_INFER, body, 40, end_stream=False), tally, counters={"codes": []})
+    notes = (f"2 conns x 40 streams, {len(body) / 1e3:.0f} kB each: {stats['opened']:,} sent in {send_s:.1f} s, peak "
+             f"{peak_sending:.0f} MiB when all were sent; statuses {count(stats['codes'])}; "
+             f"client errors: {count(stats['errors']) or 'none'}")
+    return {"notes": notes, "checks": []}
+
+
 def case_rest_shape_string(ctx):
     """#35 row 3: REST infer bodies whose `shape` is a 16 MiB string of one character that JSON escapes as six
     (serde's "invalid type" message once quoted it whole: a 58.7 MB 400), from HTTP/1.1 clients that send the
@@ -1084,6 +1125,10 @@ CASES = [
          case_header_flood),
     Case("decoded-varints", "14", "ModelInfer of 50,176 one-byte int64 varints (800 kB decoded), end of stream "
          "held, 24 connections x 50", case_decoded_varints),
+    Case("reflection-streams", "35.1", "9 connections x 12 reflection streams, 600 kB requests, never ended, held",
+         case_reflection_streams),
+    Case("packed-zeros", "35.2", "ModelInfer, 8 inputs x 2 packed 64-bit fields of 50,176 zeros (803 kB), "
+         "2 connections x 40 streams, end of stream held", case_packed_zeros),
     Case("rest-shape-string", "35.3", "REST infer with a 16 MiB escaped `shape` string, 12 HTTP/1.1 clients that "
          "never read, held", case_rest_shape_string),
     Case("busy-connections", "35.4", "--max-connections 8: 8 HTTP/2 connections, a health check on each every "
@@ -1220,6 +1265,8 @@ def main():
                         "limit; 4 (16 kB) fit the 16 KiB limit before it")
     p.add_argument("--varint-connections", type=int, default=24)
     p.add_argument("--varint-streams", type=int, default=50)
+    p.add_argument("--reflection-connections", type=int, default=9)
+    p.add_argument("--reflection-streams", type=int, default=12)
     p.add_argument("--shape-clients", type=int, default=12)
     p.add_argument("--busy-connections", type=int, default=8)
     p.add_argument("--iccp-bytes", type=int, default=48 * MiB, help="what the iCCP profile inflates to")
