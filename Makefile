@@ -175,7 +175,7 @@ ood-head: ood-sets
 	bash scripts/setup-system.sh openclipart-png adwaita-icon-theme breeze-icon-theme papirus-icon-theme librsvg2-bin
 	$(TRAIN_VENV)/bin/python training/ood_head_data.py --out build/ood-head
 	for m in cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_head.py extract --model $$m || exit 1; done
-	for m in energy penult-mlp multi-linear multi-mlp multi-mlp-ms stats-maha; do $(TRAIN_VENV)/bin/python training/ood_head.py logo --method $$m || exit 1; done
+	for m in energy penult-mlp multi-linear multi-mlp multi-mlp-ms multi-mlp-ms-balanced stats-maha; do $(TRAIN_VENV)/bin/python training/ood_head.py logo --method $$m || exit 1; done
 	$(TRAIN_VENV)/bin/python training/ood_head.py report
 	$(TRAIN_VENV)/bin/python training/ood_head.py export --method multi-mlp-ms
 	$(TRAIN_VENV)/bin/python training/ood_head.py bench

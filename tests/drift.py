@@ -145,7 +145,8 @@ def main() -> int:
         # One image in three is inverted: a dark garment on white.
         "inverted": [bytes(255 - v for v in img) if i % 3 == 0 else img for i, img in enumerate(images)],
     }
-    meta = json.loads((REPO / "models/cnn/2/model.json").read_text())
+    newest = max((d for d in (REPO / "models/cnn").iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+    meta = json.loads((newest / "model.json").read_text())
     classes = [c["name"] for c in meta["classes"]]
     deltas, moved = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,7 @@ deployed graph (export), so what the head was trained on is what the server comp
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import DEFAULT_DATA_DIR, load_split  # noqa: E402
+from data import CLASS_NAMES, DEFAULT_DATA_DIR, load_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build/ood-head"
@@ -115,9 +116,14 @@ METHODS = {
     "stats-maha": ([f"{b}.{s}" for b in TAPS for s in STATS], "maha", 0),
     # Amendment 3 (protocol): multi-mlp-ms whose garments also include photographed training garments.
     "multi-mlp-ms-photos": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    # Amendment 4 (protocol): multi-mlp-ms refitted with each garment class weighted by how often pass 1
+    # rejected it on the training garments.
+    "multi-mlp-ms-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
 }
 # Methods whose garment side also holds product photos of training-split garments, converted by the service.
 PHOTO_METHODS = {"multi-mlp-ms-photos"}
+BALANCED_METHODS = {"multi-mlp-ms-balanced"}
+BALANCE_MAX = 4.0  # amendment 4: no garment class weighs more than 4 times another
 TRAIN_PHOTOS = REPO / "build/product-photos/train/mixed.u8"
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
 
@@ -337,10 +343,12 @@ def fit_maha(head: Head, garments: np.ndarray) -> None:
                             f"{b}.dmean": np.array(d.mean()), f"{b}.dstd": np.array(d.std())})
 
 
-def fit_mlp(head: Head, garments: np.ndarray, outliers: dict[str, np.ndarray], seed: int, threads: int) -> None:
+def fit_mlp(head: Head, garments: np.ndarray, outliers: dict[str, np.ndarray], seed: int, threads: int,
+            garment_weights: np.ndarray | None = None) -> None:
     """Weighted logistic loss, garments against outliers. Garments weigh as much as all outliers together; each
     outlier group's share is proportional to the square root of its size (a 60-image group is not drowned by a
-    6,000-image one, nor copied a hundred times)."""
+    6,000-image one, nor copied a hundred times). `garment_weights` (one per garment row) shares the garments'
+    weight out unevenly; by default every garment weighs the same."""
     import torch
 
     torch.set_num_threads(threads)
@@ -355,7 +363,8 @@ def fit_mlp(head: Head, garments: np.ndarray, outliers: dict[str, np.ndarray], s
     y = torch.from_numpy(np.r_[np.zeros(len(xin)), np.ones(len(x) - len(xin))].astype(np.float32))
     shares = np.array([np.sqrt(len(outliers[g])) for g in names])
     shares = shares / shares.sum()
-    w = np.concatenate([np.full(len(xin), 1.0)] + [np.full(len(outliers[g]), s * len(xin) / len(outliers[g]))
+    gw = np.full(len(xin), 1.0) if garment_weights is None else garment_weights * len(xin) / garment_weights.sum()
+    w = np.concatenate([gw] + [np.full(len(outliers[g]), s * len(xin) / len(outliers[g]))
                                                     for g, s in zip(names, shares)])
     w = torch.from_numpy((w / w.mean()).astype(np.float32))
     d = x.shape[1]
@@ -395,7 +404,31 @@ def fit(method: str, feats: dict[str, np.ndarray], left_out: list[str], seed: in
                                  "examples/preprocess, then extract")
             garments = np.concatenate([garments, feats["train-photos"]])
         fit_mlp(head, garments, outliers, seed, threads)
+        if method in BALANCED_METHODS:
+            weights = class_balance(head.score(garments), train_labels())
+            fit_mlp(head, garments, outliers, seed, threads, garment_weights=weights)
     return head
+
+
+@functools.cache
+def train_labels() -> np.ndarray:
+    """The class of each training garment, in the order of the cached "train" features."""
+    from train import split_train_val
+
+    train_x, train_y = load_split("train", DEFAULT_DATA_DIR)
+    tr, _ = split_train_val(train_x, train_y, VAL_SIZE, SPLIT_SEED)
+    return np.asarray(train_y)[tr]
+
+
+def class_balance(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Amendment 4: each garment's weight, clip(r_c / mean(r), 1, BALANCE_MAX), where r_c is the share of class
+    c's training garments scored above the training garments' own (1 - VAL_BUDGET) quantile."""
+    t = float(np.quantile(scores, 1 - VAL_BUDGET))
+    rejected = np.array([(scores[labels == c] > t).mean() for c in range(10)])
+    per_class = np.clip(rejected / max(rejected.mean(), 1e-12), 1.0, BALANCE_MAX)
+    print("  balance: " + " ".join(f"{CLASS_NAMES[c]} {rejected[c] * 100:.2f}%x{per_class[c]:.2f}" for c in range(10)),
+          flush=True)
+    return per_class[labels]
 
 
 def threshold(s_val: np.ndarray) -> float:
@@ -607,6 +640,15 @@ def markdown(done: dict) -> str:
 # ------------------------------------------------------------------------------------------------ export
 
 
+def next_version_dir(out_root: Path, model: str, source_version: int) -> Path:
+    """Where an export of a head fitted on `source_version` goes: the version after every one under `out_root`
+    (and after the source), so a head exported before (version 2 from version 1) stays for rollback and no
+    version is ever written over."""
+    root = out_root / model
+    taken = [int(d.name) for d in root.iterdir() if d.name.isdigit()] if root.is_dir() else []
+    return root / str(max(taken + [source_version]) + 1)
+
+
 def export(method: str, out_root: Path, seed: int) -> None:
     """The shipped fit (every group, `seed`) appended to each model's graph as output `ood_components`
     [batch, 1] (the garment head's score, higher = less like a garment), and an ood.json that names it."""
@@ -656,8 +698,8 @@ def export(method: str, out_root: Path, seed: int) -> None:
         g.node.extend(nodes)
         g.output.append(helper.make_tensor_value_info("ood_components", TensorProto.FLOAT, ["batch", 1]))
         onnx.checker.check_model(m)
-        dst = out_root / model / str(int(src.parent.name) + 1)
-        dst.mkdir(parents=True, exist_ok=True)
+        dst = next_version_dir(out_root, model, int(src.parent.name))
+        dst.mkdir(parents=True)
         onnx.save(m, str(dst / "model.onnx"))
         # Threshold from this model's own validation garments at the budget (thresholds come from validation only),
         # from the exported graph's own scores: what the server will compute.
@@ -728,7 +770,6 @@ def deployed_measure(onnx_path: Path, head: Head, model: str) -> tuple[dict, dic
 def accept_and_per_class(sess, src, graph: dict, t: float, model: str) -> dict:
     """The accept rule with this head's OOD mask (validation only; test reported), and the test garments each
     class loses to the head."""
-    from data import CLASS_NAMES
     from ood_protocol import ACCEPT_TARGET, accept_threshold, accepted_stats
     from train import split_train_val
 

@@ -1,4 +1,5 @@
-"""The garment head's choice of source graph (`ood_head.model_path`), on a model directory made for the test."""
+"""The garment head's choice of source graph (`ood_head.model_path`) and of the version it exports to, on a model
+directory made for the test; amendment 4's class weights."""
 
 import json
 import sys
@@ -39,6 +40,33 @@ class ModelPath(unittest.TestCase):
         version(self.root, "cnn", 3, "energy")
         version(self.root, "cnn", 4, None)
         self.assertEqual(ood_head.model_path("cnn"), self.root / "models/cnn/3/model.onnx")
+
+
+class ExportVersion(ModelPath):
+    def test_a_second_head_goes_after_every_version_and_overwrites_none(self):
+        # Version 3 (the balanced head) is fitted on version 1, like version 2 was: writing "source + 1" would
+        # have replaced version 2, the rollback.
+        version(self.root, "cnn", 1, "energy")
+        version(self.root, "cnn", 2, "garment_head")
+        source = ood_head.model_path("cnn")
+        self.assertEqual(ood_head.next_version_dir(self.root / "models", "cnn", int(source.parent.name)),
+                         self.root / "models/cnn/3")
+
+    def test_an_empty_output_folder_gets_the_version_after_the_source(self):
+        self.assertEqual(ood_head.next_version_dir(self.root / "elsewhere", "cnn", 4), self.root / "elsewhere/cnn/5")
+
+
+class ClassBalance(unittest.TestCase):
+    def test_a_class_rejected_above_the_mean_weighs_more_capped_at_four(self):
+        import numpy as np
+
+        labels = np.repeat(np.arange(10), 1000)
+        scores = np.zeros(10_000)
+        scores[labels == 8] = np.linspace(0, 1, 1000)  # bags: the only garments scored above zero
+        weights = ood_head.class_balance(scores, labels)
+        self.assertEqual(weights.shape, labels.shape)
+        self.assertTrue(np.all(weights[labels != 8] == 1.0), "classes at or under the mean keep weight 1")
+        self.assertTrue(np.all(weights[labels == 8] == ood_head.BALANCE_MAX), "one class above: capped at 4")
 
 
 if __name__ == "__main__":

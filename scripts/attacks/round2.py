@@ -499,6 +499,11 @@ def hold_calls(ctx, connections, open_streams, tally, counters=None, **h2_option
     return stats, send_s, peak_sending
 
 
+def tally_codes(stats, st):
+    """A `tally` for `hold_calls`: each stream's gRPC status, by name, into stats["codes"]."""
+    stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
+
+
 def requests(path, body, n, end_stream=True):
     """An `open_streams` for `hold_calls`: `n` calls of `body` to `path`."""
     def open_streams(conn, sids):
@@ -520,11 +525,8 @@ def case_decoded_varints(ctx):
     tensor = infer_tensor(b"raw", b"UINT8", packed([64, 28, 28]), contents)
     body = grpc_frame(pb_bytes(1, b"cnn") + pb_bytes(5, tensor))
 
-    def tally(stats, st):
-        stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
-
     stats, send_s, peak_sending = hold_calls(
-        ctx, args.varint_connections, requests(MODEL_INFER, body, args.varint_streams, end_stream=False), tally,
+        ctx, args.varint_connections, requests(MODEL_INFER, body, args.varint_streams, end_stream=False), tally_codes,
         counters={"codes": []})
     notes = (f"{args.varint_connections} conns x {args.varint_streams} streams, {len(body) / 1e3:.0f} kB each "
              f"({pixels:,} one-byte varints): {stats['opened']:,} sent in {send_s:.1f} s, peak {peak_sending:.0f} MiB "
@@ -588,11 +590,8 @@ def case_packed_zeros(ctx):
     tensor = infer_tensor(b"raw", b"UINT8", packed([64, 28, 28]), pb_bytes(3, zeros) + pb_bytes(5, zeros))
     body = grpc_frame(pb_bytes(1, b"cnn") + pb_bytes(5, tensor) * 8)
 
-    def tally(stats, st):
-        stats["codes"].append(GRPC_CODES.get(st.grpc_status(), st.grpc_status() or "none"))
-
     stats, send_s, peak_sending = hold_calls(
-        ctx, 2, requests(MODEL_INFER, body, 40, end_stream=False), tally, counters={"codes": []})
+        ctx, 2, requests(MODEL_INFER, body, 40, end_stream=False), tally_codes, counters={"codes": []})
     notes = (f"2 conns x 40 streams, {len(body) / 1e3:.0f} kB each: {stats['opened']:,} sent in {send_s:.1f} s, peak "
              f"{peak_sending:.0f} MiB when all were sent; statuses {count(stats['codes'])}; "
              f"client errors: {count(stats['errors']) or 'none'}")

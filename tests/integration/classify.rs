@@ -403,12 +403,13 @@ async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T
 
 /// (batches of size 1, all batches) for the cnn, from the batch-size histogram.
 fn histogram_count_le1(metrics: &str) -> (f64, f64) {
+    let version = common::served_version("cnn");
     (
         metric(
             metrics,
-            "fmnist_batch_size_images_bucket{model=\"cnn\",version=\"2\",le=\"1\"}",
+            &format!("fmnist_batch_size_images_bucket{{model=\"cnn\",version=\"{version}\",le=\"1\"}}"),
         ),
-        metric(metrics, "fmnist_batch_size_images_count{model=\"cnn\",version=\"2\"}"),
+        metric(metrics, &common::served_series("fmnist_batch_size_images_count", "cnn")),
     )
 }
 

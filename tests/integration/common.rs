@@ -408,6 +408,11 @@ pub async fn classify_all(
     results
 }
 
+/// The series `name{model="<model>",version="<served>"}` of the version `served_version` names.
+pub fn served_series(name: &str, model: &str) -> String {
+    format!("{name}{{model=\"{model}\",version=\"{}\"}}", served_version(model))
+}
+
 /// The version of a shipped model that calls naming no version get: the newest one in models/<name>/ (the
 /// shipped repository has no config.json, so the policy is the newest one).
 pub fn served_version(model: &str) -> String {

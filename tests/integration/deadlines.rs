@@ -40,11 +40,8 @@ async fn a_call_whose_deadline_passes_in_the_queue_gets_deadline_exceeded_and_it
         })
         .collect();
     let waiting = Instant::now();
-    while metric(
-        &server.metrics().await,
-        "fmnist_queue_depth_images{model=\"cnn\",version=\"2\"}",
-    ) < 1024.0
-    {
+    let depth = common::served_series("fmnist_queue_depth_images", "cnn");
+    while metric(&server.metrics().await, &depth) < 1024.0 {
         assert!(waiting.elapsed() < Duration::from_secs(10), "the backlog never queued");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

@@ -237,7 +237,7 @@ async fn a_greedy_connection_cannot_starve_a_polite_one() {
         }
         let waiting = metric(
             &server.metrics().await,
-            "fmnist_queue_waiting_images{model=\"cnn\",version=\"2\"}",
+            &common::served_series("fmnist_queue_waiting_images", "cnn"),
         );
         greedy_waiting = greedy_waiting.max(waiting);
     }

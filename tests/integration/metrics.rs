@@ -26,33 +26,32 @@ async fn metrics_count_calls_images_reasons_and_batches() {
     }
 
     let delta = |prefix: &str| metric(&after, prefix) - metric(&before, prefix);
+    // The labels of the version served: the newest one shipped.
+    let cnn = format!("model=\"cnn\",version=\"{}\"", common::served_version("cnn"));
     assert_eq!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"Ok\"}"), 1.0);
     assert_eq!(
         delta("fmnist_requests_total{rpc=\"Classify\",code=\"InvalidArgument\"}"),
         1.0
     );
     assert_eq!(
-        delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"rejected\",reason=\"low_contrast\"}"),
+        delta(&format!(
+            "fmnist_images_total{{{cnn},outcome=\"rejected\",reason=\"low_contrast\"}}"
+        )),
         1.0
     );
-    let accepted = delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"accepted\",reason=\"accepted\"}")
-        + delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"rejected\",reason=\"low_confidence\"}")
-        + delta("fmnist_images_total{model=\"cnn\",version=\"2\",outcome=\"rejected\",reason=\"out_of_distribution\"}");
+    let accepted = delta(&format!(
+        "fmnist_images_total{{{cnn},outcome=\"accepted\",reason=\"accepted\"}}"
+    )) + delta(&format!(
+        "fmnist_images_total{{{cnn},outcome=\"rejected\",reason=\"low_confidence\"}}"
+    )) + delta(&format!(
+        "fmnist_images_total{{{cnn},outcome=\"rejected\",reason=\"out_of_distribution\"}}"
+    ));
     assert_eq!(accepted, 2.0, "two images reached the model");
     // One call of two images that reach the model: one job, one ONNX Runtime run of 2.
-    assert_eq!(delta("fmnist_batch_size_images_sum{model=\"cnn\",version=\"2\"}"), 2.0);
-    assert_eq!(
-        delta("fmnist_batch_size_images_count{model=\"cnn\",version=\"2\"}"),
-        1.0
-    );
-    assert_eq!(
-        delta("fmnist_inference_duration_seconds_count{model=\"cnn\",version=\"2\"}"),
-        1.0
-    );
-    assert_eq!(
-        delta("fmnist_queue_wait_seconds_count{model=\"cnn\",version=\"2\"}"),
-        1.0
-    );
+    assert_eq!(delta(&format!("fmnist_batch_size_images_sum{{{cnn}}}")), 2.0);
+    assert_eq!(delta(&format!("fmnist_batch_size_images_count{{{cnn}}}")), 1.0);
+    assert_eq!(delta(&format!("fmnist_inference_duration_seconds_count{{{cnn}}}")), 1.0);
+    assert_eq!(delta(&format!("fmnist_queue_wait_seconds_count{{{cnn}}}")), 1.0);
     assert_eq!(
         delta("fmnist_request_duration_seconds_count{rpc=\"Classify\",code=\"Ok\"}"),
         1.0
@@ -62,7 +61,7 @@ async fn metrics_count_calls_images_reasons_and_batches() {
         "model info gauge"
     );
     assert!(
-        after.contains("fmnist_queue_depth_images{model=\"cnn\",version=\"2\"}"),
+        after.contains(&format!("fmnist_queue_depth_images{{{cnn}}}")),
         "queue depth gauge"
     );
     assert!(
@@ -74,20 +73,20 @@ async fn metrics_count_calls_images_reasons_and_batches() {
     // probability each; all three 28x28 inputs (the blank one the input check judged too) a brightness.
     let predicted = |text: &str| -> f64 {
         text.lines()
-            .filter(|l| l.starts_with("fmnist_predicted_class_total{model=\"cnn\",version=\"2\","))
+            .filter(|l| l.starts_with(&format!("fmnist_predicted_class_total{{{cnn},")))
             .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
             .sum()
     };
     let classes = predicted(&after) - predicted(&before);
     assert_eq!(classes, 2.0, "one predicted class per image the model saw");
-    assert_eq!(delta("fmnist_top_probability_count{model=\"cnn\",version=\"2\"}"), 2.0);
-    assert_eq!(delta("fmnist_ood_margin_count{model=\"cnn\",version=\"2\"}"), 2.0);
-    assert_eq!(delta("fmnist_input_brightness_count{model=\"cnn\",version=\"2\"}"), 3.0);
+    assert_eq!(delta(&format!("fmnist_top_probability_count{{{cnn}}}")), 2.0);
+    assert_eq!(delta(&format!("fmnist_ood_margin_count{{{cnn}}}")), 2.0);
+    assert_eq!(delta(&format!("fmnist_input_brightness_count{{{cnn}}}")), 3.0);
     // The version's reference, from its model.json.
     assert!(
         metric(
             &after,
-            "fmnist_drift_reference{model=\"cnn\",version=\"2\",signal=\"brightness_mean\"}"
+            &format!("fmnist_drift_reference{{{cnn},signal=\"brightness_mean\"}}")
         ) > 0.2
     );
 

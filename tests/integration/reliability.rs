@@ -136,11 +136,9 @@ async fn callers_beyond_the_queue_bound_wait_their_turn_and_are_all_served() {
         })
         .collect();
     let mut waited = 0.0f64;
+    let waiting = common::served_series("fmnist_queue_waiting_images", "cnn");
     while !callers.iter().all(|c| c.is_finished()) {
-        let gauge = metric(
-            &server.metrics().await,
-            "fmnist_queue_waiting_images{model=\"cnn\",version=\"2\"}",
-        );
+        let gauge = metric(&server.metrics().await, &waiting);
         waited = waited.max(gauge);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -153,10 +151,7 @@ async fn callers_beyond_the_queue_bound_wait_their_turn_and_are_all_served() {
         waited >= 16.0,
         "no call was seen waiting for room ({waited} images at most)"
     );
-    let after = metric(
-        &server.metrics().await,
-        "fmnist_queue_waiting_images{model=\"cnn\",version=\"2\"}",
-    );
+    let after = metric(&server.metrics().await, &waiting);
     assert_eq!(after, 0.0, "the waiting gauge returns to 0");
 }
 

@@ -305,10 +305,18 @@ async fn answers_a_client_does_not_read_are_charged_and_past_the_account_refused
         calls_on_one_connection(server.addr, 40, classify, Some((&framed, true)), Some(0)).await;
     let statuses = statuses_within(streams, Duration::from_secs(3)).await;
     let refused = statuses.iter().filter(|s| s.as_deref() == Some("8")).count();
+    // On a busy machine the last answers may still be on their way to the account when the statuses are in.
+    until_gauge(
+        &server,
+        "fmnist_answer_bytes_waiting",
+        |held| held > 0.0,
+        Duration::from_secs(10),
+        "the unread answers were not charged",
+    )
+    .await;
     let waiting = metric(&server.metrics().await, "fmnist_answer_bytes_waiting");
     eprintln!("{refused} of 40 answers refused; {waiting} answer bytes waiting for the client");
     assert!(refused >= 1, "no answer was refused: every unread answer was held");
-    assert!(waiting > 0.0, "the unread answers were not charged");
     assert!(
         waiting <= f64::from(1 << 20),
         "{waiting} answer bytes held, over the 1 MiB account"
