@@ -598,6 +598,92 @@ def case_packed_zeros(ctx):
     return {"notes": notes, "checks": []}
 
 
+def case_watch_under_pressure(ctx):
+    """#35 row 8, with --max-connections 8: one connection keeps a health Watch open (as client-side balancers
+    do) while 7 connections that never call are reopened as soon as they are evicted, and the polite caller needs
+    a slot every 0.5 s. A Watch used to count as idle from its start, so its connection was the first evicted."""
+    args = ctx.args
+    watch = H2(ctx.server.addr, timeout=5)
+    sid = watch.request("/grpc.health.v1.Health/Watch", grpc_frame(b""))
+    reopened = [0]
+
+    def idle_holder():
+        while not ctx.stop.is_set():
+            try:
+                conn = H2(ctx.server.addr, timeout=1)
+                conn.sock.settimeout(0.5)
+                while not ctx.stop.is_set():
+                    try:
+                        conn.pump()
+                    except socket.timeout:
+                        pass
+            except (OSError, EOFError, wire.H2Error):
+                reopened[0] += 1
+                ctx.stop.wait(0.05)
+
+    threads = [threading.Thread(target=idle_holder, daemon=True) for _ in range(7)]
+    for t in threads:
+        t.start()
+    error = None
+    deadline = time.monotonic() + args.hold
+    watch.sock.settimeout(0.5)
+    try:
+        while time.monotonic() < deadline and not watch.streams[sid].ended:
+            try:
+                watch.pump()
+            except socket.timeout:
+                pass
+    except (OSError, EOFError, wire.H2Error) as e:
+        error = type(e).__name__
+    ctx.stop.set()
+    for t in threads:
+        t.join()
+    st = watch.streams[sid]
+    open_at_end = error is None and not st.ended
+    messages = len(grpc_messages(st.data)) if st.data else 0
+    watch.close()
+    notes = (f"Watch held {args.hold:.0f} s beside 7 idle connections (evicted and reopened {reopened[0]:,} times): "
+             f"{messages} health message(s) received, stream {'open' if open_at_end else 'ended'} at the end; "
+             f"connection error: {error or 'none'}")
+    return {"notes": notes, "checks": [("the Watch's connection kept", open_at_end, error or ("open" if open_at_end
+                                                                                              else "stream ended"))]}
+
+
+def case_many_instances(ctx):
+    """#35 row 9, with --instances 8 --ort-threads 1: the process loads 8 sessions of each model (it idled at 312
+    MiB while the logged budget stayed 712 MiB, as if one were loaded). 16 callers keep every instance busy with
+    64-image calls; the budget must name its model-sessions term and hold the peak."""
+    args = ctx.args
+    message = grpc_frame(pb_bytes(1, pb_bytes(1, open(args.png, "rb").read())) * 64)
+    codes, lock = [], threading.Lock()
+
+    def one():
+        while not ctx.stop.is_set():
+            try:
+                conn = H2(ctx.server.addr, timeout=30)
+                sid = conn.request(CLASSIFY, message, deadline=time.monotonic() + 30)
+                conn.wait(sid, time.monotonic() + 30)
+                status = conn.streams[sid].grpc_status()
+                conn.close()
+            except (OSError, EOFError, wire.H2Error) as e:
+                status = type(e).__name__
+            with lock:
+                codes.append(GRPC_CODES.get(status, status))
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(16)]
+    for t in threads:
+        t.start()
+    ctx.stop.wait(args.hold)
+    ctx.stop.set()
+    for t in threads:
+        t.join()
+    sessions = re.search(r"model sessions (\d+)", ctx.server.read_log())
+    notes = (f"16 callers x 64 PNGs for {args.hold:.0f} s: {len(codes):,} calls ({count(codes)}); budget term "
+             f"model sessions {sessions.group(1) if sessions else 'missing'} MiB")
+    return {"notes": notes, "checks": [("the budget counts the sessions loaded", sessions is not None and
+                                        int(sessions.group(1)) >= 8 * 16, sessions.group(0) if sessions else "none")]}
+
+
 def case_rest_shape_string(ctx):
     """#35 row 3: REST infer bodies whose `shape` is a 16 MiB string of one character that JSON escapes as six
     (serde's "invalid type" message once quoted it whole: a 58.7 MB 400), from HTTP/1.1 clients that send the
@@ -1135,6 +1221,11 @@ CASES = [
          server_args=lambda args: ["--max-connections", str(args.busy_connections)]),
     Case("slow-upload", "35.6", "one stream uploads 600 kB at 400 B/s; the same connection's other calls",
          case_slow_upload),
+    Case("watch-under-pressure", "35.8", "--max-connections 8: a health Watch beside 7 idle connections reopened "
+         "when evicted; the Watch's connection must stay", case_watch_under_pressure,
+         server_args=lambda args: ["--max-connections", "8"]),
+    Case("many-instances", "35.9", "--instances 8 --ort-threads 1: 16 callers of 64 PNGs; the budget counts the "
+         "sessions", case_many_instances, server_args=lambda args: ["--instances", "8", "--ort-threads", "1"]),
     Case("iccp-bomb", "7", "28x28 PNGs whose iCCP inflates to 48 MiB, 64 per call, 8 callers", case_iccp_bomb),
     Case("h2-idle-pings", "8", "300 HTTP/2 connections that only ping and answer pings, held", case_h2_idle_pings),
     Case("slowloris", "9", "300 HTTP/1.1 request heads at one byte per second, reconnecting", case_slowloris),
