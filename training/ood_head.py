@@ -119,10 +119,12 @@ METHODS = {
     # Amendment 4 (protocol): multi-mlp-ms refitted with each garment class weighted by how often pass 1
     # rejected it on the training garments.
     "multi-mlp-ms-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    # Amendment 5 (protocol): amendments 3 and 4 together.
+    "multi-mlp-ms-photos-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
 }
 # Methods whose garment side also holds product photos of training-split garments, converted by the service.
-PHOTO_METHODS = {"multi-mlp-ms-photos"}
-BALANCED_METHODS = {"multi-mlp-ms-balanced"}
+PHOTO_METHODS = {"multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced"}
+BALANCED_METHODS = {"multi-mlp-ms-balanced", "multi-mlp-ms-photos-balanced"}
 BALANCE_MAX = 4.0  # amendment 4: no garment class weighs more than 4 times another
 TRAIN_PHOTOS = REPO / "build/product-photos/train/mixed.u8"
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
@@ -405,7 +407,10 @@ def fit(method: str, feats: dict[str, np.ndarray], left_out: list[str], seed: in
             garments = np.concatenate([garments, feats["train-photos"]])
         fit_mlp(head, garments, outliers, seed, threads)
         if method in BALANCED_METHODS:
-            weights = class_balance(head.score(garments), train_labels())
+            labels = train_labels()
+            if method in PHOTO_METHODS:
+                labels = np.concatenate([labels, train_photo_labels()])
+            weights = class_balance(head.score(garments), labels)
             fit_mlp(head, garments, outliers, seed, threads, garment_weights=weights)
     return head
 
@@ -418,6 +423,12 @@ def train_labels() -> np.ndarray:
     train_x, train_y = load_split("train", DEFAULT_DATA_DIR)
     tr, _ = split_train_val(train_x, train_y, VAL_SIZE, SPLIT_SEED)
     return np.asarray(train_y)[tr]
+
+
+def train_photo_labels() -> np.ndarray:
+    """The class of each photographed training garment, in the order of TRAIN_PHOTOS (its manifest's rows)."""
+    rows = [line.rstrip("\n").split("\t") for line in (TRAIN_PHOTOS.parent / "manifest.tsv").read_text().splitlines()[1:]]
+    return np.array([int(r[1]) for r in rows if r[2] == TRAIN_PHOTOS.stem])
 
 
 def class_balance(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ case's own checks hold. One summary line per case.
     python3 scripts/attacks/round2.py --case slowloris [--case ...] [--hold 45]
     python3 scripts/attacks/round2.py --all [--quick] [--json out.json] [--markdown]
 
-The binary is $FMNIST_BIN, else --bin, else target/release/fmnist (`make build`); ONNX Runtime from .ort/
+$ROUND2_RUST_LOG, when set, is the server's RUST_LOG (default info), e.g. "info,fmnist_serve::transport=debug" to
+see every handshake evicted. The binary is $FMNIST_BIN, else --bin, else target/release/fmnist (`make build`); ONNX Runtime from .ort/
 (`make ort`), as tests/lib/server.sh runs it. Standard library only: HTTP/2, HPACK and protobuf are hand-made
 (wire.py).
 """
@@ -57,7 +58,7 @@ class Server:
     def __init__(self, binary, args, log_dir):
         self.log_path = os.path.join(log_dir, "server.log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("FMNIST_")}
-        env.update(RUST_LOG="info", FMNIST_DEFAULT_MODEL="cnn")
+        env.update(RUST_LOG=os.environ.get("ROUND2_RUST_LOG", "info"), FMNIST_DEFAULT_MODEL="cnn")
         self.log = open(self.log_path, "wb")
         cmd = [binary, "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -649,6 +650,52 @@ def case_watch_under_pressure(ctx):
                                                                                               else "stream ended"))]}
 
 
+def tls_files():
+    """A self-signed certificate for localhost and its key, made once per run with openssl: (cert, key)."""
+    if not hasattr(tls_files, "paths"):
+        folder = tempfile.mkdtemp(prefix="round2-tls-")
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+        tls_files.paths = (cert, key)
+    return tls_files.paths
+
+
+def case_tls_silent_sockets(ctx):
+    """#35 row 5, with TLS on and --max-connections 8: 8 TCP sockets that connect and never start their TLS
+    handshake, reopened as soon as they are closed, for --hold seconds. Every polite call (a new TLS connection
+    each) needs one of the 8 slots: a handshake that does not start must be evictable (it once waited 9.5 s, and
+    an established client was evicted instead)."""
+    args = ctx.args
+    opened = [0]
+
+    def silent():
+        while not ctx.stop.is_set():
+            try:
+                with socket.create_connection(ctx.server.addr, timeout=5) as s:
+                    opened[0] += 1
+                    s.settimeout(0.5)
+                    while not ctx.stop.is_set():
+                        try:
+                            if not s.recv(1024):
+                                break  # closed by the server: open another
+                        except socket.timeout:
+                            pass
+            except OSError:
+                ctx.stop.wait(0.05)
+
+    threads = [threading.Thread(target=silent, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    ctx.stop.wait(args.hold)
+    ctx.stop.set()
+    for t in threads:
+        t.join()
+    return {"notes": f"8 silent TCP sockets for {args.hold:.0f} s, {opened[0]:,} opened in all (each closed by the "
+                     "server and reopened)", "checks": []}
+
+
 def case_many_instances(ctx):
     """#35 row 9, with --instances 8 --ort-threads 1: the process loads 8 sessions of each model (it idled at 312
     MiB while the logged budget stayed 712 MiB, as if one were loaded). 16 callers keep every instance busy with
@@ -1187,8 +1234,10 @@ def case_baseline(ctx):
 
 
 class Case:
-    def __init__(self, name, row, what, fn, server_args=lambda args: []):
+    def __init__(self, name, row, what, fn, server_args=lambda args: [], tls=False):
         self.name, self.row, self.what, self.fn, self.server_args = name, row, what, fn, server_args
+        # The server runs with TLS (a certificate made for the run) and the probes speak it.
+        self.tls = tls
 
 
 CASES = [
@@ -1221,6 +1270,10 @@ CASES = [
          server_args=lambda args: ["--max-connections", str(args.busy_connections)]),
     Case("slow-upload", "35.6", "one stream uploads 600 kB at 400 B/s; the same connection's other calls",
          case_slow_upload),
+    Case("tls-silent-sockets", "35.5", "TLS, --max-connections 8: 8 silent TCP sockets reopened when closed; "
+         "new TLS clients must get in", case_tls_silent_sockets,
+         server_args=lambda args: ["--max-connections", "8", "--tls-cert", tls_files()[0], "--tls-key", tls_files()[1]],
+         tls=True),
     Case("watch-under-pressure", "35.8", "--max-connections 8: a health Watch beside 7 idle connections reopened "
          "when evicted; the Watch's connection must stay", case_watch_under_pressure,
          server_args=lambda args: ["--max-connections", "8"]),
@@ -1253,6 +1306,10 @@ def run_case(case, args):
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"round2-{case.name}-") as log_dir:
         server = Server(args.bin, case.server_args(args) + args.server_arg, log_dir)
+        if case.tls:  # the probes (and the attack's own H2 connections) speak TLS to this server
+            import ssl
+
+            wire.TLS = ssl.create_default_context(cafile=tls_files()[0])
         idle = server.rss_mib()
         probes = Probes(server, args)
         ctx = Context(server, args)
@@ -1278,6 +1335,7 @@ def run_case(case, args):
             with open(server.log_path, "rb") as src, open(kept, "wb") as dst:
                 dst.write(src.read())
         server.stop()
+        wire.TLS = None
 
     polite_served = sum(1 for ok, _, _ in probes.polite if ok)
     polite_total = len(probes.polite)

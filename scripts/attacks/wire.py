@@ -359,13 +359,30 @@ class H2Error(Exception):
     pass
 
 
+# When set (an ssl.SSLContext), H2 and http1_exchange speak TLS: round2.py's TLS case sets it for its probes.
+TLS = None
+
+
+def connect(addr, timeout, alpn):
+    """A TCP connection to `addr`, wrapped in TLS (offering `alpn`) when `TLS` is set."""
+    sock = socket.create_connection(addr, timeout=timeout)
+    if TLS is None:
+        return sock
+    TLS.set_alpn_protocols([alpn])
+    try:
+        return TLS.wrap_socket(sock, server_hostname="localhost")
+    except BaseException:
+        sock.close()
+        raise
+
+
 class H2:
     """One HTTP/2 connection, driven from one thread: `request` sends a call (respecting the server's flow
     control windows), `wait` reads frames until the call ends. SETTINGS and PINGs are acknowledged as they
     arrive. `receive_window=0` makes a client that never lets the server send DATA."""
 
     def __init__(self, addr, receive_window=16 * MiB, timeout=10.0, keep_data=True, connect_timeout=None):
-        self.sock = socket.create_connection(addr, timeout=connect_timeout or timeout)
+        self.sock = connect(addr, connect_timeout or timeout, "h2")
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.settimeout(timeout)
         self.authority = f"{addr[0]}:{addr[1]}"
@@ -541,7 +558,7 @@ def http1_exchange(addr, request, timeout, read_body=True):
     Returns (status or None, headers dict, body, seconds). Raises OSError/socket.timeout on failure."""
     t0 = time.monotonic()
     deadline = t0 + timeout
-    with socket.create_connection(addr, timeout=timeout) as s:
+    with connect(addr, timeout, "http/1.1") as s:
         s.sendall(request)
         buf = bytearray()
         while b"\r\n\r\n" not in buf:

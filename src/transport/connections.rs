@@ -76,6 +76,9 @@ const IN_USE: Duration = Duration::from_secs(1);
 /// One that has had no call yet only once it is this old: time for a new client to send its first request,
 /// and a bound on how fast reconnecting clients can evict each other.
 const FRESH: Duration = Duration::from_millis(250);
+/// One whose last call ended only once it ended this long ago: its answer leaves the service's buffers for the
+/// socket after the call has ended, and an eviction at once cut it off (the client read EOF instead).
+const ANSWERED: Duration = Duration::from_millis(100);
 /// At the cap with no connection to evict, how often the accept loop looks again.
 const EVICTION_RETRY: Duration = Duration::from_millis(50);
 
@@ -105,6 +108,8 @@ pub struct Slot {
     opened: Instant,
     calls: AtomicUsize,
     calls_started: AtomicU64,
+    /// Answers handed to the connection and not yet all taken by the client ([`Slot::answer_started`]).
+    answers: AtomicUsize,
     /// Its streamed responses still open (a health `Watch`, a reflection stream): work in progress, though
     /// no call waits for an answer.
     streams: AtomicUsize,
@@ -114,6 +119,9 @@ pub struct Slot {
     waker: Mutex<Option<Waker>>,
     /// Set while a TLS handshake runs: not yet anyone's connection, so the first to go under pressure.
     handshaking: AtomicBool,
+    /// Set once the client's first handshake bytes have arrived: from then on the handshake is in progress,
+    /// and a slow network gets [`IN_USE`] to finish it before a newcomer may evict it, not [`FRESH`].
+    heard_from: AtomicBool,
     /// Wakes a handshake in progress when the connection is asked to close (no read or write sees it then).
     closing: Notify,
 }
@@ -124,11 +132,13 @@ impl Slot {
             opened: Instant::now(),
             calls: AtomicUsize::new(0),
             calls_started: AtomicU64::new(0),
+            answers: AtomicUsize::new(0),
             streams: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             close: AtomicU8::new(0),
             waker: Mutex::new(None),
             handshaking: AtomicBool::new(false),
+            heard_from: AtomicBool::new(false),
             closing: Notify::new(),
         }
     }
@@ -141,6 +151,13 @@ impl Slot {
     }
 
     /// Counts a call in flight until the returned guard is dropped.
+    /// Counts an answer as on its way until the returned guard is dropped (when its last byte is taken, or
+    /// its stream is reset).
+    pub fn answer_started(self: &Arc<Self>) -> AnswerInFlight {
+        self.answers.fetch_add(1, Ordering::SeqCst);
+        AnswerInFlight(self.clone())
+    }
+
     pub fn call_started(self: &Arc<Self>) -> CallInFlight {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.calls_started.fetch_add(1, Ordering::SeqCst);
@@ -208,6 +225,18 @@ impl Slot {
 #[derive(Debug)]
 pub struct CallInFlight(Arc<Slot>);
 
+/// An answer on its way to the client: the connection is not evicted for [`IN_USE`] after its call ended,
+/// so that the answer is not cut off (it was, 0-1 ms after the call ended, when silent sockets kept every
+/// other slot too new to evict). A client that does not read is evictable once that has passed.
+pub struct AnswerInFlight(Arc<Slot>);
+
+impl Drop for AnswerInFlight {
+    fn drop(&mut self) {
+        self.0.mark_idle_now();
+        self.0.answers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Drop for CallInFlight {
     fn drop(&mut self) {
         self.0.mark_idle_now();
@@ -247,7 +276,8 @@ impl Slots {
     }
 
     /// Asks one connection without a call in flight to close, choosing, in order: a TLS handshake that has
-    /// run past [`FRESH`] (not yet anyone's connection); the connection idle the longest, once idle for
+    /// run past [`FRESH`] (not yet anyone's connection), silent ones first, and one whose client has spoken
+    /// only past [`IN_USE`] (a client on a slow network lost its handshake to reconnecting silent sockets); the connection idle the longest, once idle for
     /// [`IN_USE`]; the one whose last call ended the longest ago, however recently: a connection that makes
     /// a cheap call every half second must not hold its slot for ever (issue #35); and, only when every
     /// connection holds one, the one with a streamed response open whose last call ended longest ago (a
@@ -264,13 +294,23 @@ impl Slots {
                 .filter_map(|slot| {
                     let idle = now.saturating_duration_since(slot.idle_since()?);
                     let never_called = slot.calls_started.load(Ordering::SeqCst) == 0;
-                    (!never_called || idle >= FRESH).then_some((idle, slot))
+                    let heard_handshake =
+                        slot.handshaking.load(Ordering::SeqCst) && slot.heard_from.load(Ordering::SeqCst);
+                    let answering = slot.answers.load(Ordering::SeqCst) > 0;
+                    let grace = if heard_handshake || answering {
+                        IN_USE
+                    } else if never_called {
+                        FRESH
+                    } else {
+                        ANSWERED
+                    };
+                    (idle >= grace).then_some((idle, slot))
                 })
         };
         let not_streaming = || candidates().filter(|(_, slot)| !slot.streaming());
         let victim = candidates()
             .filter(|(_, slot)| slot.handshaking.load(Ordering::SeqCst))
-            .max_by_key(|(idle, _)| *idle)
+            .max_by_key(|(idle, slot)| (!slot.heard_from.load(Ordering::SeqCst), *idle))
             .or_else(|| {
                 not_streaming()
                     .filter(|(idle, _)| *idle >= IN_USE)
@@ -369,7 +409,13 @@ async fn accept_loop(
                 info.slot.handshaking.store(true, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let slot = info.slot.clone();
-                    let handshake = tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(tcp));
+                    let handshake = async {
+                        // Waits for the client's first bytes (its hello) without taking them.
+                        tcp.peek(&mut [0u8; 1]).await?;
+                        slot.heard_from.store(true, Ordering::SeqCst);
+                        acceptor.accept(tcp).await
+                    };
+                    let handshake = tokio::time::timeout(limits.tls_handshake_timeout, handshake);
                     // An eviction ends a handshake at once: its slot is what the newcomer waits for.
                     let handshake = tokio::select! {
                         done = handshake => done,
@@ -380,6 +426,10 @@ async fn accept_loop(
                         }
                     };
                     slot.handshaking.store(false, Ordering::SeqCst);
+                    // The connection is the client's from now on: the time a new one has to send its first
+                    // request before it may be evicted ([`FRESH`]) starts here, not when the handshake began
+                    // (a client whose handshake took 250 ms lost its connection before its first call).
+                    slot.mark_idle_now();
                     match handshake {
                         Ok(Ok(stream)) => {
                             let transport = Transport::Tls(Box::new(stream));
@@ -776,10 +826,15 @@ pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8], client_ca_pem: Option<&[u8]
 mod tests {
     use super::*;
 
-    /// A slot as a connection that has made one call (so it may be evicted at once), registered in `slots`.
+    /// A slot as a connection that has made one call, which ended [`ANSWERED`] ago (so it may be evicted at
+    /// once), registered in `slots`.
     fn called(slots: &Arc<Slots>) -> (Arc<Slot>, Registration) {
-        let slot = Arc::new(Slot::new());
+        let slot = Arc::new(Slot {
+            opened: Instant::now() - ANSWERED,
+            ..Slot::new()
+        });
         drop(slot.call_started());
+        slot.idle_since.store(0, Ordering::SeqCst);
         let registration = slots.register(slot.clone());
         (slot, registration)
     }
@@ -819,6 +874,59 @@ mod tests {
             .filter(|slot| slot.close_requested().is_some())
             .count();
         assert_eq!(evicted, 1);
+    }
+
+    #[test]
+    fn an_answer_on_its_way_is_not_cut_off_by_an_eviction() {
+        // Issue #35's TLS row: silent sockets kept every other slot too new to evict, so the connection whose
+        // call had just ended went, 0-1 ms later, and its client read EOF instead of its answer.
+        let slots = Arc::new(Slots::default());
+        let (answering, _a) = called(&slots);
+        let answer = answering.answer_started();
+        assert!(
+            !slots.evict_longest_idle(),
+            "nothing may be evicted while the answer is on its way"
+        );
+        assert_eq!(answering.close_requested(), None);
+        drop(answer);
+        std::thread::sleep(ANSWERED);
+        assert!(
+            slots.evict_longest_idle(),
+            "once taken and written, the connection is idle like any other"
+        );
+        assert_eq!(answering.close_requested(), Some(CloseCause::Evicted));
+    }
+
+    #[test]
+    fn a_call_that_has_just_ended_keeps_its_connection_while_its_answer_leaves() {
+        let slots = Arc::new(Slots::default());
+        let slot = Arc::new(Slot::new());
+        let _registration = slots.register(slot.clone());
+        drop(slot.call_started());
+        assert!(!slots.evict_longest_idle(), "its answer may still be in the buffers");
+        std::thread::sleep(ANSWERED);
+        assert!(slots.evict_longest_idle());
+        assert_eq!(slot.close_requested(), Some(CloseCause::Evicted));
+    }
+
+    #[test]
+    fn a_silent_handshake_goes_before_one_whose_client_has_spoken() {
+        let slots = Arc::new(Slots::default());
+        let handshake = |heard: bool| {
+            let slot = Arc::new(Slot::new());
+            slot.handshaking.store(true, Ordering::SeqCst);
+            slot.heard_from.store(heard, Ordering::SeqCst);
+            // Opened long enough ago for either to be evicted.
+            slot.idle_since.store(0, Ordering::SeqCst);
+            let registration = slots.register(slot.clone());
+            (slot, registration)
+        };
+        let (spoken, _s) = handshake(true);
+        let (silent, _q) = handshake(false);
+        std::thread::sleep(IN_USE);
+        assert!(slots.evict_longest_idle());
+        assert_eq!(silent.close_requested(), Some(CloseCause::Evicted));
+        assert_eq!(spoken.close_requested(), None);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::{
     error::{AdmissionError, ErrorKind, ServiceError},
     telemetry::metric,
     traces,
-    transport::connections::{CloseCause, ConnectionInfo, Slot, StreamInFlight},
+    transport::connections::{AnswerInFlight, CloseCause, ConnectionInfo, Slot, StreamInFlight},
     transport::failure_log::{Decision, FailureLog},
     transport::status,
 };
@@ -514,6 +514,7 @@ where
         // Until its response is ready the call keeps its connection from counting as idle; a streamed
         // response (a health Watch, reflection) keeps it busy until the stream ends.
         let in_flight = slot.as_ref().map(Slot::call_started);
+        let answer_slot = slot.clone();
         let stream = slot
             .as_ref()
             .filter(|_| SERVER_STREAMING.contains(&request.uri().path()))
@@ -585,7 +586,10 @@ where
                         _open: slot.stream_started(),
                     })
                 }),
-                None => charge_answer(response, &pools, connection_bytes.as_ref(), grpc).await,
+                None => {
+                    let answering = answer_slot.as_ref().map(Slot::answer_started);
+                    charge_answer(response, &pools, connection_bytes.as_ref(), grpc, answering).await
+                }
             };
             drop(in_flight);
             Ok(response)
@@ -612,6 +616,7 @@ async fn charge_answer(
     pools: &BytePools,
     connection: Option<&Arc<Semaphore>>,
     grpc: bool,
+    answering: Option<AnswerInFlight>,
 ) -> http::Response<Body> {
     let (parts, mut body) = response.into_parts();
     let mut ready = std::collections::VecDeque::new();
@@ -643,6 +648,7 @@ async fn charge_answer(
         ready,
         rest: (!ended).then_some(body),
         _held: held,
+        _answering: answering,
     };
     http::Response::from_parts(parts, Body::new(body))
 }
@@ -653,6 +659,8 @@ struct AnswerBody {
     ready: std::collections::VecDeque<Result<Frame<Bytes>, Status>>,
     rest: Option<Body>,
     _held: Held,
+    /// Keeps the connection from being evicted while the answer is on its way.
+    _answering: Option<AnswerInFlight>,
 }
 
 impl HttpBody for AnswerBody {
