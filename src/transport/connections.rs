@@ -150,7 +150,6 @@ impl Slot {
         }
     }
 
-    /// Counts a call in flight until the returned guard is dropped.
     /// Counts an answer as on its way until the returned guard is dropped (when its last byte is taken, or
     /// its stream is reset).
     pub fn answer_started(self: &Arc<Self>) -> AnswerInFlight {
@@ -158,6 +157,7 @@ impl Slot {
         AnswerInFlight(self.clone())
     }
 
+    /// Counts a call in flight until the returned guard is dropped.
     pub fn call_started(self: &Arc<Self>) -> CallInFlight {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.calls_started.fetch_add(1, Ordering::SeqCst);
@@ -276,15 +276,15 @@ impl Slots {
     }
 
     /// Asks one connection without a call in flight to close, choosing, in order: a TLS handshake that has
-    /// run past [`FRESH`] (not yet anyone's connection), silent ones first, and one whose client has spoken
-    /// only past [`IN_USE`] (a client on a slow network lost its handshake to reconnecting silent sockets); the connection idle the longest, once idle for
-    /// [`IN_USE`]; the one whose last call ended the longest ago, however recently: a connection that makes
-    /// a cheap call every half second must not hold its slot for ever (issue #35); and, only when every
-    /// connection holds one, the one with a streamed response open whose last call ended longest ago (a
-    /// health `Watch` is a client's work, not idleness; it goes last, not never, so that slots can always be
-    /// reclaimed). A connection that has had no call yet is never chosen before
-    /// it is [`FRESH`]. False when none may be evicted (every one has a call in flight, is new, or is
-    /// closing already).
+    /// run past [`FRESH`] (not yet anyone's connection), silent ones first, and one whose client has sent its
+    /// hello only past [`IN_USE`] (a slow network is not silence); the connection idle the longest, once idle
+    /// for [`IN_USE`]; the one whose last call ended the longest ago, once [`ANSWERED`] has passed (or
+    /// [`IN_USE`], while its answer is still being handed over): a connection that makes a cheap call every
+    /// half second must not hold its slot for ever (issue #35), nor lose an answer it has not sent; and, only
+    /// when every connection holds one, the one with a streamed response open whose last call ended longest
+    /// ago (a health `Watch` is a client's work, not idleness; it goes last, not never, so that slots can
+    /// always be reclaimed). A connection that has had no call yet is never chosen before it is [`FRESH`].
+    /// False when none may be evicted (every one has a call in flight, is new, or is closing already).
     fn evict_longest_idle(&self) -> bool {
         let now = Instant::now();
         let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -427,8 +427,7 @@ async fn accept_loop(
                     };
                     slot.handshaking.store(false, Ordering::SeqCst);
                     // The connection is the client's from now on: the time a new one has to send its first
-                    // request before it may be evicted ([`FRESH`]) starts here, not when the handshake began
-                    // (a client whose handshake took 250 ms lost its connection before its first call).
+                    // request before it may be evicted ([`FRESH`]) starts here, not when the handshake began.
                     slot.mark_idle_now();
                     match handshake {
                         Ok(Ok(stream)) => {
