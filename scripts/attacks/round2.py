@@ -194,6 +194,15 @@ def run_threads(targets):
         t.join()
 
 
+def run_for_hold(ctx, worker, n):
+    """`n` threads of `worker`, which loops until ctx.stop is set: set after --hold seconds."""
+    def stop_after_hold():
+        ctx.stop.wait(ctx.args.hold)
+        ctx.stop.set()
+
+    run_threads([worker] * n + [stop_after_hold])
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The probes that run beside every attack
 
@@ -685,13 +694,7 @@ def case_tls_silent_sockets(ctx):
             except OSError:
                 ctx.stop.wait(0.05)
 
-    threads = [threading.Thread(target=silent, daemon=True) for _ in range(8)]
-    for t in threads:
-        t.start()
-    ctx.stop.wait(args.hold)
-    ctx.stop.set()
-    for t in threads:
-        t.join()
+    run_for_hold(ctx, silent, 8)
     return {"notes": f"8 silent TCP sockets for {args.hold:.0f} s, {opened[0]:,} opened in all (each closed by the "
                      "server and reopened)", "checks": []}
 
@@ -701,29 +704,16 @@ def case_many_instances(ctx):
     MiB while the logged budget stayed 712 MiB, as if one were loaded). 16 callers keep every instance busy with
     64-image calls; the budget must name its model-sessions term and hold the peak."""
     args = ctx.args
-    message = grpc_frame(pb_bytes(1, pb_bytes(1, open(args.png, "rb").read())) * 64)
+    message = pb_bytes(1, pb_bytes(1, open(args.png, "rb").read())) * 64
     codes, lock = [], threading.Lock()
 
     def one():
         while not ctx.stop.is_set():
-            try:
-                conn = H2(ctx.server.addr, timeout=30)
-                sid = conn.request(CLASSIFY, message, deadline=time.monotonic() + 30)
-                conn.wait(sid, time.monotonic() + 30)
-                status = conn.streams[sid].grpc_status()
-                conn.close()
-            except (OSError, EOFError, wire.H2Error) as e:
-                status = type(e).__name__
+            status, _, _, error = grpc_call(ctx.server.addr, CLASSIFY, message, 30)
             with lock:
-                codes.append(GRPC_CODES.get(status, status))
+                codes.append(GRPC_CODES.get(status, status) if status is not None else error)
 
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(16)]
-    for t in threads:
-        t.start()
-    ctx.stop.wait(args.hold)
-    ctx.stop.set()
-    for t in threads:
-        t.join()
+    run_for_hold(ctx, one, 16)
     sessions = re.search(r"model sessions (\d+)", ctx.server.read_log())
     notes = (f"16 callers x 64 PNGs for {args.hold:.0f} s: {len(codes):,} calls ({count(codes)}); budget term "
              f"model sessions {sessions.group(1) if sessions else 'missing'} MiB")
@@ -807,13 +797,7 @@ def case_busy_connections(ctx):
         finally:
             conn.close()
 
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(args.busy_connections)]
-    for t in threads:
-        t.start()
-    ctx.stop.wait(args.hold)
-    ctx.stop.set()
-    for t in threads:
-        t.join()
+    run_for_hold(ctx, one, args.busy_connections)
     notes = (f"{args.busy_connections} connections x a health check every 0.5 s for {args.hold:.0f} s: "
              f"{len(calls):,} calls ({count(calls)}); connections ended: {count(errors) or 'none'}")
     return {"notes": notes, "checks": []}
@@ -834,6 +818,14 @@ def case_slow_upload(ctx):
     polite = grpc_frame(classify_png_message(open(ctx.args.png, "rb").read()))
     marks = [2.5, 6.0, 10.0]
     error = None
+
+    def polite_call():
+        """The next mark's call on the slow stream's connection."""
+        marks.pop(0)
+        sid = conn.request(CLASSIFY, polite, deadline=time.monotonic() + 5)
+        conn.wait(sid, time.monotonic() + 5)
+        other.append(conn.streams[sid].grpc_status())
+
     try:
         while sent < len(body) and not conn.streams[slow].ended and time.monotonic() - t0 < 12:
             chunk = body[sent : sent + 40]
@@ -845,16 +837,10 @@ def case_slow_upload(ctx):
             except socket.timeout:
                 pass
             if marks and time.monotonic() - t0 >= marks[0]:
-                marks.pop(0)
-                sid = conn.request(CLASSIFY, polite, deadline=time.monotonic() + 5)
-                conn.wait(sid, time.monotonic() + 5)
-                other.append(conn.streams[sid].grpc_status())
+                polite_call()
             time.sleep(0.1)
         while marks:  # the slow stream ended early: the other calls still go on this connection
-            marks.pop(0)
-            sid = conn.request(CLASSIFY, polite, deadline=time.monotonic() + 5)
-            conn.wait(sid, time.monotonic() + 5)
-            other.append(conn.streams[sid].grpc_status())
+            polite_call()
     except (OSError, EOFError, wire.H2Error) as e:
         error = type(e).__name__
     finally:

@@ -408,9 +408,14 @@ pub async fn classify_all(
     results
 }
 
-/// The series `name{model="<model>",version="<served>"}` of the version `served_version` names.
+/// The labels `model="<model>",version="<served>"` of the version `served_version` names.
+pub fn served_labels(model: &str) -> String {
+    format!("model=\"{model}\",version=\"{}\"", served_version(model))
+}
+
+/// The series `name{model="<model>",version="<served>"}`.
 pub fn served_series(name: &str, model: &str) -> String {
-    format!("{name}{{model=\"{model}\",version=\"{}\"}}", served_version(model))
+    format!("{name}{{{}}}", served_labels(model))
 }
 
 /// The version of a shipped model that calls naming no version get: the newest one in models/<name>/ (the

@@ -27,7 +27,7 @@ async fn metrics_count_calls_images_reasons_and_batches() {
 
     let delta = |prefix: &str| metric(&after, prefix) - metric(&before, prefix);
     // The labels of the version served: the newest one shipped.
-    let cnn = format!("model=\"cnn\",version=\"{}\"", common::served_version("cnn"));
+    let cnn = common::served_labels("cnn");
     assert_eq!(delta("fmnist_requests_total{rpc=\"Classify\",code=\"Ok\"}"), 1.0);
     assert_eq!(
         delta("fmnist_requests_total{rpc=\"Classify\",code=\"InvalidArgument\"}"),
