@@ -50,6 +50,9 @@ metrics! {
     /// Batches run on the version's solo session (`--solo-threads`: no other instance busy, nothing waiting),
     /// by `model` and `version`; the rest ran on an instance's own session.
     SOLO_BATCHES: counter = "fmnist_solo_batches_total";
+    /// Lone calls run on their caller's own thread instead of the inference thread's (`--inline-max-images`), by
+    /// `model` and `version`.
+    INLINE_BATCHES: counter = "fmnist_inline_batches_total";
     /// Images the model saw, by `model`, `version` and predicted `class` (drift: the class mix).
     PREDICTED_CLASS: counter = "fmnist_predicted_class_total";
     /// Calibrated top probability of each image the model saw, by `model` and `version`.

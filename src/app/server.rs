@@ -14,6 +14,7 @@ use crate::{
     app::budget::{self, MemoryBudget},
     app::config::Config,
     app::web,
+    core::batching::ActiveCalls,
     core::capture::Capture,
     core::classify::Pipeline,
     core::control::ModelControl,
@@ -60,7 +61,7 @@ fn default_model(config: &Config) -> Result<DefaultModel, ServeError> {
 /// the server serves from. Blocking: call it off the async runtime.
 pub fn load_models(config: &Config) -> Result<Arc<Registry>, ServeError> {
     default_model(config)?;
-    let registry = Registry::new(config.registry_settings());
+    let registry = Registry::new(config.registry_settings(ActiveCalls::default()));
     registry.load_at_start()?;
     Ok(registry)
 }
@@ -205,8 +206,10 @@ pub async fn serve(
     let default = default_model(&config)?;
     crate::transport::codec::allow_images_per_call(config.max_images_per_request);
     let control = ModelControl::new(config.control_settings().map_err(ServeError::Config)?);
-    // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile.
-    let registry = Registry::new(config.registry_settings());
+    // Empty until the first load: calls are UNAVAILABLE and health NOT_SERVING meanwhile. Its batchers and the
+    // call layer share one count of the calls in progress.
+    let calls = ActiveCalls::default();
+    let registry = Registry::new(config.registry_settings(calls.clone()));
     let policy = config.policy();
     // The recorder first: a metric handle taken before it exists records nowhere (the capture's are taken
     // at its start).
@@ -280,6 +283,7 @@ pub async fn serve(
         .layer(CallLimitsLayer::new(
             config.max_request_bytes_in_flight,
             config.min_body_rate(),
+            calls,
         ))
         .add_routes(web::with_grpc_web_and_page(grpc, rest))
         .serve_with_incoming_shutdown(incoming, stop);

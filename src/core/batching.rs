@@ -4,6 +4,8 @@
 //! images, and runs them as one ONNX Runtime call. It never waits for a timer unless `max_batch_delay` is set:
 //! under load, calls pile up while the previous batch runs, so batches form by themselves, and a lone call
 //! runs at once. Calls are never split across batches; a call larger than `max_batch_size` runs on its own.
+//! A lone call (no other call on the server, none overlapping another for a while) does not cross to the
+//! inference thread at all: it runs on the thread that read it ([`Batcher::infer`]).
 //!
 //! Backpressure counts images, not calls: a semaphore of `max_queued_images` permits, taken before decoding.
 //! When the queue is full a call waits its turn for room (first come, first served) for at most
@@ -14,7 +16,7 @@
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, RecvTimeoutError, TryRecvError},
     },
     thread,
@@ -42,6 +44,9 @@ pub struct BatchConfig {
     /// Queue room a caller past its own share may borrow ([`Batcher::reserve_spare`]); the rest of the
     /// queue stays free for callers within theirs.
     pub spare_images: usize,
+    /// Most images of a lone call that runs on its caller's own thread instead of the inference thread's
+    /// ([`Batcher::infer`]); 0: every call goes through the queue.
+    pub inline_images: usize,
 }
 
 type Reply = Result<Vec<ImageOutput>, QueueError>;
@@ -86,6 +91,72 @@ impl Reservation {
     }
 }
 
+/// The calls the server is handling, over every connection and protocol, from the moment a call's head is read
+/// until its answer is ready (`transport::layers::CallLimits` counts them; long-lived streams are not counted),
+/// and when two last overlapped. A call that finds itself [`alone`](Self::alone) runs on its own thread
+/// ([`Batcher::infer`]). Cheap to clone: every clone counts into the same total.
+#[derive(Debug, Clone, Default)]
+pub struct ActiveCalls(Arc<CallCount>);
+
+#[derive(Debug)]
+struct CallCount {
+    count: AtomicUsize,
+    /// Microseconds after `epoch` when a call began while another was in progress.
+    crowded_at: AtomicU64,
+    epoch: Instant,
+    /// [`ActiveCalls::CALM`], in microseconds.
+    calm: u64,
+}
+
+impl Default for CallCount {
+    fn default() -> Self {
+        CallCount {
+            count: AtomicUsize::new(0),
+            crowded_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            calm: micros(ActiveCalls::CALM),
+        }
+    }
+}
+
+impl ActiveCalls {
+    /// How long the server must have served one call at a time before a call counts as alone. Clients that
+    /// take turns leave moments with a single call in progress; at 4 clients those moments held 6% of the
+    /// calls, and running them inline cost 12% of the throughput (bench/README.md "A lone call on its own
+    /// thread"), while one client's calls never overlap at all.
+    pub const CALM: Duration = Duration::from_millis(10);
+
+    /// Counts one more call until the returned guard is dropped.
+    pub fn begin(&self) -> ActiveCall {
+        let c = &self.0;
+        if c.count.fetch_add(1, Ordering::Relaxed) > 0 {
+            c.crowded_at.store(micros(c.epoch.elapsed()), Ordering::Relaxed);
+        }
+        ActiveCall(self.0.clone())
+    }
+
+    /// Whether at most one call is in progress (the one asking), and no two have overlapped for [`Self::CALM`].
+    pub fn alone(&self) -> bool {
+        let c = &self.0;
+        c.count.load(Ordering::Relaxed) <= 1
+            && micros(c.epoch.elapsed()).saturating_sub(c.crowded_at.load(Ordering::Relaxed)) >= c.calm
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// One call counted in [`ActiveCalls`] for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveCall(Arc<CallCount>);
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Handle to a model's queue; cheap to clone, shared by every request task.
 #[derive(Clone)]
 pub struct Batcher {
@@ -102,6 +173,8 @@ pub struct Batcher {
     config: BatchConfig,
     instances: usize,
     statistics: Arc<Recorder>,
+    /// The sessions and queue the inference threads share, for a lone call to run on its own thread.
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -124,11 +197,13 @@ impl Batcher {
     /// batch instead of the instance that formed it when no other instance is busy and no other call holds
     /// queue room (waiting behind it, or still being decoded): a lone caller gets every
     /// core, and under load the instances run side by side (bench/README.md "The adaptive layout").
-    /// Metrics are labelled with the model's `name` and `version`.
+    /// A call of at most `config.inline_images` images that finds itself the only one of `calls` runs on its
+    /// caller's thread ([`Shared::run_inline`]). Metrics are labelled with the model's `name` and `version`.
     pub fn spawn(
         instances: Vec<Model>,
         solo: Option<Model>,
         config: BatchConfig,
+        calls: ActiveCalls,
         name: &str,
         version: u64,
     ) -> Result<(Batcher, thread::JoinHandle<()>), ModelError> {
@@ -139,24 +214,37 @@ impl Batcher {
         let version: Arc<str> = version.to_string().into();
         let (sender, receiver) = mpsc::channel();
         let permits = Arc::new(Semaphore::new(config.max_queued_images));
-        let permits_for_loop = permits.clone();
+        let inline = (config.inline_images > 0).then(|| {
+            Mutex::new(BatchWork::new(
+                config,
+                name.clone(),
+                version.clone(),
+                statistics.clone(),
+            ))
+        });
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue { receiver, carry: None }),
+            busy: AtomicUsize::new(0),
+            sessions: instances.into_iter().map(Mutex::new).collect(),
+            solo: solo.map(Mutex::new),
+            room: (permits.clone(), config.max_queued_images),
+            inline,
+            inline_images: config.inline_images,
+            calls,
+        });
         let thread = thread::Builder::new()
             .name(format!("infer-{name}-{version}"))
             .spawn({
                 let (name, version) = (name.clone(), version.clone());
                 let statistics = statistics.clone();
+                let shared = shared.clone();
                 move || {
-                    let shared = Shared {
-                        queue: Mutex::new(Queue { receiver, carry: None }),
-                        busy: AtomicUsize::new(0),
-                        solo: solo.map(Mutex::new),
-                        room: (permits_for_loop, config.max_queued_images),
-                    };
-                    let count = instances.len();
+                    let count = shared.sessions.len();
                     thread::scope(|scope| {
-                        let mut loops = instances
-                            .into_iter()
-                            .map(|model| InferenceLoop::new(model, config, name.clone(), version.clone(), statistics.clone()));
+                        let mut loops = (0..count).map(|session| InferenceLoop {
+                            session,
+                            work: BatchWork::new(config, name.clone(), version.clone(), statistics.clone()),
+                        });
                         let first = loops.next().expect("at least one instance");
                         for (i, other) in loops.enumerate() {
                             let shared = &shared;
@@ -184,6 +272,7 @@ impl Batcher {
             config,
             instances: instance_count,
             statistics,
+            shared,
         };
         Ok((batcher, thread))
     }
@@ -291,7 +380,11 @@ impl Batcher {
             },
         };
         self.queue_depth.increment(n as f64);
-        if self.sender.send(job).is_err() {
+        // A lone call would cross two threads for nothing (to the inference thread and back, each a wake-up
+        // that costs more than this call's serving work on a small VM): it runs here instead.
+        if let Some(job) = self.shared.run_inline(job)
+            && self.sender.send(job).is_err()
+        {
             self.queue_depth.decrement(n as f64);
             return Err(QueueError::ShuttingDown);
         }
@@ -324,12 +417,20 @@ struct RanBatch {
 /// What a version's instances share.
 struct Shared {
     queue: Mutex<Queue>,
-    /// Instances running a batch (counted from the moment one is formed, under the queue's lock).
+    /// Batches running (counted from the moment one is formed, under the queue's lock, or taken to run inline).
     busy: AtomicUsize,
+    /// Each instance's session, locked while a batch runs on it: by its own inference thread, or by a lone
+    /// caller's ([`Shared::run_inline`]).
+    sessions: Vec<Mutex<Model>>,
     solo: Option<Mutex<Model>>,
     /// The queue's room and its size: images reserved beyond a batch's own are other calls on their way (being
     /// decoded or queued), so the batch is not the only work.
     room: (Arc<Semaphore>, usize),
+    /// What a batch run on a caller's thread uses; `None` when no call runs inline.
+    inline: Option<Mutex<BatchWork>>,
+    inline_images: usize,
+    /// The server's calls, this one's included: a call runs inline only when it is the only one.
+    calls: ActiveCalls,
 }
 
 impl Shared {
@@ -338,14 +439,56 @@ impl Shared {
         let (permits, limit) = &self.room;
         limit.saturating_sub(permits.available_permits()) <= batched
     }
+
+    /// Runs `job` as a batch of its own on the calling thread, and answers it, when it is the only work: the
+    /// server has no other call (none being read, decoded, queued or run, on any model) and has had none beside
+    /// another for [`ActiveCalls::CALM`], no other call holds this queue's room, it has at most
+    /// `inline_images` images, and the session it would run on is free (the solo session when there is one,
+    /// else the first instance's). Gives the job back otherwise, to be queued.
+    ///
+    /// It blocks the caller's network thread for one run of a small batch. With other clients about, that
+    /// thread is theirs too: inlined whenever no other call held queue room, cnn-int8 served 17-22% fewer
+    /// images at C=4 (bench/README.md "A lone call on its own thread"). A call arriving meanwhile is queued,
+    /// and its batch runs as soon as the session is free, as it would behind a batch on the inference thread.
+    fn run_inline(&self, job: Job) -> Option<Job> {
+        let n = job.inputs.len();
+        let Some(work) = &self.inline else { return Some(job) };
+        if n > self.inline_images || !self.calls.alone() || !self.no_other_calls(n) {
+            return Some(job);
+        }
+        // `try_lock` only: a session held is running a batch (an inference thread's, or a lone call's that
+        // began at the same moment), which this call queues behind.
+        let Ok(mut work) = work.try_lock() else {
+            return Some(job);
+        };
+        let session = self.solo.as_ref().unwrap_or(&self.sessions[0]);
+        let Ok(mut model) = session.try_lock() else {
+            return Some(job);
+        };
+        // A job past its deadline is answered by `admit`: nothing is left to queue.
+        let job = work.admit(job)?;
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        work.metrics.inline_batches.increment(1);
+        if self.solo.is_some() {
+            work.metrics.solo_batches.increment(1);
+        }
+        let ran = work.infer(&mut model, vec![job]);
+        drop(model);
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        work.answer(ran);
+        None
+    }
 }
 
+/// One instance's inference thread: it forms batches from the shared queue and runs them.
 struct InferenceLoop {
-    model: Model,
+    /// Its own session, in [`Shared::sessions`].
+    session: usize,
     work: BatchWork,
 }
 
-/// An instance's state apart from its session, so a batch can run on either its own session or the solo one.
+/// The state a batch runs with apart from its session, so a batch can run on either an instance's own session
+/// or the solo one, and on an inference thread or a lone caller's.
 struct BatchWork {
     config: BatchConfig,
     name: Arc<str>,
@@ -359,7 +502,7 @@ struct BatchWork {
     waits: Vec<Duration>,
 }
 
-/// The inference thread's metric handles, labelled with the model once.
+/// A batch's metric handles, labelled with the model once.
 struct LoopMetrics {
     queue_depth: metrics::Gauge,
     batch_size: metrics::Histogram,
@@ -367,43 +510,16 @@ struct LoopMetrics {
     inference_time: metrics::Histogram,
     carried: metrics::Counter,
     solo_batches: metrics::Counter,
+    inline_batches: metrics::Counter,
     dropped_cancelled: metrics::Counter,
     dropped_deadline: metrics::Counter,
 }
 
 impl InferenceLoop {
-    fn new(model: Model, config: BatchConfig, name: Arc<str>, version: Arc<str>, statistics: Arc<Recorder>) -> Self {
-        let input = Vec::with_capacity(config.max_batch_size * PIXELS);
-        let (m, v) = (|| name.to_string(), || version.to_string());
-        let metrics = LoopMetrics {
-            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => m(), "version" => v()),
-            batch_size: metrics::histogram!(metric::BATCH_SIZE, "model" => m(), "version" => v()),
-            queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => m(), "version" => v()),
-            inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => m(), "version" => v()),
-            carried: metrics::counter!(metric::CARRIED_JOBS, "model" => m(), "version" => v()),
-            solo_batches: metrics::counter!(metric::SOLO_BATCHES, "model" => m(), "version" => v()),
-            dropped_cancelled: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "cancelled"),
-            dropped_deadline: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "deadline"),
-        };
-        InferenceLoop {
-            model,
-            work: BatchWork {
-                config,
-                name,
-                version,
-                input,
-                output: BatchOutput::default(),
-                metrics,
-                statistics,
-                waits: Vec::with_capacity(config.max_batch_size),
-            },
-        }
-    }
-
     /// Forms a batch holding the queue (the other instances wait for it meanwhile), then runs it without: on
-    /// the solo session when there is one, no other instance is busy and no other call holds queue room (a
+    /// the solo session when there is one, no other batch is running and no other call holds queue room (a
     /// spinning solo session would take the CPU that call's decoding or network work needs); otherwise on this
-    /// instance's own session.
+    /// instance's own session (waiting for it while a lone caller's batch runs on it).
     fn run(mut self, shared: &Shared) {
         loop {
             let (batch, alone) = {
@@ -432,7 +548,12 @@ impl InferenceLoop {
                     self.work.metrics.solo_batches.increment(1);
                     self.work.infer(model, batch)
                 }
-                None => self.work.infer(&mut self.model, batch),
+                None => {
+                    let mut model = shared.sessions[self.session]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    self.work.infer(&mut model, batch)
+                }
             };
             // Free before anyone is answered: a lone caller's next call, formed by whichever instance takes
             // it, must find the solo session free and no instance busy.
@@ -461,6 +582,31 @@ impl Queue {
 }
 
 impl BatchWork {
+    fn new(config: BatchConfig, name: Arc<str>, version: Arc<str>, statistics: Arc<Recorder>) -> Self {
+        let (m, v) = (|| name.to_string(), || version.to_string());
+        let metrics = LoopMetrics {
+            queue_depth: metrics::gauge!(metric::QUEUE_DEPTH, "model" => m(), "version" => v()),
+            batch_size: metrics::histogram!(metric::BATCH_SIZE, "model" => m(), "version" => v()),
+            queue_wait: metrics::histogram!(metric::QUEUE_WAIT, "model" => m(), "version" => v()),
+            inference_time: metrics::histogram!(metric::INFERENCE_TIME, "model" => m(), "version" => v()),
+            carried: metrics::counter!(metric::CARRIED_JOBS, "model" => m(), "version" => v()),
+            solo_batches: metrics::counter!(metric::SOLO_BATCHES, "model" => m(), "version" => v()),
+            inline_batches: metrics::counter!(metric::INLINE_BATCHES, "model" => m(), "version" => v()),
+            dropped_cancelled: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "cancelled"),
+            dropped_deadline: metrics::counter!(metric::DROPPED_IMAGES, "model" => m(), "version" => v(), "cause" => "deadline"),
+        };
+        BatchWork {
+            input: Vec::with_capacity(config.max_batch_size * PIXELS),
+            waits: Vec::with_capacity(config.max_batch_size),
+            config,
+            name,
+            version,
+            output: BatchOutput::default(),
+            metrics,
+            statistics,
+        }
+    }
+
     /// Blocks for the first live job, then takes what else is queued, up to the batch size (and, when a batch
     /// delay is set, waits up to that long after the oldest job was queued). `None` once the queue is closed.
     fn next_batch(&mut self, queue: &mut Queue) -> Option<Vec<Job>> {
@@ -694,6 +840,50 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A count whose calm lasts `calm` instead of [`ActiveCalls::CALM`], counting from now.
+    fn calls_with_calm(calm: Duration) -> ActiveCalls {
+        ActiveCalls(Arc::new(CallCount {
+            calm: micros(calm),
+            ..CallCount::default()
+        }))
+    }
+
+    #[test]
+    fn a_call_is_alone_only_while_no_other_is_in_progress_and_none_overlapped_for_the_calm() {
+        let calls = calls_with_calm(Duration::ZERO);
+        let first = calls.begin();
+        assert!(calls.alone(), "one call, nothing before it");
+        let second = calls.begin();
+        assert!(!calls.alone(), "two calls in progress");
+        drop(first);
+        assert!(calls.alone(), "with no calm to wait for, the one left is alone at once");
+        drop(second);
+        assert_eq!(
+            calls.0.count.load(Ordering::Relaxed),
+            0,
+            "every guard took its call off"
+        );
+
+        // An hour's calm: a call that follows an overlap is not alone, however long that takes here.
+        let calls = calls_with_calm(Duration::from_secs(3600));
+        let (a, b) = (calls.begin(), calls.begin());
+        drop((a, b));
+        let _next = calls.begin();
+        assert!(!calls.alone(), "two calls overlapped within the calm");
+    }
+
+    #[test]
+    fn the_calm_is_counted_from_the_last_overlap() {
+        let calm = Duration::from_millis(20);
+        let calls = calls_with_calm(calm);
+        // A clone counts into the same total, as the call layer's and the batchers' do.
+        let counted_elsewhere = calls.clone();
+        drop((counted_elsewhere.begin(), calls.begin()));
+        std::thread::sleep(calm + Duration::from_millis(5));
+        let _lone = calls.begin();
+        assert!(calls.alone(), "no overlap for longer than the calm");
+    }
 
     #[tokio::test]
     async fn permits_are_taken_at_once_when_free_and_never_after_the_deadline() {

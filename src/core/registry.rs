@@ -18,7 +18,7 @@ use std::{
 };
 
 use crate::{
-    core::batching::{BatchConfig, Batcher},
+    core::batching::{ActiveCalls, BatchConfig, Batcher},
     core::drift::DriftSignals,
     core::model::{Model, ModelMetadata, RuntimeOptions, SessionShape},
     core::repository::{self, Fingerprint},
@@ -213,6 +213,8 @@ pub struct RegistrySettings {
     /// The version's solo session, which runs a batch when it is the only work (see [`Batcher::spawn`]);
     /// `None`: no solo session.
     pub solo: Option<SessionShape>,
+    /// The server's calls in progress, which a lone call checks before it runs on its own thread.
+    pub calls: ActiveCalls,
 }
 
 /// The live set of models; see the module documentation.
@@ -599,7 +601,7 @@ impl Registry {
         let mut instances = Model::load_sessions(dir, &s.runtime, s.warmup_batch, &shapes)?;
         let solo = s.solo.and_then(|_| instances.pop());
         let meta = instances[0].meta.clone();
-        let (batcher, thread) = Batcher::spawn(instances, solo, s.batch, name, version)?;
+        let (batcher, thread) = Batcher::spawn(instances, solo, s.batch, s.calls.clone(), name, version)?;
         Ok((
             LoadedModel {
                 name: name.to_string(),

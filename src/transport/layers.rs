@@ -26,6 +26,7 @@ use tonic::{Status, body::Body};
 use tracing::Instrument;
 
 use crate::{
+    core::batching::ActiveCalls,
     error::{AdmissionError, ErrorKind, ServiceError},
     telemetry::metric,
     traces,
@@ -329,6 +330,7 @@ fn is_safe_request_id(id: &str) -> bool {
 pub struct CallLimitsLayer {
     pools: Arc<BytePools>,
     rate: MinBodyRate,
+    calls: ActiveCalls,
 }
 
 /// The slowest a request body may arrive: after `grace`, at least `bytes_per_s` on average since the call
@@ -393,7 +395,8 @@ impl BytePools {
 }
 
 impl CallLimitsLayer {
-    pub fn new(max_request_bytes_in_flight: usize, rate: MinBodyRate) -> Self {
+    /// `calls` counts every call but the long-lived streams from its head until its answer is ready.
+    pub fn new(max_request_bytes_in_flight: usize, rate: MinBodyRate, calls: ActiveCalls) -> Self {
         let small = max_request_bytes_in_flight / 8;
         CallLimitsLayer {
             pools: Arc::new(BytePools {
@@ -401,6 +404,7 @@ impl CallLimitsLayer {
                 small_calls: Arc::new(Semaphore::new(small)),
             }),
             rate,
+            calls,
         }
     }
 }
@@ -413,6 +417,7 @@ impl<S> tower::Layer<S> for CallLimitsLayer {
             inner,
             pools: self.pools.clone(),
             rate: self.rate,
+            calls: self.calls.clone(),
         }
     }
 }
@@ -422,6 +427,7 @@ pub struct CallLimits<S> {
     inner: S,
     pools: Arc<BytePools>,
     rate: MinBodyRate,
+    calls: ActiveCalls,
 }
 
 type Charge = Arc<Mutex<Held>>;
@@ -519,6 +525,9 @@ where
             .as_ref()
             .filter(|_| SERVER_STREAMING.contains(&request.uri().path()))
             .cloned();
+        // A stream that stays open (a health Watch) is not a call in progress: counted, it would keep every
+        // lone call off its own thread for as long as some probe watches.
+        let active = (!SERVER_STREAMING.contains(&request.uri().path())).then(|| self.calls.begin());
         let grpc = is_grpc(request.headers());
         let refuse = |refused: ServiceError| -> Self::Future {
             let refusal = refusal(grpc, refused);
@@ -591,7 +600,7 @@ where
                     charge_answer(response, &pools, connection_bytes.as_ref(), grpc, answering).await
                 }
             };
-            drop(in_flight);
+            drop((in_flight, active));
             Ok(response)
         })
     }
@@ -965,6 +974,7 @@ mod tests {
                 grace: Duration::from_secs(60),
                 bytes_per_s: 1,
             },
+            ActiveCalls::default(),
         );
         let body = ChargedBody {
             inner: Body::new(Fed(rx)),

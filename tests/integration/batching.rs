@@ -53,28 +53,32 @@ async fn lone_answers(client: &mut ClassifierClient<Channel>, model: &str, count
     answers
 }
 
+/// With the defaults, a lone caller's calls run on the thread that read them (`--inline-max-images`), and
+/// under load they are batched on the inference thread: the answers are the same either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_image_gets_its_own_answer_however_calls_are_batched_and_carried_over() {
-    every_image_gets_its_own_answer(1, 0).await;
+    every_image_gets_its_own_answer(1, 0, 16).await;
 }
 
-/// The same with two instances of each model taking batches from one queue side by side (`--instances 2`).
+/// The same with two instances of each model taking batches from one queue side by side (`--instances 2`),
+/// and every call queued, a lone one too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_instances_every_image_still_gets_its_own_answer() {
-    every_image_gets_its_own_answer(2, 0).await;
+    every_image_gets_its_own_answer(2, 0, 0).await;
 }
 
 /// The same with a solo session beside the two instances (`--solo-threads 2`): a lone caller's every batch
-/// runs on the solo session, and its answers are the ones the instances give under load.
+/// runs on the solo session, queued, and its answers are the ones the instances give under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_solo_session_lone_calls_run_on_it_and_every_image_still_gets_its_own_answer() {
-    every_image_gets_its_own_answer(2, 2).await;
+    every_image_gets_its_own_answer(2, 2, 0).await;
 }
 
-async fn every_image_gets_its_own_answer(instances: usize, solo_threads: usize) {
+async fn every_image_gets_its_own_answer(instances: usize, solo_threads: usize, inline_max_images: usize) {
     let mut config = config();
     config.instances = instances;
     config.solo_threads = solo_threads;
+    config.inline_max_images = inline_max_images;
     assert_eq!(
         config.models, DEFAULT_MODELS,
         "the test covers every model loaded by default"
@@ -89,25 +93,33 @@ async fn every_image_gets_its_own_answer(instances: usize, solo_threads: usize) 
     let images = fixture();
     let count = 256; // distinct images per model: enough that a misrouted answer is a different image
 
-    let solo_batches = |m: &str, model: &str| {
+    let batches = |m: &str, counter: &str, model: &str| {
         metric(
             m,
             &format!(
-                "fmnist_solo_batches_total{{model=\"{model}\",version=\"{}\"}}",
+                "{counter}{{model=\"{model}\",version=\"{}\"}}",
                 common::served_version(model)
             ),
         )
     };
     let mut lone: HashMap<&str, Vec<Answer>> = HashMap::new();
     for model in DEFAULT_MODELS {
-        let before = solo_batches(&server.metrics().await, model);
+        let before = server.metrics().await;
         lone.insert(model, lone_answers(&mut server.client, model, count).await);
-        let solo = solo_batches(&server.metrics().await, model) - before;
+        let after = server.metrics().await;
+        let ran = |counter| batches(&after, counter, model) - batches(&before, counter, model);
         // One call at a time: every batch finds the other instance idle and nothing queued behind it.
         let expected = if solo_threads > 0 { count as f64 } else { 0.0 };
         assert_eq!(
-            solo, expected,
+            ran("fmnist_solo_batches_total"),
+            expected,
             "{model}: lone calls run on the solo session exactly when there is one"
+        );
+        let expected = if inline_max_images > 0 { count as f64 } else { 0.0 };
+        assert_eq!(
+            ran("fmnist_inline_batches_total"),
+            expected,
+            "{model}: lone calls run on their own thread exactly when --inline-max-images lets them"
         );
     }
     let carried_before: Vec<f64> = {

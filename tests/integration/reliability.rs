@@ -422,7 +422,7 @@ async fn calls_before_the_models_are_loaded_are_unavailable() {
     use fmnist_serve::classify::{ClassifyRequest, ImageInput, Pipeline};
     // The server listens (and answers health NOT_SERVING) while its models load; the core says why.
     let core = Pipeline::new(
-        fmnist_serve::registry::Registry::new(config().registry_settings()),
+        fmnist_serve::registry::Registry::new(config().registry_settings(Default::default())),
         config().policy(),
         None,
     );
