@@ -121,10 +121,14 @@ METHODS = {
     "multi-mlp-ms-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
     # Amendment 5 (protocol): amendments 3 and 4 together.
     "multi-mlp-ms-photos-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    # Amendment 6 (protocol): amendment 5 with the class weights capped at 2 instead of 4.
+    "multi-mlp-ms-photos-balanced2": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
 }
 # Methods whose garment side also holds product photos of training-split garments, converted by the service.
-PHOTO_METHODS = {"multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced"}
-BALANCED_METHODS = {"multi-mlp-ms-balanced", "multi-mlp-ms-photos-balanced"}
+PHOTO_METHODS = {"multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced", "multi-mlp-ms-photos-balanced2"}
+# Methods refitted with class weights, and the most a class may weigh: 4 (amendment 4), 2 (amendment 6).
+BALANCED_METHODS = {"multi-mlp-ms-balanced": 4.0, "multi-mlp-ms-photos-balanced": 4.0,
+                    "multi-mlp-ms-photos-balanced2": 2.0}
 BALANCE_MAX = 4.0  # amendment 4: no garment class weighs more than 4 times another
 TRAIN_PHOTOS = REPO / "build/product-photos/train/mixed.u8"
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
@@ -410,7 +414,7 @@ def fit(method: str, feats: dict[str, np.ndarray], left_out: list[str], seed: in
             labels = train_labels()
             if method in PHOTO_METHODS:
                 labels = np.concatenate([labels, train_photo_labels()])
-            weights = class_balance(head.score(garments), labels)
+            weights = class_balance(head.score(garments), labels, BALANCED_METHODS[method])
             fit_mlp(head, garments, outliers, seed, threads, garment_weights=weights)
     return head
 
@@ -431,12 +435,12 @@ def train_photo_labels() -> np.ndarray:
     return np.array([int(r[1]) for r in rows if r[2] == TRAIN_PHOTOS.stem])
 
 
-def class_balance(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Amendment 4: each garment's weight, clip(r_c / mean(r), 1, BALANCE_MAX), where r_c is the share of class
-    c's training garments scored above the training garments' own (1 - VAL_BUDGET) quantile."""
+def class_balance(scores: np.ndarray, labels: np.ndarray, cap: float = BALANCE_MAX) -> np.ndarray:
+    """Amendment 4: each garment's weight, clip(r_c / mean(r), 1, cap), where r_c is the share of class c's
+    training garments scored above the training garments' own (1 - VAL_BUDGET) quantile."""
     t = float(np.quantile(scores, 1 - VAL_BUDGET))
     rejected = np.array([(scores[labels == c] > t).mean() for c in range(10)])
-    per_class = np.clip(rejected / max(rejected.mean(), 1e-12), 1.0, BALANCE_MAX)
+    per_class = np.clip(rejected / max(rejected.mean(), 1e-12), 1.0, cap)
     print("  balance: " + " ".join(f"{CLASS_NAMES[c]} {rejected[c] * 100:.2f}%x{per_class[c]:.2f}" for c in range(10)),
           flush=True)
     return per_class[labels]

@@ -67,6 +67,10 @@ class ClassBalance(unittest.TestCase):
         self.assertEqual(weights.shape, labels.shape)
         self.assertTrue(np.all(weights[labels != 8] == 1.0), "classes at or under the mean keep weight 1")
         self.assertTrue(np.all(weights[labels == 8] == ood_head.BALANCE_MAX), "one class above: capped at 4")
+        # Amendment 6's method: the same balance, capped at 2.
+        cap = ood_head.BALANCED_METHODS["multi-mlp-ms-photos-balanced2"]
+        self.assertEqual(cap, 2.0)
+        self.assertTrue(np.all(ood_head.class_balance(scores, labels, cap)[labels == 8] == 2.0))
 
 
 if __name__ == "__main__":
