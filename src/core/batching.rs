@@ -161,6 +161,11 @@ impl Drop for ActiveCall {
 #[derive(Clone)]
 pub struct Batcher {
     model: Arc<str>,
+    /// The sessions and queue the inference threads share, for a lone call to run on its own thread. Declared
+    /// before `sender`, so dropped before it: the last handle lets go of the sessions while the inference
+    /// thread still holds them, and that thread, woken by the closed queue, frees them before it ends (the
+    /// registry joins it to know a version's memory is back).
+    shared: Arc<Shared>,
     sender: mpsc::Sender<Job>,
     permits: Arc<Semaphore>,
     spare: Arc<Semaphore>,
@@ -173,8 +178,6 @@ pub struct Batcher {
     config: BatchConfig,
     instances: usize,
     statistics: Arc<Recorder>,
-    /// The sessions and queue the inference threads share, for a lone call to run on its own thread.
-    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Batcher {
