@@ -970,23 +970,34 @@ def case_iccp_bomb(ctx):
     return {"notes": notes, "checks": []}
 
 
-def metric_later(ctx, delay, name):
-    """Reads one unlabelled metric `name` from /metrics `delay` seconds from now; the returned dict gets "value"."""
-    out = {"value": "?"}
-
+def scrape_later(ctx, delay, read):
+    """Scrapes /metrics `delay` seconds from now, on a timer thread, and hands the body to `read` (`None` when the
+    scrape failed)."""
     def scrape():
         request = b"GET /metrics HTTP/1.1\r\nHost: fmnist\r\n\r\n"
         try:
             _, _, body, _ = wire.http1_exchange(ctx.server.metrics_addr, request, 5.0)
         except OSError:
+            body = None
+        read(body)
+
+    t = threading.Timer(max(0.0, delay), scrape)
+    t.daemon = True
+    t.start()
+
+
+def metric_later(ctx, delay, name):
+    """Reads one unlabelled metric `name` from /metrics `delay` seconds from now; the returned dict gets "value"."""
+    out = {"value": "?"}
+
+    def read(body):
+        if body is None:
             out["value"] = "no scrape"
             return
         m = re.search(rb"^" + name.encode() + rb" (\S+)", body, re.M)
         out["value"] = m.group(1).decode() if m else "?"
 
-    t = threading.Timer(max(0.0, delay), scrape)
-    t.daemon = True
-    t.start()
+    scrape_later(ctx, delay, read)
     return out
 
 
@@ -995,11 +1006,8 @@ def gauge_later(ctx, delay):
     attacked in rows 8-10); the returned dict gets "open" and "closed" (closes by cause)."""
     out = {"open": "?", "closed": ""}
 
-    def scrape():
-        request = b"GET /metrics HTTP/1.1\r\nHost: fmnist\r\n\r\n"
-        try:
-            _, _, body, _ = wire.http1_exchange(ctx.server.metrics_addr, request, 5.0)
-        except OSError:
+    def read(body):
+        if body is None:
             out["open"] = "no scrape"
             return
         m = re.search(rb"^fmnist_connections_open (\S+)", body, re.M)
@@ -1007,9 +1015,7 @@ def gauge_later(ctx, delay):
         closed = re.findall(rb'^fmnist_connections_closed_total\{cause="([^"]+)"\} (\S+)', body, re.M)
         out["closed"] = ", ".join(f"{c.decode()}: {n.decode()}" for c, n in closed)
 
-    t = threading.Timer(max(0.0, delay), scrape)
-    t.daemon = True
-    t.start()
+    scrape_later(ctx, delay, read)
     return out
 
 

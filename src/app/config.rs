@@ -160,7 +160,7 @@ pub struct Config {
 
     /// Most images of a lone call (no other call in progress, none overlapping another for the last 10 ms)
     /// that runs on the thread that read it rather than on the model's inference thread, saving two hand-offs
-    /// between threads: on 2 cores a lone caller gets 6-20% more images, and nothing else changes. At most
+    /// between threads: on 2 cores a lone caller gets 5-20% more images, and nothing else changes. At most
     /// --max-batch-size; 0: every call goes through the queue (bench/README.md "A lone call on its own thread").
     #[arg(long, env = "FMNIST_INLINE_MAX_IMAGES", default_value_t = 16)]
     pub inline_max_images: usize,
