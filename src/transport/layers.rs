@@ -521,13 +521,11 @@ where
         // response (a health Watch, reflection) keeps it busy until the stream ends.
         let in_flight = slot.as_ref().map(Slot::call_started);
         let answer_slot = slot.clone();
-        let stream = slot
-            .as_ref()
-            .filter(|_| SERVER_STREAMING.contains(&request.uri().path()))
-            .cloned();
+        let streamed = SERVER_STREAMING.contains(&request.uri().path());
+        let stream = slot.as_ref().filter(|_| streamed).cloned();
         // A stream that stays open (a health Watch) is not a call in progress: counted, it would keep every
         // lone call off its own thread for as long as some probe watches.
-        let active = (!SERVER_STREAMING.contains(&request.uri().path())).then(|| self.calls.begin());
+        let active = (!streamed).then(|| self.calls.begin());
         let grpc = is_grpc(request.headers());
         let refuse = |refused: ServiceError| -> Self::Future {
             let refusal = refusal(grpc, refused);

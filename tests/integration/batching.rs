@@ -93,21 +93,14 @@ async fn every_image_gets_its_own_answer(instances: usize, solo_threads: usize, 
     let images = fixture();
     let count = 256; // distinct images per model: enough that a misrouted answer is a different image
 
-    let batches = |m: &str, counter: &str, model: &str| {
-        metric(
-            m,
-            &format!(
-                "{counter}{{model=\"{model}\",version=\"{}\"}}",
-                common::served_version(model)
-            ),
-        )
-    };
+    // A counter of `model`'s served version, in the scrape `m`.
+    let served = |m: &str, counter: &str, model: &str| metric(m, &common::served_series(counter, model));
     let mut lone: HashMap<&str, Vec<Answer>> = HashMap::new();
     for model in DEFAULT_MODELS {
         let before = server.metrics().await;
         lone.insert(model, lone_answers(&mut server.client, model, count).await);
         let after = server.metrics().await;
-        let ran = |counter| batches(&after, counter, model) - batches(&before, counter, model);
+        let ran = |counter| served(&after, counter, model) - served(&before, counter, model);
         // One call at a time: every batch finds the other instance idle and nothing queued behind it.
         let expected = if solo_threads > 0 { count as f64 } else { 0.0 };
         assert_eq!(
@@ -126,15 +119,7 @@ async fn every_image_gets_its_own_answer(instances: usize, solo_threads: usize, 
         let m = server.metrics().await;
         DEFAULT_MODELS
             .iter()
-            .map(|model| {
-                metric(
-                    &m,
-                    &format!(
-                        "fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"{}\"}}",
-                        common::served_version(model)
-                    ),
-                )
-            })
+            .map(|model| served(&m, "fmnist_batch_carried_calls_total", model))
             .collect()
     };
 
@@ -191,13 +176,7 @@ async fn every_image_gets_its_own_answer(instances: usize, solo_threads: usize, 
 
     let m = server.metrics().await;
     for (model, before) in DEFAULT_MODELS.iter().zip(carried_before) {
-        let carried = metric(
-            &m,
-            &format!(
-                "fmnist_batch_carried_calls_total{{model=\"{model}\",version=\"{}\"}}",
-                common::served_version(model)
-            ),
-        ) - before;
+        let carried = served(&m, "fmnist_batch_carried_calls_total", model) - before;
         assert!(carried >= 1.0, "{model}: no call was carried over to the next batch");
     }
 }
