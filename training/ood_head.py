@@ -57,7 +57,10 @@ def sections() -> dict[str, slice]:
         for s in STATS:
             out[f"{block}.{s}"] = slice(at, at + c)
             at += c
-    for name, width in (("features", 256), ("logits", 10), ("energy", 1)):
+    for name, width in (("features", 256), ("logits", 10), ("energy", 1),
+                        # Amendment 7: the input itself, pooled to 7x7 cells of 4x4 pixels: each cell's mean, and its
+                        # mean absolute difference to the right and downward neighbour (2 x 49).
+                        ("pixels.mean", 49), ("pixels.edges", 98)):
         out[name] = slice(at, at + width)
         at += width
     return out
@@ -65,6 +68,10 @@ def sections() -> dict[str, slice]:
 
 SECTIONS = sections()
 WIDTH = max(s.stop for s in SECTIONS.values())
+PIXEL_SECTIONS = ["pixels.mean", "pixels.edges"]
+# Rounds 3-6's head_input: every method declared before amendment 7 reads only these columns.
+CNN_SECTIONS = [s for s in SECTIONS if s not in PIXEL_SECTIONS]
+MEAN_MAX = [s for s in CNN_SECTIONS if not s.endswith(".std")]
 
 # Evaluation groups (leave-one-group-out). Round 2's seven in build/ood, the new kinds in build/ood-head
 # (training/ood_head_data.py).
@@ -109,27 +116,30 @@ def fold_measured(fold: str) -> list[str]:
 METHODS = {
     "energy": (["energy"], "identity", 0),
     "penult-mlp": (["features"], "mlp", 64),
-    "multi-linear": (list(SECTIONS), "mlp", 0),
-    "multi-mlp": (list(SECTIONS), "mlp", 64),
+    "multi-linear": (CNN_SECTIONS, "mlp", 0),
+    "multi-mlp": (CNN_SECTIONS, "mlp", 64),
     # Amendment 1 (protocol): without the standard deviations, which cost the graph 18-34% throughput.
-    "multi-mlp-ms": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    "multi-mlp-ms": (MEAN_MAX, "mlp", 64),
     "stats-maha": ([f"{b}.{s}" for b in TAPS for s in STATS], "maha", 0),
     # Amendment 3 (protocol): multi-mlp-ms whose garments also include photographed training garments.
-    "multi-mlp-ms-photos": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    "multi-mlp-ms-photos": (MEAN_MAX, "mlp", 64),
     # Amendment 4 (protocol): multi-mlp-ms refitted with each garment class weighted by how often pass 1
     # rejected it on the training garments.
-    "multi-mlp-ms-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    "multi-mlp-ms-balanced": (MEAN_MAX, "mlp", 64),
     # Amendment 5 (protocol): amendments 3 and 4 together.
-    "multi-mlp-ms-photos-balanced": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    "multi-mlp-ms-photos-balanced": (MEAN_MAX, "mlp", 64),
     # Amendment 6 (protocol): amendment 5 with the class weights capped at 2 instead of 4.
-    "multi-mlp-ms-photos-balanced2": ([s for s in SECTIONS if not s.endswith(".std")], "mlp", 64),
+    "multi-mlp-ms-photos-balanced2": (MEAN_MAX, "mlp", 64),
+    # Amendment 7 (protocol): amendment 6 with the input's 7x7 pooled pixels and edges beside the CNN's statistics.
+    "multi-mlp-ms-pixels-photos-balanced2": (MEAN_MAX + PIXEL_SECTIONS, "mlp", 64),
 }
 # Methods whose garment side also holds product photos of training-split garments, converted by the service.
-PHOTO_METHODS = {"multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced", "multi-mlp-ms-photos-balanced2"}
+PHOTO_METHODS = {"multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced", "multi-mlp-ms-photos-balanced2",
+                 "multi-mlp-ms-pixels-photos-balanced2"}
 BALANCE_MAX = 4.0  # amendment 4: no garment class weighs more than 4 times another
-# Methods refitted with class weights, and the most a class may weigh: amendment 4's cap, or 2 (amendment 6).
+# Methods refitted with class weights, and the most a class may weigh: amendment 4's cap, or 2 (amendments 6, 7).
 BALANCED_METHODS = {"multi-mlp-ms-balanced": BALANCE_MAX, "multi-mlp-ms-photos-balanced": BALANCE_MAX,
-                    "multi-mlp-ms-photos-balanced2": 2.0}
+                    "multi-mlp-ms-photos-balanced2": 2.0, "multi-mlp-ms-pixels-photos-balanced2": 2.0}
 TRAIN_PHOTOS = REPO / "build/product-photos/train/mixed.u8"
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
 
@@ -226,6 +236,22 @@ def add_head_input(model_proto, prefix: str = "head/", wanted: list[str] | None 
         made |= {w: None for w in stats}
         made[stats[0]] = flat
     made["features"], made["logits"] = "features", "logits"
+    if any(w in wanted for w in PIXEL_SECTIONS):
+        # Amendment 7: 4x4 cells of the input ("image" [batch, 1, 28, 28], scaled 0..1). A 2x2 convolution
+        # with the bottom and right edge padded takes each pixel's difference to its right and lower neighbour.
+        from onnx import numpy_helper
+
+        image = g.input[0].name
+        made["pixels.mean"] = node("Flatten", [node("AveragePool", [image], "pixels.pool", kernel_shape=[4, 4],
+                                                    strides=[4, 4])], "pixels.mean")
+        step = np.zeros((2, 1, 2, 2), np.float32)
+        step[0, 0, 0] = [-1, 1]  # right neighbour minus pixel
+        step[1, 0, :, 0] = [-1, 1]  # lower neighbour minus pixel
+        g.initializer.append(numpy_helper.from_array(step, prefix + "pixels.step"))
+        diff = node("Conv", [image, prefix + "pixels.step"], "pixels.diff", kernel_shape=[2, 2], pads=[0, 0, 1, 1])
+        pooled_edges = node("AveragePool", [node("Abs", [diff], "pixels.absdiff")], "pixels.edgepool",
+                            kernel_shape=[4, 4], strides=[4, 4])
+        made["pixels.edges"] = node("Flatten", [pooled_edges], "pixels.edges")
     if "energy" in wanted:
         made["energy"] = node("Neg", [node("ReduceLogSumExp", ["logits"], "lse", axes=[1], keepdims=1)], "energy")
     parts = [made[w] for w in wanted if made[w] is not None]
@@ -721,8 +747,10 @@ def export(method: str, out_root: Path, seed: int) -> None:
         rec, parity = deployed_measure(dst / "model.onnx", head, model)
         ood = {"method": "garment_head", "threshold": rec["threshold"], "components": ["garment_head"],
                "graph_output": {"name": "ood_components", "components": ["garment_head"]},
-               "description": f"garment head: a small network ({method}) on the CNN's block means and maxima, "
-                              "fitted against clip-art, icon and procedural outliers (training/ood_head.py)",
+               "description": f"garment head: a small network ({method}) on the CNN's block means and maxima"
+                              + (" and the input's 7x7 pooled pixels and edges"
+                                 if any(s in PIXEL_SECTIONS for s in METHODS[method][0]) else "")
+                              + ", fitted against clip-art, icon and procedural outliers (training/ood_head.py)",
                "protocol": "training/ood_head_protocol.md",
                "test_rejected_per_class": rec["test_rejected_per_class"],
                "head": {"protocol": "training/ood_head_protocol.md", "fit": method, "seed": seed,

@@ -26,7 +26,7 @@ from data import CLASS_NAMES, DEFAULT_DATA_DIR, load_split  # noqa: E402
 
 BASE = "multi-mlp-ms"
 CANDIDATES = ["multi-mlp-ms-balanced", "multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced",
-              "multi-mlp-ms-photos-balanced2"]
+              "multi-mlp-ms-photos-balanced2", "multi-mlp-ms-pixels-photos-balanced2"]
 OUT = oh.RESULTS / "ood-head-balanced.json"
 
 
