@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Paired A/B of server settings: every server runs at once, and short windows of the same load go to each in
-turn, several times, so that the host's drift (on this project's 2-vCPU VMs, up to 55% within an hour) falls on
-every side alike. Prints, per load, each server's median images/s and the median, lowest and highest ratio to the
-first server over the pairs of windows next to each other.
+"""Paired A/B of servers: every server runs at once, and short windows of the same load go to each in turn,
+several times, so that the host's drift (on this project's 2-vCPU VMs, up to 55% within an hour) falls on every
+side alike. Prints, per load, each server's median images/s and the median, lowest and highest ratio to the first
+server over the pairs of windows next to each other.
 
-Run on a quiet machine, after `make bench` has written the request bodies (bench/results/tmp/bodies/):
+Run on a quiet machine, after `make bench` has written the request bodies (bench/results/tmp/bodies/) and, for
+Triton, its virtual environment (bench/.venv-triton):
 
     python3 bench/paired.py --server 'off=--ort-spinning false' --server 'run=--ort-spinning run' \\
         [--models cnn-int8,cnn] [--loads raw:1,raw:4,raw:64,multi16:1,multi16:64] [--pairs 6] [--seconds 2.5]
+
+A server is `LABEL=FLAGS` (`fmnist serve` with these flags, driven through `Classify`), `LABEL/oip=FLAGS` (the
+same, driven through the Open Inference Protocol's `ModelInfer` with the bodies MLServer and Triton get), or
+`triton` (bench/run.py's Triton peer, model cnn only):
+
+    python3 bench/paired.py --models cnn --server 'classify=' --server 'infer/oip=' --server triton
 
 Only the server being measured is loaded; the others idle beside it (an idle server costs no CPU here: nothing
 spins between runs unless a setting asks it to, and then that is part of what is measured).
@@ -23,39 +30,27 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / "target/release/fmnist"
-LOADGEN = REPO / "target/release/examples/loadgen"
-BODIES = REPO / "bench/results/tmp/bodies"
-IMAGES = {"raw": 1, "png": 1, "multi16": 16, "multi64": 64}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (bench/run.py: the servers and the load generator, as make bench runs them)
 
 
-def start(label: str, flags: list[str], model: str) -> tuple[subprocess.Popen, str, str]:
-    log = Path(f"/tmp/paired-{label}.log")
-    proc = subprocess.Popen(
-        [str(BIN), "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--default-model", model,
-         *flags], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    for _ in range(300):
-        text = log.read_text()
-        if "serving" in text:
-            grpc = re.search(r"grpc=([0-9.:]+)", text)
-            metrics = re.search(r"metrics=([0-9.:]+)", text)
-            if grpc and metrics:
-                return proc, grpc.group(1), metrics.group(1)
-        if proc.poll() is not None:
-            sys.exit(f"server {label} stopped:\n{text}")
-        time.sleep(0.1)
-    sys.exit(f"server {label} did not start:\n{log.read_text()}")
+def server(spec: str, model: str) -> run.Server:
+    """A server of `spec` (see the module's text) serving `model` by default."""
+    if spec == "triton":
+        if model != "cnn":
+            sys.exit("the Triton peer serves cnn only: --models cnn")
+        return run.TritonPeer(run.BENCH / ".venv-triton", max_batch_size=64, delay_us=run.TRITON_DELAY_US, threads=2)
+    label, _, flags = spec.partition("=")
+    label, _, protocol = label.partition("/")
+    if protocol not in ("", "oip"):
+        sys.exit(f"{spec}: the protocol after / is oip or nothing")
+    return run.Fmnist(f"paired-{label}", label, model, ["--default-model", model, *shlex.split(flags)],
+                      protocol="oip" if protocol else "fmnist")
 
 
-def window(addr: str, metrics: str, pid: int, model: str, mode: str, concurrency: int, seconds: float) -> dict:
-    out = subprocess.run(
-        [str(LOADGEN), "--addr", addr, "--path", "/fashion_mnist.v1.Classifier/Classify",
-         "--bodies", str(BODIES / f"fmnist-{model}-{mode}.bin"), "--images-per-request", str(IMAGES[mode]),
-         "--concurrency", str(concurrency), "--connections", "1" if concurrency == 1 else "4",
-         "--seconds", str(seconds), "--warmup", "0.5", "--server-pid", str(pid), "--metrics", metrics],
-        capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+def window(server: run.Server, mode: str, concurrency: int, seconds: float) -> dict:
+    load = argparse.Namespace(connections=1 if concurrency == 1 else 4, warmup=0.5, seconds=seconds)
+    return run.loadgen(server, mode, concurrency, load)
 
 
 def main() -> None:
@@ -67,18 +62,22 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.5)
     p.add_argument("--json", type=Path, help="also write every window here")
     args = p.parse_args()
-    servers = [(s.split("=", 1)[0], shlex.split(s.split("=", 1)[1] if "=" in s else "")) for s in args.server]
-    labels = [label for label, _ in servers]
+    labels = [spec.partition("=")[0] for spec in args.server]
     loads = [(mode, int(c)) for mode, c in (load.split(":") for load in args.loads.split(","))]
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = re.search(r"Model name:\s*(.+)", cpu)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, lscpu \"{model_name.group(1) if model_name else '?'}\", "
           f"{args.pairs} pairs of {args.seconds} s windows per load; servers: "
-          + "; ".join(f"{label}: {' '.join(flags) or '(defaults)'}" for label, flags in servers), flush=True)
+          + "; ".join(f"{label}: {spec.partition('=')[2] or '(defaults)'}" for label, spec in zip(labels, args.server)),
+          flush=True)
     record = []
     for model in args.models.split(","):
-        running = {label: start(label, flags, model) for label, flags in servers}
+        running = {label: server(spec, model) for label, spec in zip(labels, args.server)}
         try:
+            for label, srv in running.items():
+                if why := srv.unavailable():
+                    sys.exit(f"{label}: {why}")
+                srv.start()
             for mode, concurrency in loads:
                 rates: dict[str, list[float]] = {label: [] for label in labels}
                 cpu_us: dict[str, list[float]] = {label: [] for label in labels}
@@ -87,8 +86,7 @@ def main() -> None:
                     # Each pass starts with a different server, so none always follows the same one.
                     order = labels[i % len(labels):] + labels[: i % len(labels)]
                     for label in order:
-                        proc, addr, metrics = running[label]
-                        r = window(addr, metrics, proc.pid, model, mode, concurrency, args.seconds)
+                        r = window(running[label], mode, concurrency, args.seconds)
                         rates[label].append(r["images_per_s"])
                         cpu_us[label].append(r["server_cpu_cores"] / max(r["images_per_s"], 1e-9) * 1e6)
                         p50[label].append(r["latency_p50_ms"])
@@ -106,9 +104,8 @@ def main() -> None:
                     cells.append(cell)
                 print(f"{model:8s} {mode:7s} C={concurrency:<4d} " + " | ".join(cells), flush=True)
         finally:
-            for proc, _, _ in running.values():
-                proc.send_signal(2)
-                proc.wait()
+            for srv in running.values():
+                srv.stop()
     if args.json:
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 

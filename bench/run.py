@@ -74,6 +74,13 @@ def v2_model_ready(http_port, model):
         return False
 
 
+def served_file(model: str) -> Path:
+    """The ONNX file of `model`'s newest version in models/, the one `fmnist serve` answers with by default (and
+    examples/ceiling runs): the peers load this file, so every server runs the same graph, garment head included."""
+    versions = [d for d in (REPO / "models" / model).iterdir() if d.name.isdigit() and (d / "model.json").exists()]
+    return max(versions, key=lambda d: int(d.name)) / "model.onnx"
+
+
 def ms(latency: float | None, width: int = 0) -> str:
     """A latency in ms as the tables show it; "-" when no call ended in the window (the load generator's null)."""
     return f"{latency:{width}.2f}" if latency is not None else "-".rjust(width)
@@ -171,7 +178,7 @@ class PythonPeer(Server):
         port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, str(BENCH / "peers/python_server.py"), "--port", str(port), "--model",
-             str(REPO / "models/cnn/1/model.onnx"), "--workers", str(self.workers)],
+             str(served_file("cnn")), "--workers", str(self.workers)],
             cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
         wait_for(lambda: "serving" in log.read_text(), "python peer", self.proc, log)
         self.addr = f"127.0.0.1:{port}"
@@ -198,7 +205,7 @@ class MLServerPeer(Server):
         (root / "cnn/model-settings.json").write_text(json.dumps({
             "name": "cnn", "implementation": "runtime.OnnxClassifier",
             "max_batch_size": self.max_batch_size, "max_batch_time": self.max_batch_time,
-            "parameters": {"uri": str(REPO / "models/cnn/1/model.onnx")},
+            "parameters": {"uri": str(served_file("cnn"))},
         }))
         log = TMP / "mlserver.log"
         env = {**os.environ, "PYTHONPATH": f"{BENCH / 'peers/mlserver'}:{BENCH / 'peers'}"}
@@ -284,7 +291,7 @@ class TritonPeer(Server):
         model = work / "models/cnn"
         (model / "1").mkdir(parents=True)
         shutil.copy(BENCH / "peers/triton/model.py", model / "1/model.py")
-        params = {"onnx_path": REPO / "models/cnn/1/model.onnx", "intra_op_threads": self.threads,
+        params = {"onnx_path": served_file("cnn"), "intra_op_threads": self.threads,
                   "peers_dir": BENCH / "peers"}
         (model / "config.pbtxt").write_text(TRITON_CONFIG.format(
             max_batch_size=self.max_batch_size, delay_us=self.delay_us,

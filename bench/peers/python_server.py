@@ -36,6 +36,7 @@ class Classifier(pb_grpc.ClassifierServicer):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self.head = "ood_components" in {o.name for o in self.session.get_outputs()}
 
     def Classify(self, request, context):
         if not request.images:
@@ -66,9 +67,13 @@ class Classifier(pb_grpc.ClassifierServicer):
             slots.append(i)
         if pixels:
             x = (np.stack(pixels).astype(np.float32) / 255.0)[:, None]
-            probs, logits = self.session.run(["probabilities", "logits"], {"image": x})
-            m = logits.max(1, keepdims=True)
-            ood = -(m[:, 0] + np.log(np.exp(logits - m).sum(1)))
+            if self.head:  # the garment head's score, as this service reads it
+                probs, ood = self.session.run(["probabilities", "ood_components"], {"image": x})
+                ood = ood[:, 0]
+            else:
+                probs, logits = self.session.run(["probabilities", "logits"], {"image": x})
+                m = logits.max(1, keepdims=True)
+                ood = -(m[:, 0] + np.log(np.exp(logits - m).sum(1)))
             for row, i in enumerate(slots):
                 p = probs[row]
                 cls = int(p.argmax())

@@ -27,6 +27,9 @@ class OnnxClassifier(MLModel):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
         self._session = ort.InferenceSession(str(uri), opts, providers=["CPUExecutionProvider"])
+        # The OOD score too, where the graph has one (the garment head): the work this service does per image.
+        names = {o.name for o in self._session.get_outputs()}
+        self._fetch = ["probabilities"] + (["ood_components"] if "ood_components" in names else [])
         return True
 
     async def predict(self, payload: InferenceRequest) -> InferenceResponse:
@@ -37,6 +40,6 @@ class OnnxClassifier(MLModel):
         else:
             pixels = NumpyCodec.decode_input(request_input).reshape(-1, 28, 28)
         x = (pixels.astype(np.float32) / 255.0)[:, None]
-        (probs,) = self._session.run(["probabilities"], {"image": x})
+        probs = self._session.run(self._fetch, {"image": x})[0]
         BATCH_IMAGES.observe(len(x))
         return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("probabilities", probs)])

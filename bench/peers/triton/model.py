@@ -5,7 +5,8 @@ Triton's dynamic batcher hands `execute` every request of the batch it formed; t
 images into one onnxruntime run and splits the result, as Triton's Python backend documentation has it.
 Inputs (optional, one per request): "raw" UINT8 [n, 28, 28] raw pixels, or "encoded" BYTES [n] image files (the
 same bodies this service's GRPCInferenceService and MLServer get). Output "probabilities" FP32 [n, 10]: the
-same reply as the MLServer peer's."""
+same reply as the MLServer peer's. The graph's OOD output is computed too (bench/run.py passes the file this service
+serves), so both run the same work per image."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ class TritonPythonModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params["intra_op_threads"])
         self._session = ort.InferenceSession(params["onnx_path"], opts, providers=["CPUExecutionProvider"])
+        # The OOD score too, where the graph has one (the garment head): the work this service does per image.
+        names = {o.name for o in self._session.get_outputs()}
+        self._fetch = ["probabilities"] + (["ood_components"] if "ood_components" in names else [])
 
     def _pixels(self, request) -> np.ndarray:
         raw = pb_utils.get_input_tensor_by_name(request, "raw")
@@ -40,7 +44,7 @@ class TritonPythonModel:
     def execute(self, requests):
         pixels = [self._pixels(r) for r in requests]
         x = (np.concatenate(pixels).astype(np.float32) / 255.0)[:, None]
-        (probs,) = self._session.run(["probabilities"], {"image": x})
+        probs = self._session.run(self._fetch, {"image": x})[0]
         responses, at = [], 0
         for p in pixels:
             out = pb_utils.Tensor("probabilities", np.ascontiguousarray(probs[at : at + len(p)]))
