@@ -14,7 +14,7 @@ use std::{
 use clap::Parser;
 use fmnist_serve::{
     config::{Config, OrtOptimization, OrtSpinning},
-    model::Model,
+    model::{Model, Spinning},
     preprocess::{ModelInput, PIXELS},
 };
 
@@ -36,8 +36,9 @@ struct Args {
     /// layout a 2-core machine can run.
     #[arg(long, default_value_t = 1)]
     sessions: usize,
-    /// When idle intra-op threads spin (the server's --ort-spinning: false, run, true).
-    #[arg(long, value_enum, default_value_t = OrtSpinning::Never)]
+    /// When idle intra-op threads spin (the server's --ort-spinning: false, run, true, auto), by default as the
+    /// server's.
+    #[arg(long, value_enum, default_value_t = OrtSpinning::Auto)]
     spinning: OrtSpinning,
     /// Graph optimization level (the server's --ort-optimization).
     #[arg(long, value_enum, default_value_t = OrtOptimization::All)]
@@ -70,6 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         largest,
         &vec![options.session_shape(); args.sessions.max(1)],
     )?;
+
+    let spinning = options
+        .intra_spinning
+        .unwrap_or_else(|| Spinning::auto(&models[0].meta));
 
     let raw = std::fs::read(&args.images)?;
     if raw.len() < PIXELS || raw.len() % PIXELS != 0 {
@@ -127,7 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "threads": args.threads,
             "sessions": args.sessions,
             "layout": format!("{}x{}", args.sessions, args.threads),
-            "spinning": args.spinning != OrtSpinning::Never,
+            "spinning": format!("{spinning:?}").to_lowercase(),
             "optimization": format!("{:?}", args.optimization).to_lowercase(),
             "batch": n,
             "runs": latencies.len(),

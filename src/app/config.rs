@@ -94,10 +94,11 @@ pub struct Config {
     pub io_threads: usize,
 
     /// When idle ONNX Runtime intra-op threads spin-wait for work instead of sleeping: `false`, never; `run`,
-    /// between the operators of one run only; `true`, also between runs (ONNX Runtime's default). Spinning
-    /// serves a lone caller 11-22% more images but takes CPU the network needs under load, so neither is the
-    /// default (bench/README.md "Spinning", round 9).
-    #[arg(long, env = "FMNIST_ORT_SPINNING", value_enum, default_value_t = OrtSpinning::Never)]
+    /// between the operators of one run only; `true`, also between runs (ONNX Runtime's default); `auto`, `run`
+    /// for a model whose runs are long (an FP32 graph of at least 10 M multiply-adds per image, as cnn) and
+    /// `false` for the others. Spinning serves a lone caller 11-22% more images, but where runs are short it
+    /// takes CPU the network needs under load (bench/README.md "Spinning", rounds 9 and 11).
+    #[arg(long, env = "FMNIST_ORT_SPINNING", value_enum, default_value_t = OrtSpinning::Auto)]
     pub ort_spinning: OrtSpinning,
 
     /// ONNX Runtime graph optimization level.
@@ -392,14 +393,18 @@ pub enum OrtSpinning {
     /// Also between runs.
     #[value(name = "true", alias = "on")]
     Always,
+    /// Each model's own: [`Spinning::auto`].
+    Auto,
 }
 
-impl From<OrtSpinning> for Spinning {
-    fn from(spinning: OrtSpinning) -> Spinning {
-        match spinning {
-            OrtSpinning::Never => Spinning::Never,
-            OrtSpinning::Run => Spinning::WithinRun,
-            OrtSpinning::Always => Spinning::Always,
+impl OrtSpinning {
+    /// The spinning every session gets, or `None` where each model's graph decides ([`Spinning::auto`]).
+    fn fixed(self) -> Option<Spinning> {
+        match self {
+            OrtSpinning::Never => Some(Spinning::Never),
+            OrtSpinning::Run => Some(Spinning::WithinRun),
+            OrtSpinning::Always => Some(Spinning::Always),
+            OrtSpinning::Auto => None,
         }
     }
 }
@@ -455,7 +460,7 @@ impl Config {
                 0 => (available_cores() / self.model_instances()).max(1),
                 n => n,
             },
-            intra_spinning: self.ort_spinning.into(),
+            intra_spinning: self.ort_spinning.fixed(),
             optimization: match self.ort_optimization {
                 OrtOptimization::Disable => Level::Disable,
                 OrtOptimization::Basic => Level::Level1,
@@ -691,7 +696,7 @@ impl Config {
             instances: self.model_instances(),
             solo: self.solo_threads().map(|threads| SessionShape {
                 threads,
-                spinning: self.solo_spinning.into(),
+                spinning: self.solo_spinning.fixed(),
             }),
             calls,
         }
@@ -851,7 +856,7 @@ mod tests {
     }
 
     #[test]
-    fn ort_spinning_is_off_by_default_and_keeps_its_boolean_spellings() {
+    fn ort_spinning_is_each_models_own_by_default_and_keeps_its_boolean_spellings() {
         use clap::{CommandFactory, FromArgMatches, Parser};
         #[derive(Parser)]
         struct Only {
@@ -867,12 +872,17 @@ mod tests {
             let config = Only::from_arg_matches(&matches).map_err(|e| e.to_string())?.config;
             Ok::<_, String>(config.runtime_options().intra_spinning)
         };
-        assert_eq!(Config::defaults().runtime_options().intra_spinning, Spinning::Never);
-        assert_eq!(spinning("run"), Ok(Spinning::WithinRun));
+        assert_eq!(
+            Config::defaults().runtime_options().intra_spinning,
+            None,
+            "each model's graph decides"
+        );
+        assert_eq!(spinning("auto"), Ok(None));
+        assert_eq!(spinning("run"), Ok(Some(Spinning::WithinRun)));
         // Scripts written when the flag was a boolean keep their meaning.
-        assert_eq!(spinning("false"), Ok(Spinning::Never));
-        assert_eq!(spinning("true"), Ok(Spinning::Always));
-        assert_eq!(spinning("off"), Ok(Spinning::Never));
+        assert_eq!(spinning("false"), Ok(Some(Spinning::Never)));
+        assert_eq!(spinning("true"), Ok(Some(Spinning::Always)));
+        assert_eq!(spinning("off"), Ok(Some(Spinning::Never)));
         assert!(
             spinning("sometimes").is_err_and(|e| e.contains("run")),
             "the error lists the values"

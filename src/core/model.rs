@@ -39,6 +39,16 @@ pub struct ModelMetadata {
     /// The drift signals over the validation split (see [`crate::core::drift`]).
     #[serde(default)]
     pub drift_reference: Option<DriftReference>,
+    /// How the graph was quantized, when it was (training/quantize.py).
+    #[serde(default)]
+    pub quantization: Option<QuantizationMetadata>,
+}
+
+/// What `model.json` says of a quantized graph; its presence is what the server reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuantizationMetadata {
+    /// `QDQ`: QuantizeLinear/DequantizeLinear pairs around 8-bit operators.
+    pub format: String,
 }
 
 /// Reference values of a version's drift signals: the same metrics the server keeps, measured by replaying
@@ -159,8 +169,8 @@ pub struct RuntimeOptions {
     pub dylib: PathBuf,
     /// Intra-op threads per session (`Config::runtime_options` resolves `--ort-threads 0` into a count).
     pub intra_threads: usize,
-    /// When idle intra-op threads spin before sleeping.
-    pub intra_spinning: Spinning,
+    /// When idle intra-op threads spin before sleeping; `None`: as each model's graph has it ([`Spinning::auto`]).
+    pub intra_spinning: Option<Spinning>,
     /// Graph optimization level applied when the session is built.
     pub optimization: GraphOptimizationLevel,
 }
@@ -175,11 +185,11 @@ impl RuntimeOptions {
     }
 }
 
-/// How one session runs: its intra-op threads, and when they spin.
+/// How one session runs: its intra-op threads, and when they spin (`None`: [`Spinning::auto`] for its model).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionShape {
     pub threads: usize,
-    pub spinning: Spinning,
+    pub spinning: Option<Spinning>,
 }
 
 /// When a session's idle intra-op threads spin-wait for work instead of sleeping.
@@ -193,6 +203,24 @@ pub enum Spinning {
     WithinRun,
     /// Also after a run (ONNX Runtime's default), taking a core the network could use while nothing runs.
     Always,
+}
+
+impl Spinning {
+    /// The least work per image of a graph whose threads spin within a run by default.
+    pub const AUTO_MIN_MACS_PER_IMAGE: u64 = 10_000_000;
+
+    /// A model's spinning when none is set: within a run for an FP32 graph of at least
+    /// [`Self::AUTO_MIN_MACS_PER_IMAGE`], never otherwise. Measured in pairs (bench/README.md, rounds 9 and 11):
+    /// cnn (FP32, 22 M multiply-adds per image) serves a lone caller 15-16% more with it and loses nothing
+    /// under load, on both CPUs measured; cnn-int8 and dense, whose runs take a fraction of that, gain less and
+    /// lose up to 7% of their single images at 64 callers, where their spinning threads take CPU from the network.
+    pub fn auto(meta: &ModelMetadata) -> Spinning {
+        if meta.quantization.is_none() && meta.macs_per_image >= Self::AUTO_MIN_MACS_PER_IMAGE {
+            Spinning::WithinRun
+        } else {
+            Spinning::Never
+        }
+    }
 }
 
 /// A loaded model: metadata plus a session. Owned by exactly one inference thread (see `batching`).
@@ -323,6 +351,7 @@ impl Model {
     ) -> Result<Model, ModelError> {
         let env = environment(options)?;
         let threads = shape.threads.max(1);
+        let spinning = shape.spinning.unwrap_or_else(|| Spinning::auto(meta));
         let file_err = |e: ort::Error<ort::session::builder::SessionBuilder>| ModelError::File {
             path: onnx_path.to_path_buf(),
             reason: e.to_string(),
@@ -333,15 +362,11 @@ impl Model {
             .map_err(file_err)?
             .with_intra_threads(threads)
             .map_err(file_err)?
-            .with_intra_op_spinning(shape.spinning != Spinning::Never)
+            .with_intra_op_spinning(spinning != Spinning::Never)
             .map_err(file_err)?
             .with_config_entry(
                 "session.force_spinning_stop",
-                if shape.spinning == Spinning::WithinRun {
-                    "1"
-                } else {
-                    "0"
-                },
+                if spinning == Spinning::WithinRun { "1" } else { "0" },
             )
             .map_err(file_err)?
             // One session per inference thread: the inter-op pool would only add idle threads.
@@ -589,6 +614,30 @@ fn check_signature(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shipped(model: &str, version: u32) -> ModelMetadata {
+        let path = format!("{}/models/{model}/{version}/model.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the shipped model.json")).expect("it parses")
+    }
+
+    #[test]
+    fn by_default_only_the_long_fp32_graph_spins_within_a_run() {
+        // cnn's runs are long enough that its threads wait for the next operator awake; cnn-int8 (the same
+        // multiply-adds in 8 bits) and dense are not, and their spinning would take CPU from the network.
+        for version in [1, 2] {
+            assert_eq!(
+                Spinning::auto(&shipped("cnn", version)),
+                Spinning::WithinRun,
+                "cnn {version}"
+            );
+            assert_eq!(
+                Spinning::auto(&shipped("cnn-int8", version)),
+                Spinning::Never,
+                "cnn-int8 {version}"
+            );
+        }
+        assert_eq!(Spinning::auto(&shipped("dense", 1)), Spinning::Never);
+    }
 
     fn softmax(logits: &[f32; CLASSES], temperature: f32) -> [f32; CLASSES] {
         let mut out = [0.0; CLASSES];
