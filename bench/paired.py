@@ -10,7 +10,8 @@ Triton, its virtual environment (bench/.venv-triton):
     python3 bench/paired.py --server 'off=--ort-spinning false' --server 'run=--ort-spinning run' \\
         [--models cnn-int8,cnn] [--loads raw:1,raw:4,raw:64,multi16:1,multi16:64] [--pairs 6] [--seconds 2.5]
 
-A server is `LABEL=FLAGS` (`fmnist serve` with these flags, driven through `Classify`), `LABEL/oip=FLAGS` (the
+A server is `LABEL=FLAGS` (`fmnist serve` with these flags, driven through `Classify`; leading `NAME=VALUE`
+words set its environment), `LABEL/oip=FLAGS` (the
 same, driven through the Open Inference Protocol's `ModelInfer` with the bodies MLServer and Triton get), or
 `triton` (bench/run.py's Triton peer, model cnn only):
 
@@ -44,7 +45,12 @@ def server(spec: str, model: str) -> run.Server:
     label, _, protocol = label.partition("/")
     if protocol not in ("", "oip"):
         sys.exit(f"{spec}: the protocol after / is oip or nothing")
-    return run.Fmnist(f"paired-{label}", label, model, ["--default-model", model, *shlex.split(flags)],
+    words = shlex.split(flags)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # leading NAME=VALUE: the server's environment
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return run.Fmnist(f"paired-{label}", label, model, ["--default-model", model, *words], env=env,
                       protocol="oip" if protocol else "fmnist")
 
 
