@@ -11,9 +11,8 @@ Triton, its virtual environment (bench/.venv-triton):
         [--models cnn-int8,cnn] [--loads raw:1,raw:4,raw:64,multi16:1,multi16:64] [--pairs 6] [--seconds 2.5]
 
 A server is `LABEL=FLAGS` (`fmnist serve` with these flags, driven through `Classify`; leading `NAME=VALUE`
-words set its environment), `LABEL/oip=FLAGS` (the
-same, driven through the Open Inference Protocol's `ModelInfer` with the bodies MLServer and Triton get), or
-`triton` (bench/run.py's Triton peer, model cnn only):
+words set its environment), `LABEL/oip=FLAGS` (the same, driven through the Open Inference Protocol's `ModelInfer`
+with the bodies MLServer and Triton get), or `triton` (bench/run.py's Triton peer, model cnn only):
 
     python3 bench/paired.py --models cnn --server 'classify=' --server 'infer/oip=' --server triton
 
