@@ -39,7 +39,7 @@ def server(spec: str, model: str) -> run.Server:
     if spec == "triton":
         if model != "cnn":
             sys.exit("the Triton peer serves cnn only: --models cnn")
-        return run.TritonPeer(run.BENCH / ".venv-triton", max_batch_size=64, delay_us=run.TRITON_DELAY_US, threads=2)
+        return run.TritonPeer(run.BENCH / ".venv-triton", run.TRITON_BATCH, run.TRITON_DELAY_US, run.TRITON_THREADS)
     label, _, flags = spec.partition("=")
     label, _, protocol = label.partition("/")
     if protocol not in ("", "oip"):

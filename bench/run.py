@@ -329,6 +329,8 @@ class TritonPeer(Server):
 # the dynamic batcher) start from dynamic_batching { } (no delay: batches as large as what is queued, up to
 # max_batch_size) and raise the delay only while throughput still rises; bench/README.md "Triton" has the runs.
 TRITON_DELAY_US = 0
+# Triton's max_batch_size (this service's --max-batch-size) and its model's onnxruntime intra-op threads.
+TRITON_BATCH, TRITON_THREADS = 64, 2
 
 # The Triton model: the ModelInferRequest bodies' inputs ("raw" UINT8 [n, 28, 28], "encoded" BYTES [n]; one of
 # them per request), Triton's dynamic batcher, one model instance on the CPU (as the other servers run one model
@@ -638,10 +640,10 @@ def main() -> int:
     ap.add_argument("--mlserver-batch-time-ms", type=float, default=2.0)
     ap.add_argument("--triton-venv", type=Path, default=BENCH / ".venv-triton",
                     help="the venv with nvidia-pytriton 0.7.0 (bench/run.sh makes it)")
-    ap.add_argument("--triton-batch", type=int, default=64, help="Triton's max_batch_size")
+    ap.add_argument("--triton-batch", type=int, default=TRITON_BATCH, help="Triton's max_batch_size")
     ap.add_argument("--triton-delay-us", type=int, default=TRITON_DELAY_US,
                     help="Triton's dynamic_batching max_queue_delay_microseconds")
-    ap.add_argument("--triton-threads", type=int, default=2, help="onnxruntime intra-op threads in the Triton model")
+    ap.add_argument("--triton-threads", type=int, default=TRITON_THREADS, help="onnxruntime intra-op threads in the Triton model")
     ap.add_argument("--retries", type=int, default=2)
     ap.add_argument("--max-foreign-cores", type=float, default=0.15,
                     help="CPU other processes may take during a window before it is measured again")

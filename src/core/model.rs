@@ -39,16 +39,10 @@ pub struct ModelMetadata {
     /// The drift signals over the validation split (see [`crate::core::drift`]).
     #[serde(default)]
     pub drift_reference: Option<DriftReference>,
-    /// How the graph was quantized, when it was (training/quantize.py).
+    /// How the graph was quantized, when it was (training/quantize.py). Only its presence is read
+    /// ([`Spinning::auto`]), so its contents are skipped.
     #[serde(default)]
-    pub quantization: Option<QuantizationMetadata>,
-}
-
-/// What `model.json` says of a quantized graph; its presence is what the server reads.
-#[derive(Debug, Clone, Deserialize)]
-pub struct QuantizationMetadata {
-    /// `QDQ`: QuantizeLinear/DequantizeLinear pairs around 8-bit operators.
-    pub format: String,
+    pub quantization: Option<serde::de::IgnoredAny>,
 }
 
 /// Reference values of a version's drift signals: the same metrics the server keeps, measured by replaying
