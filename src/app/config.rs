@@ -786,7 +786,6 @@ impl Config {
     }
 }
 
-/// The cores this process may use (which follows a container's CPU limit).
 /// Captured records waiting for the writer thread, at most (~1.3 KB each): past it they are dropped, so a
 /// slow disk costs memory only up to this.
 pub const CAPTURE_QUEUE: usize = 256;
@@ -795,6 +794,7 @@ pub const CAPTURE_QUEUE: usize = 256;
 /// measured.
 const AUTO_INSTANCES_MAX: usize = 4;
 
+/// The cores this process may use (which follows a container's CPU limit).
 fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
