@@ -132,15 +132,25 @@ METHODS = {
     "multi-mlp-ms-photos-balanced2": (MEAN_MAX, "mlp", 64),
     # Amendment 7 (protocol): amendment 6 with the input's 7x7 pooled pixels and edges beside the CNN's statistics.
     "multi-mlp-ms-pixels-photos-balanced2": (MEAN_MAX + PIXEL_SECTIONS, "mlp", 64),
+    # Amendment 8 (protocol): amendment 6 with photographed clip-art and exposure outliers on the outlier side.
+    "multi-mlp-ms-photos-balanced2-outphotos": (MEAN_MAX, "mlp", 64),
 }
 # Methods whose garment side also holds product photos of training-split garments, converted by the service.
 PHOTO_METHODS = {"multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced", "multi-mlp-ms-photos-balanced2",
-                 "multi-mlp-ms-pixels-photos-balanced2"}
+                 "multi-mlp-ms-pixels-photos-balanced2", "multi-mlp-ms-photos-balanced2-outphotos"}
+# Methods whose outlier side also holds product photos of the trained-on outlier groups (amendment 8), one
+# `photo-<g>` set per group g, left out with g.
+OUTLIER_PHOTO_METHODS = {"multi-mlp-ms-photos-balanced2-outphotos"}
 BALANCE_MAX = 4.0  # amendment 4: no garment class weighs more than 4 times another
 # Methods refitted with class weights, and the most a class may weigh: amendment 4's cap, or 2 (amendments 6, 7).
 BALANCED_METHODS = {"multi-mlp-ms-balanced": BALANCE_MAX, "multi-mlp-ms-photos-balanced": BALANCE_MAX,
-                    "multi-mlp-ms-photos-balanced2": 2.0, "multi-mlp-ms-pixels-photos-balanced2": 2.0}
+                    "multi-mlp-ms-photos-balanced2": 2.0, "multi-mlp-ms-pixels-photos-balanced2": 2.0,
+                    "multi-mlp-ms-photos-balanced2-outphotos": 2.0}
 TRAIN_PHOTOS = REPO / "build/product-photos/train/mixed.u8"
+# Amendment 8: the groups photographed for the outlier side. Never round 2's (build/ood): the non-garment product
+# photos that measure the head are made from those.
+PHOTO_OUTLIER_GROUPS = NEW_GROUPS + list(EXPOSURE)
+OUTLIER_PHOTOS = REPO / "build/product-photos/outliers"
 EPOCHS, BATCH, LR, WEIGHT_DECAY = 6, 1024, 2e-3, 1e-4
 
 
@@ -288,6 +298,9 @@ def sources() -> dict[str, tuple[np.ndarray | Path, str]]:
         out[g] = group_file(g)
     if TRAIN_PHOTOS.exists():  # `product_photos.py make --split train` and examples/preprocess (amendment 3)
         out["train-photos"] = TRAIN_PHOTOS
+    for g in PHOTO_OUTLIER_GROUPS:  # `product_photos.py make --split outliers` and examples/preprocess (amendment 8)
+        if (OUTLIER_PHOTOS / f"{g}.u8").exists():
+            out[f"photo-{g}"] = OUTLIER_PHOTOS / f"{g}.u8"
     return out
 
 
@@ -435,6 +448,12 @@ def fit(method: str, feats: dict[str, np.ndarray], left_out: list[str], seed: in
                 raise SystemExit(f"{method} needs {TRAIN_PHOTOS}: product_photos.py make --split train, then "
                                  "examples/preprocess, then extract")
             garments = np.concatenate([garments, feats["train-photos"]])
+        if method in OUTLIER_PHOTO_METHODS:
+            missing = [g for g in PHOTO_OUTLIER_GROUPS if f"photo-{g}" not in feats]
+            if missing:
+                raise SystemExit(f"{method} needs {OUTLIER_PHOTOS}/<group>.u8 for {missing}: product_photos.py make "
+                                 "--split outliers, then examples/preprocess per group, then extract")
+            outliers |= {f"photo-{g}": feats[f"photo-{g}"] for g in PHOTO_OUTLIER_GROUPS if g not in left_out}
         fit_mlp(head, garments, outliers, seed, threads)
         if method in BALANCED_METHODS:
             labels = train_labels()

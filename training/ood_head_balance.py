@@ -1,6 +1,6 @@
-"""Amendments 4 and 5 of training/ood_head_protocol.md: the shipped head (multi-mlp-ms) against its
+"""Amendments 4 to 8 of training/ood_head_protocol.md: the shipped head (multi-mlp-ms) against its
 class-balanced refit (multi-mlp-ms-balanced), amendment 3's fit with photographed garments (multi-mlp-ms-photos)
-and both together (multi-mlp-ms-photos-balanced), from their leave-one-group-out runs (`ood_head.py logo
+both together (multi-mlp-ms-photos-balanced) and the later amendments' methods (CANDIDATES), from their leave-one-group-out runs (`ood_head.py logo
 --method ...`, run first). Amendment 5's tests on product photos need a served graph: they are measured with
 `product_photos.py measure` and reported beside these.
 
@@ -26,7 +26,8 @@ from data import CLASS_NAMES, DEFAULT_DATA_DIR, load_split  # noqa: E402
 
 BASE = "multi-mlp-ms"
 CANDIDATES = ["multi-mlp-ms-balanced", "multi-mlp-ms-photos", "multi-mlp-ms-photos-balanced",
-              "multi-mlp-ms-photos-balanced2", "multi-mlp-ms-pixels-photos-balanced2"]
+              "multi-mlp-ms-photos-balanced2", "multi-mlp-ms-pixels-photos-balanced2",
+              "multi-mlp-ms-photos-balanced2-outphotos"]
 OUT = oh.RESULTS / "ood-head-balanced.json"
 
 

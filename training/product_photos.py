@@ -15,7 +15,9 @@ conversion's tolerances are chosen on it. `train` draws 5,000 photos under the `
 55,000 (the training indices): the garment head's photographed garments (training/ood_head_protocol.md,
 amendment 3). `test` is Fashion-MNIST's test split, measured once after they were
 fixed. `ood` takes the evaluation groups of training/ood_data.py (build/ood) as the object instead of a garment:
-non-garments made into the same kind of photo.
+non-garments made into the same kind of photo. `outliers` photographs 300 images of each clip-art and exposure
+group the garment head trains on, one folder per group, under `mixed` (amendment 8: the head's photographed
+outliers; build/ood is never drawn from, as `ood` photographs it).
 
 How a photo is made from a 28x28 image v (0 = background, 255 = the darkest part of the original photo, as the
 dataset's negation left it): scaled up (bicubic) so that its 28-pixel box fills `fill` of the canvas' shorter
@@ -78,6 +80,7 @@ CONDITIONS: dict[str, dict] = {
 OOD_CONDITIONS = ("plain", "fill-50", "bg-235", "mixed")
 PER_CONDITION = 300
 TRAIN_PHOTOS = 5000
+OUTLIER_PHOTOS = 300  # per trained-on outlier group (amendment 8)
 MIXED = 1000
 
 
@@ -139,6 +142,19 @@ def photograph(v: np.ndarray, p: dict, rng: np.random.Generator) -> Image.Image:
 
 def sources(split: str, ood_dir: Path | None, seed: int) -> tuple[list[np.ndarray], list[int], list[str]]:
     """The images photographed: garments of a split (with labels), or the OOD groups (label -1, group name)."""
+    if split == "outliers":
+        # The garment head's photographed outliers (training/ood_head_protocol.md, amendment 8): a draw from each
+        # clip-art and exposure group it trains on, never from build/ood, whose images the `ood` split photographs.
+        import ood_head as oh
+
+        images, labels, groups = [], [], []
+        for g in oh.PHOTO_OUTLIER_GROUPS:
+            x = np.frombuffer(oh.group_file(g).read_bytes(), np.uint8).reshape(-1, 28, 28)
+            for i in np.random.default_rng(seed).permutation(len(x))[:OUTLIER_PHOTOS]:
+                images.append(x[i])
+                labels.append(-1)
+                groups.append(g)
+        return images, labels, groups
     if split == "ood":
         images, labels, groups = [], [], []
         for group_dir in sorted(p for p in ood_dir.iterdir() if p.is_dir()):
@@ -168,6 +184,19 @@ def make(a: argparse.Namespace) -> None:
     images, labels, groups = sources(a.split, a.ood_dir, a.seed)
     out = Path(a.out)
     rows = []
+    if a.split == "outliers":
+        # One folder per group, under the mix only, so that a fold can leave a group's photos out with the group.
+        rng = np.random.default_rng([a.seed, list(CONDITIONS).index("mixed")])
+        for k, (v, g) in enumerate(zip(images, groups)):
+            p = mixed_params(rng)
+            photo = photograph(v, p, rng)
+            d = out / g
+            d.mkdir(parents=True, exist_ok=True)
+            f = d / f"{k:05d}.{'jpg' if p['jpeg'] else 'png'}"
+            photo.save(f, **({"quality": p["jpeg"]} if p["jpeg"] else {}))
+            rows.append((str(f), -1, "mixed", g))
+        write_manifest(out, rows)
+        return
     cursor = 0
     for ci, (name, change) in enumerate(CONDITIONS.items()):
         count = MIXED if name == "mixed" else PER_CONDITION
@@ -206,6 +235,10 @@ def make(a: argparse.Namespace) -> None:
         f = d / f"{k:05d}.png"
         Image.fromarray(images[k]).save(f)
         rows.append((str(f), labels[k], name, groups[k]))
+    write_manifest(out, rows)
+
+
+def write_manifest(out: Path, rows: list[tuple]) -> None:
     with open(out / "manifest.tsv", "w") as m:
         m.write("file\tlabel\tcondition\tgroup\n")
         for r in rows:
@@ -254,7 +287,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make")
-    m.add_argument("--split", choices=["train", "val", "test", "ood"], required=True)
+    m.add_argument("--split", choices=["train", "val", "test", "ood", "outliers"], required=True)
     m.add_argument("--ood-dir", type=Path, default=Path("build/ood"))
     m.add_argument("--out", required=True)
     m.add_argument("--seed", type=int, default=39)

@@ -1,0 +1,119 @@
+"""Tests 4 and 5 of a garment-head amendment (training/ood_head_protocol.md, amendment 5's rule): the served models
+and a candidate export, each served by the service itself, measured side by side on the product photos.
+
+    .venv-train/bin/python training/product_photos_ab.py --candidate /tmp/head8 --label "amendment 8" \\
+        --out training/results/product-photos-amendment8.json
+
+Starts `fmnist serve` twice on ephemeral ports (`--models-dir models`, and `--models-dir CANDIDATE`, whose only
+version of each model is the export), runs `product_photos.py measure` with `--model` (cnn-int8 by default, the
+amendments' model) on build/product-photos/{val,ood,test} against each, and prints:
+- test 4: the photographed validation garments rejected as out of distribution (every row but `28x28/garments`),
+  which must not rise;
+- test 5: the non-garment product photos rejected for any reason (every row of the `ood` split), which must not
+  fall;
+- reported, not tested: the photographed test garments rejected as out of distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO / "build/product-photos"
+FMNIST = REPO / "target/release/fmnist"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(models_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [str(FMNIST), "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{free_port()}",
+           "--models-dir", str(models_dir), "--models", "cnn,cnn-int8"]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"{' '.join(cmd)} not listening after 120 s")
+
+
+def measure(split: str, addr: str, model: str, out: Path) -> dict:
+    subprocess.run([sys.executable, str(REPO / "training/product_photos.py"), "measure", "--dir",
+                    str(PHOTOS / split), "--addr", addr, "--model", model, "--fmnist", str(FMNIST),
+                    "--json-out", str(out)], check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def share(run: dict, key: str, rows=lambda name: True) -> tuple[int, int]:
+    picked = [r for name, r in run["rows"].items() if rows(name)]
+    return sum(r[key] for r in picked), sum(r["n"] for r in picked)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--candidate", type=Path, required=True, help="the export's --out folder")
+    ap.add_argument("--label", required=True)
+    ap.add_argument("--model", default="cnn-int8")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        servers = {"version 2 (served)": serve(REPO / "models", tmp / "served.log"),
+                   a.label: serve(a.candidate, tmp / "candidate.log")}
+        try:
+            for split in ("val", "ood", "test"):
+                for name, (_, addr) in servers.items():
+                    runs[f"{split}: {name}"] = measure(split, addr, a.model, tmp / f"{split}-{len(runs)}.json")
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    photos = lambda name: name != "28x28/garments"  # noqa: E731
+    served, cand = "version 2 (served)", a.label
+    figures = {}
+    for name in (served, cand):
+        figures[name] = {
+            "val_photos_ood": share(runs[f"val: {name}"], "ood", photos),
+            "ood_rejected": share(runs[f"ood: {name}"], "rejected"),
+            "test_photos_ood": share(runs[f"test: {name}"], "ood", photos),
+        }
+    pct = lambda kn: 100 * kn[0] / kn[1]  # noqa: E731
+    tests = {
+        "4 validation garment photos rejected as OOD do not rise":
+            pct(figures[cand]["val_photos_ood"]) <= pct(figures[served]["val_photos_ood"]),
+        "5 non-garment product photos rejected do not fall":
+            pct(figures[cand]["ood_rejected"]) >= pct(figures[served]["ood_rejected"]),
+    }
+    for name, f in figures.items():
+        print(f"{name}: validation garment photos OOD {pct(f['val_photos_ood']):.2f}% of {f['val_photos_ood'][1]}, "
+              f"non-garment photos rejected {pct(f['ood_rejected']):.2f}% of {f['ood_rejected'][1]}, "
+              f"test garment photos OOD {pct(f['test_photos_ood']):.2f}% (reported)")
+    for test, ok in tests.items():
+        print(f"test {test}: {'passes' if ok else 'fails'}")
+    model_of = runs[f"val: {served}"]
+    what = (f"training/product_photos_ab.py, model {a.model} named, version {model_of['model_version']} (served) and "
+            f"{a.label}'s export ({a.candidate}) side by side, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    a.out.write_text(json.dumps({"what": what, "figures": figures, "tests_4_5": tests, "runs": runs}, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
