@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,11 +46,14 @@ def serve(models_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
     while time.time() < deadline:
         if proc.poll() is not None:
             sys.exit(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        # The port opens before the models load: ready is when OIP's readiness route says so.
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return proc, f"http://127.0.0.1:{port}"
         except OSError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     sys.exit(f"{' '.join(cmd)} not listening after 120 s")
 
@@ -85,7 +89,11 @@ def main() -> None:
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
-                proc.wait(timeout=30)
+            for proc, _ in servers.values():
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     photos = lambda name: name != "28x28/garments"  # noqa: E731
     served, cand = "version 2 (served)", a.label
     figures = {}

@@ -757,6 +757,9 @@ mod tests {
             assert!((got - want).abs() < 1e-4, "{name}: {got} against {want}");
         }
         assert_eq!(standard_deviation(&half), 127.5);
+        // Exactly at the default minimum contrast (10): the check is `std < min_contrast`, so this one passes.
+        let two_levels: [u8; PIXELS] = std::array::from_fn(|i| if i % 2 == 0 { 100 } else { 120 });
+        assert_eq!(standard_deviation(&two_levels), 10.0);
     }
 
     #[test]
