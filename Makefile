@@ -124,14 +124,21 @@ $(TRAIN_STAMPS)/6-protocol: $(TRAIN_STAMPS)/5-int8
 	set -o pipefail; for m in dense cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_protocol.py --model $$m $(OOD_ARGS) --fixtures tests/fixtures/ood-scores-$$m.json || exit 1; done 2>&1 | tee -a train.log
 	rm -f tests/fixtures/ood-scores-cnn-int8.json
 	touch $@
-# The garment head (docs/ood.md "Round 4"): its exposure set, the features of both new CNNs, the shipped
-# method's leave-one-group-out run (its fold "all" is the head that ships) and the export as the next version.
+# The garment head (docs/ood.md "Round 8"): its exposure set, the product photos of training garments and of
+# the trained-on outliers (amendment 8) through the service's conversion, the features of both new CNNs, the
+# shipped method's leave-one-group-out run (its fold "all" is the head that ships) and the export as the next
+# version.
+HEAD_METHOD := multi-mlp-ms-photos-balanced2-outphotos
 $(TRAIN_STAMPS)/7-head: $(TRAIN_STAMPS)/6-protocol
 	bash scripts/setup-system.sh openclipart-png adwaita-icon-theme breeze-icon-theme papirus-icon-theme librsvg2-bin
 	$(TRAIN_PY) training/ood_head_data.py --out build/ood-head 2>&1 | tee -a train.log
+	$(TRAIN_PY) training/product_photos.py make --split train --out build/product-photos/train 2>&1 | tee -a train.log
+	target/release/examples/preprocess build/product-photos/train/mixed build/product-photos/train/mixed
+	$(TRAIN_PY) training/product_photos.py make --split outliers --out build/product-photos/outliers 2>&1 | tee -a train.log
+	for d in build/product-photos/outliers/*/; do target/release/examples/preprocess $$d $${d%/} || exit 1; done
 	set -o pipefail; for m in cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_head.py extract --model $$m || exit 1; done 2>&1 | tee -a train.log
-	$(TRAIN_PY) training/ood_head.py logo --method multi-mlp-ms 2>&1 | tee -a train.log
-	$(TRAIN_PY) training/ood_head.py export --method multi-mlp-ms --out models 2>&1 | tee -a train.log
+	$(TRAIN_PY) training/ood_head.py logo --method $(HEAD_METHOD) 2>&1 | tee -a train.log
+	$(TRAIN_PY) training/ood_head.py export --method $(HEAD_METHOD) --out models 2>&1 | tee -a train.log
 	touch $@
 $(TRAIN_STAMPS)/8-head-fixtures: $(TRAIN_STAMPS)/7-head
 	$(TRAIN_PY) training/ood_head.py fixtures 2>&1 | tee -a train.log

@@ -769,7 +769,11 @@ def export(method: str, out_root: Path, seed: int) -> None:
                "description": f"garment head: a small network ({method}) on the CNN's block means and maxima"
                               + (" and the input's 7x7 pooled pixels and edges"
                                  if any(s in PIXEL_SECTIONS for s in METHODS[method][0]) else "")
-                              + ", fitted against clip-art, icon and procedural outliers (training/ood_head.py)",
+                              + ", fitted against clip-art, icon and procedural outliers"
+                              + (" and product photos of them" if method in OUTLIER_PHOTO_METHODS else "")
+                              + (", with product photos of training garments beside the dataset's"
+                                 if method in PHOTO_METHODS else "")
+                              + " (training/ood_head.py)",
                "protocol": "training/ood_head_protocol.md",
                "test_rejected_per_class": rec["test_rejected_per_class"],
                "head": {"protocol": "training/ood_head_protocol.md", "fit": method, "seed": seed,

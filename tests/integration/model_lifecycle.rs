@@ -499,7 +499,8 @@ async fn labels_route_calls_and_pointing_one_back_rolls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() {
-    // Version 1 of the shipped cnn scores with energy, version 2 with the garment head on the same network.
+    // Version 1 of the shipped cnn scores with energy; versions 2 and 3 with two fits of the garment head on the
+    // same network (3, the newest, is what ships; 2 is its rollback).
     let repository = Repository::new("head-swap");
     let config = repository.config();
     let mut server = common::TestServer::start(config).await;
@@ -543,27 +544,36 @@ async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() 
             answered
         }));
     }
-    let method = |info: pb::ModelInfo| info.ood_method.split(':').next().unwrap().to_string();
+    let served = |info: pb::ModelInfo| {
+        let method = info.ood_method.split(':').next().unwrap().to_string();
+        (info.version, method)
+    };
+    let pause = || tokio::time::sleep(Duration::from_millis(200));
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        repository.add(2, &repo().join("models/cnn/2"));
-        load(&mut oip).await.unwrap();
-        assert_eq!(method(server.model_info("cnn").await), "garment_head");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        repository.remove(2);
-        load(&mut oip).await.unwrap();
-        assert_eq!(method(server.model_info("cnn").await), "energy");
+        // Up from energy to the first head and on to the newest, then rolled back one version at a time.
+        for version in [2, 3] {
+            pause().await;
+            repository.add(version, &repo().join(format!("models/cnn/{version}")));
+            load(&mut oip).await.unwrap();
+            assert_eq!(served(server.model_info("cnn").await), (version.to_string(), "garment_head".into()));
+        }
+        for (version, now) in [(3, ("2", "garment_head")), (2, ("1", "energy"))] {
+            pause().await;
+            repository.remove(version);
+            load(&mut oip).await.unwrap();
+            assert_eq!(served(server.model_info("cnn").await), (now.0.into(), now.1.into()));
+        }
     }
     stop.store(true, Ordering::Relaxed);
     let mut answered = Vec::new();
     for caller in callers {
         answered.extend(caller.await.unwrap());
     }
-    for version in ["1", "2"] {
+    for version in ["1", "2", "3"] {
         assert!(
             answered.iter().any(|v| v == version),
             "no call was answered by version {version}"
         );
     }
-    eprintln!("{} calls, none failed, across 6 swaps", answered.len());
+    eprintln!("{} calls, none failed, across 12 swaps", answered.len());
 }
