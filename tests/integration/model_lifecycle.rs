@@ -555,7 +555,10 @@ async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() 
             pause().await;
             repository.add(version, &repo().join(format!("models/cnn/{version}")));
             load(&mut oip).await.unwrap();
-            assert_eq!(served(server.model_info("cnn").await), (version.to_string(), "garment_head".into()));
+            assert_eq!(
+                served(server.model_info("cnn").await),
+                (version.to_string(), "garment_head".into())
+            );
         }
         for (version, now) in [(3, ("2", "garment_head")), (2, ("1", "energy"))] {
             pause().await;
