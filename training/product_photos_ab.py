@@ -80,7 +80,7 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        servers = {"version 2 (served)": serve(REPO / "models", tmp / "served.log"),
+        servers = {"served": serve(REPO / "models", tmp / "served.log"),
                    a.label: serve(a.candidate, tmp / "candidate.log")}
         try:
             for split in ("val", "ood", "test"):
@@ -95,7 +95,7 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     photos = lambda name: name != "28x28/garments"  # noqa: E731
-    served, cand = "version 2 (served)", a.label
+    served, cand = "served", a.label
     figures = {}
     for name in (served, cand):
         figures[name] = {
@@ -110,14 +110,15 @@ def main() -> None:
         "5 non-garment product photos rejected do not fall":
             pct(figures[cand]["ood_rejected"]) >= pct(figures[served]["ood_rejected"]),
     }
+    version = runs[f"val: {served}"]["model_version"]
     for name, f in figures.items():
-        print(f"{name}: validation garment photos OOD {pct(f['val_photos_ood']):.2f}% of {f['val_photos_ood'][1]}, "
+        shown = f"served (version {version} of models/)" if name == served else name
+        print(f"{shown}: validation garment photos OOD {pct(f['val_photos_ood']):.2f}% of {f['val_photos_ood'][1]}, "
               f"non-garment photos rejected {pct(f['ood_rejected']):.2f}% of {f['ood_rejected'][1]}, "
               f"test garment photos OOD {pct(f['test_photos_ood']):.2f}% (reported)")
     for test, ok in tests.items():
         print(f"test {test}: {'passes' if ok else 'fails'}")
-    model_of = runs[f"val: {served}"]
-    what = (f"training/product_photos_ab.py, model {a.model} named, version {model_of['model_version']} (served) and "
+    what = (f"training/product_photos_ab.py, model {a.model} named, version {version} of models/ (served) and "
             f"{a.label}'s export ({a.candidate}) side by side, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     a.out.write_text(json.dumps({"what": what, "figures": figures, "tests_4_5": tests, "runs": runs}, indent=1) + "\n")
     print(f"wrote {a.out}")
