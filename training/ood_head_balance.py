@@ -1,8 +1,9 @@
 """Amendments 4 to 8 of training/ood_head_protocol.md: the first shipped head (multi-mlp-ms, version 2) against
 its class-balanced refit (multi-mlp-ms-balanced), amendment 3's fit with photographed garments
 (multi-mlp-ms-photos), both together (multi-mlp-ms-photos-balanced) and the later amendments' methods
-(CANDIDATES), from their leave-one-group-out runs (`ood_head.py logo --method ...`, run first). Amendment 5's tests on product photos need a served graph: they are measured with
-`product_photos.py measure` and reported beside these.
+(CANDIDATES), from their leave-one-group-out runs (`ood_head.py logo --method ...`, run first). Amendment 5's
+tests on product photos need a served graph: they are measured with `product_photos_ab.py` and reported beside
+these.
 
 For each method, on cnn (FP32) features: the worst left-out group (mean of the three seeds, and the worst seed),
 and for the shipped fit of each seed (fold "all", no group left out) the validation and test garments rejected

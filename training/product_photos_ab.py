@@ -4,8 +4,8 @@ and a candidate export, each served by the service itself, measured side by side
     .venv-train/bin/python training/product_photos_ab.py --candidate /tmp/head8 --label "amendment 8" \\
         --out training/results/product-photos-amendment8.json
 
-Starts `fmnist serve` twice on ephemeral ports (`--models-dir models`, and `--models-dir CANDIDATE`, whose only
-version of each model is the export), runs `product_photos.py measure` with `--model` (cnn-int8 by default, the
+Starts `fmnist serve` twice on ephemeral ports (training/serve_replay.py's `server`: `--models-dir models`, and
+`--models-dir CANDIDATE`, whose only version of each model is the export), runs `product_photos.py measure` with `--model` (cnn-int8 by default, the
 amendments' model) on build/product-photos/{val,ood,test} against each, and prints:
 - test 4: the photographed validation garments rejected as out of distribution (every row but `28x28/garments`),
   which must not rise;
@@ -18,44 +18,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_replay import server  # noqa: E402  (a real server on ephemeral ports, ready when OIP says so)
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = REPO / "build/product-photos"
 FMNIST = REPO / "target/release/fmnist"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(models_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [str(FMNIST), "serve", "--listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{free_port()}",
-           "--models-dir", str(models_dir), "--models", "cnn,cnn-int8"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        # The port opens before the models load: ready is when OIP's readiness route says so.
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
-                if r.status == 200:
-                    return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    sys.exit(f"{' '.join(cmd)} not listening after 120 s")
+MODELS = ["cnn", "cnn-int8"]
 
 
 def measure(split: str, addr: str, model: str, out: Path) -> dict:
@@ -78,22 +54,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        servers = {"served": serve(REPO / "models", tmp / "served.log"),
-                   a.label: serve(a.candidate, tmp / "candidate.log")}
-        try:
-            for split in ("val", "ood", "test"):
-                for name, (_, addr) in servers.items():
-                    runs[f"{split}: {name}"] = measure(split, addr, a.model, tmp / f"{split}-{len(runs)}.json")
-        finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-            for proc, _ in servers.values():
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        servers = {name: stack.enter_context(server(models_dir, MODELS))[0]
+                   for name, models_dir in (("served", REPO / "models"), (a.label, a.candidate))}
+        for split in ("val", "ood", "test"):
+            for name, addr in servers.items():
+                runs[f"{split}: {name}"] = measure(split, addr, a.model, Path(tmp) / f"{split}-{len(runs)}.json")
     photos = lambda name: name != "28x28/garments"  # noqa: E731
     served, cand = "served", a.label
     figures = {}
