@@ -749,10 +749,10 @@ mod tests {
             ("blank", [0u8; PIXELS]),
             ("white", [255; PIXELS]),
             ("grey", [77; PIXELS]),
-        ]
-        .into_iter()
-        .chain([("half", half), ("ramp", ramp), ("garment", garment())])
-        {
+            ("half", half),
+            ("ramp", ramp),
+            ("garment", garment()),
+        ] {
             let (got, want) = (f64::from(standard_deviation(&pixels)), two_pass(&pixels));
             assert!((got - want).abs() < 1e-4, "{name}: {got} against {want}");
         }
