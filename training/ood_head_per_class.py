@@ -19,7 +19,14 @@ lost 5.6 points) and before this one's: a cap, not a budget per class. Each clas
 unless more than 2% (the issue's bound) of the validation garments predicted as it would be rejected; then
 its threshold is raised to the (1 - 2%) quantile of their scores. Same rule.
 
+Amendment 9 of training/ood_head_protocol.md (2026-12-07, issue #36), on version 3's head: the cap again, and the
+cap at the same budget ("capped_budget": the common threshold lowered until 0.75% of the validation garments are
+over their class's threshold again), judged by the issue's own bars (`--amendment 9`: tests 1-3 of the amendment;
+tests 4-5 are `training/product_photos_ab.py` on the exported graphs).
+
     .venv-train/bin/python training/ood_head_per_class.py [--model cnn]
+    .venv-train/bin/python training/ood_head_per_class.py --amendment 9 \
+        --method multi-mlp-ms-photos-balanced2-outphotos --out training/results/ood-head-amendment9.json
 """
 import argparse
 import json
@@ -42,15 +49,33 @@ def predicted(x: np.ndarray) -> np.ndarray:
 
 
 CLASS_CAP = 0.02
-RULES = ("single", "per_class", "capped")
+RULES = ("single", "per_class", "capped", "capped_budget")
+
+
+def capped_budget(s_val: np.ndarray, c_val: np.ndarray, caps: np.ndarray, budget: float) -> np.ndarray:
+    """`max(t', caps[c])` per class, t' the lowest of the validation scores at which no more than `budget` of the
+    validation garments are over their class's threshold (the share falls as t' rises: a binary search)."""
+    cap_of = caps[c_val]
+    order = np.sort(s_val)
+    lo, hi = 0, len(order) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if (s_val > np.maximum(order[mid], cap_of)).mean() <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return np.maximum(order[lo], caps)
 
 
 def thresholds(s_val: np.ndarray, c_val: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """The single threshold, and per rule the threshold of each predicted class."""
     single = float(np.quantile(s_val, 1 - VAL_BUDGET))
     per_class = np.array([np.quantile(s_val[c_val == c], 1 - VAL_BUDGET) for c in range(10)])
-    capped = np.array([max(single, float(np.quantile(s_val[c_val == c], 1 - CLASS_CAP))) for c in range(10)])
-    return single, {"single": np.full(10, single), "per_class": per_class, "capped": capped}
+    q98 = np.array([float(np.quantile(s_val[c_val == c], 1 - CLASS_CAP)) for c in range(10)])
+    capped = np.maximum(single, q98)
+    budget = capped_budget(s_val, c_val, q98, float((s_val > single).mean()))
+    return single, {"single": np.full(10, single), "per_class": per_class, "capped": capped,
+                    "capped_budget": budget}
 
 
 
@@ -58,6 +83,9 @@ def thresholds(s_val: np.ndarray, c_val: np.ndarray) -> tuple[float, dict[str, n
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cnn")
+    ap.add_argument("--method", default=METHOD)
+    ap.add_argument("--amendment", type=int, default=1, choices=(1, 9),
+                    help="the declared rule that decides: round 8's (1) or amendment 9 of the head's protocol (9)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results/ood-head-per-class.json")
     a = ap.parse_args()
     feats = load_features(a.model)
@@ -68,24 +96,37 @@ def main() -> None:
     assert len(labels["val"]) == len(feats["val"]) and len(labels["test"]) == len(feats["test"])
     classes = {n: predicted(feats[n]) for n in feats}
 
-    out = {"model": a.model, "method": METHOD, "val_budget": VAL_BUDGET, "garments": {}, "logo": {}}
-    head = load_head(run_path(METHOD, "all", SEEDS[0]))
-    score = {n: head.score(feats[n]) for n in ("val", "test")}
-    single, by_rule = thresholds(score["val"], classes["val"])
-    out["thresholds"] = {"single": single} | {
-        rule: dict(zip(CLASS_NAMES, t.tolist())) for rule, t in by_rule.items() if rule != "single"}
-    for n in ("val", "test"):
-        out["garments"][n] = {}
-        for rule, t in by_rule.items():
-            r = score[n] > t[classes[n]]
-            out["garments"][n][rule] = {
-                "overall": float(r.mean()),
-                "per_class": {CLASS_NAMES[c]: float(r[labels[n] == c].mean()) for c in range(10)}}
+    out = {"model": a.model, "method": a.method, "amendment": a.amendment, "val_budget": VAL_BUDGET,
+           "garments": {}, "garments_mean_of_seeds": {}, "logo": {}}
+    # The shipped fits (fold "all"), each seed's thresholds from its own validation scores: the first seed's is
+    # the fit that ships (round 8 judged it alone); amendment 9 judges the mean of the three.
+    per_seed = []
+    for seed in SEEDS:
+        head = load_head(run_path(a.method, "all", seed))
+        score = {n: head.score(feats[n]) for n in ("val", "test")}
+        single, by_rule = thresholds(score["val"], classes["val"])
+        if seed == SEEDS[0]:
+            out["thresholds"] = {"single": single} | {
+                rule: dict(zip(CLASS_NAMES, t.tolist())) for rule, t in by_rule.items() if rule != "single"}
+        garments = {}
+        for n in ("val", "test"):
+            garments[n] = {}
+            for rule, t in by_rule.items():
+                r = score[n] > t[classes[n]]
+                garments[n][rule] = {
+                    "overall": float(r.mean()),
+                    "per_class": {CLASS_NAMES[c]: float(r[labels[n] == c].mean()) for c in range(10)}}
+        per_seed.append(garments)
+    out["garments"] = per_seed[0]
+    out["garments_mean_of_seeds"] = {n: {rule: {
+        "overall": float(np.mean([g[n][rule]["overall"] for g in per_seed])),
+        "per_class": {c: float(np.mean([g[n][rule]["per_class"][c] for g in per_seed])) for c in CLASS_NAMES}}
+        for rule in RULES} for n in ("val", "test")}
 
     for fold in FOLDS:
         rows = {rule: [] for rule in RULES}
         for seed in SEEDS:
-            h = load_head(run_path(METHOD, fold, seed))
+            h = load_head(run_path(a.method, fold, seed))
             _, fold_rules = thresholds(h.score(feats["val"]), classes["val"])
             for g in fold_measured(fold):
                 s = h.score(feats[g])
@@ -104,26 +145,36 @@ def main() -> None:
                 "worst_seed": float(min(min(v) for v in per_group.values()))}
 
     out["summary"] = {rule: summary(rule) for rule in RULES}
-    val = out["garments"]["val"]
+    judged = out["garments"] if a.amendment == 1 else out["garments_mean_of_seeds"]
+    val = judged["val"]
     worst_val = {rule: max(val[rule]["per_class"].items(), key=lambda kv: kv[1]) for rule in RULES}
     out["decision"] = {}
     for rule in RULES[1:]:
         loss = out["summary"]["single"]["worst_mean"] - out["summary"][rule]["worst_mean"]
-        out["decision"][rule] = {
-            "worst_val_class": worst_val[rule], "worst_group_loss_points": loss * 100,
-            "better": worst_val[rule][1] < worst_val["single"][1] and loss * 100 <= 1.0}
+        d = {"worst_val_class": worst_val[rule], "worst_group_loss_points": loss * 100}
+        if a.amendment == 1:
+            d["better"] = worst_val[rule][1] < worst_val["single"][1] and loss * 100 <= 1.0
+        else:  # amendment 9's tests 1-3, the issue's bars (tests 4-5 run on the exported graphs)
+            d["tests"] = {"1_every_val_class_at_most_2pct": worst_val[rule][1] <= 0.02,
+                          "2_every_left_out_group_at_least_95pct": out["summary"][rule]["worst_mean"] >= 0.95,
+                          "3_test_garments_at_most_1pct": judged["test"][rule]["overall"] <= 0.01}
+            d["better"] = all(d["tests"].values())
+        out["decision"][rule] = d
     a.out.write_text(json.dumps(out, indent=1) + "\n")
 
     for rule in RULES:
         s = out["summary"][rule]
-        g = out["garments"]
-        print(f"{rule:9s}: val {g['val'][rule]['overall'] * 100:.2f}% test {g['test'][rule]['overall'] * 100:.2f}%; "
-              f"worst val class {worst_val[rule][0]} {worst_val[rule][1] * 100:.1f}%; test per class "
+        g = judged
+        print(f"{rule:13s}: val {g['val'][rule]['overall'] * 100:.2f}% test {g['test'][rule]['overall'] * 100:.2f}%; "
+              f"worst val class {worst_val[rule][0]} {worst_val[rule][1] * 100:.2f}%; test per class "
               + ", ".join(f"{c} {v * 100:.1f}" for c, v in g["test"][rule]["per_class"].items())
               + f"; LOGO worst {s['worst_group']} {s['worst_mean'] * 100:.1f}% (worst seed {s['worst_seed'] * 100:.1f}%)")
     for rule, d in out["decision"].items():
-        print(f"decision, {rule}: the worst group loses {d['worst_group_loss_points']:.1f} points; "
-              f"{'better' if d['better'] else 'not better'} than the single threshold by the declared rule")
+        verdict = "passes" if d["better"] else "does not pass"
+        if a.amendment == 1:
+            verdict = "better" if d["better"] else "not better"
+        print(f"decision, {rule}: the worst group loses {d['worst_group_loss_points']:.1f} points; {verdict} "
+              f"by the declared rule" + (f" {d['tests']}" if "tests" in d else ""))
     print(a.out)
 
 
