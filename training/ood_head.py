@@ -495,6 +495,40 @@ def threshold(s_val: np.ndarray) -> float:
     return float(np.quantile(s_val, 1 - VAL_BUDGET))
 
 
+# Amendments 9 and 10: a threshold per class the CNN predicts, raised for a class that would otherwise lose more
+# than CLASS_CAP of its validation garments ("capped"), and with the common threshold then lowered until VAL_BUDGET
+# of the validation garments are rejected again ("capped_budget"). Amendment 10's cap: three quarters of the
+# issue's 2%, the margin round 2's budget keeps under its 1% target.
+CLASS_CAP = 0.015
+CLASS_RULES = ("capped", "capped_budget")
+
+
+def class_thresholds(s_val: np.ndarray, c_val: np.ndarray, rule: str, cap: float = CLASS_CAP
+                     ) -> tuple[float, np.ndarray]:
+    """The common threshold and each predicted class's under `rule`, from the validation garments' scores and
+    predicted classes. A class's threshold is never under the common one."""
+    single = threshold(s_val)
+    q_cap = np.array([float(np.quantile(s_val[c_val == c], 1 - cap)) for c in range(10)])
+    if rule == "capped":
+        return single, np.maximum(single, q_cap)
+    if rule != "capped_budget":
+        raise ValueError(f"unknown class rule {rule}")
+    # The lowest validation score t' at which no more garments are over max(t', q_cap[c]) than over the single
+    # threshold: the share falls as t' rises, so a binary search over the sorted scores.
+    budget = float((s_val > single).mean())
+    cap_of = q_cap[c_val]
+    order = np.sort(s_val)
+    lo, hi = 0, len(order) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if (s_val > np.maximum(order[mid], cap_of)).mean() <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    common = float(order[lo])
+    return common, np.maximum(common, q_cap)
+
+
 def measure(head: Head, feats: dict[str, np.ndarray], groups: list[str]) -> dict:
     s_val = head.score(feats["val"])
     t = threshold(s_val)
@@ -709,9 +743,13 @@ def next_version_dir(out_root: Path, model: str, source_version: int) -> Path:
     return root / str(max(taken + [source_version]) + 1)
 
 
-def export(method: str, out_root: Path, seed: int) -> None:
+def export(method: str, out_root: Path, seed: int, class_rule: str | None = None) -> None:
     """The shipped fit (every group, `seed`) appended to each model's graph as output `ood_components`
-    [batch, 1] (the garment head's score, higher = less like a garment), and an ood.json that names it."""
+    [batch, 1] (the garment head's score, higher = less like a garment), and an ood.json that names it.
+
+    With `class_rule` (amendment 10), the output is the head's score less an offset for the class the CNN
+    predicts, so that the one threshold in ood.json acts as that class's own: what the rule gives each class
+    from this graph's own validation scores, less the common threshold."""
     import shutil
 
     import onnx
@@ -763,7 +801,24 @@ def export(method: str, out_root: Path, seed: int) -> None:
         onnx.save(m, str(dst / "model.onnx"))
         # Threshold from this model's own validation garments at the budget (thresholds come from validation only),
         # from the exported graph's own scores: what the server will compute.
-        rec, parity = deployed_measure(dst / "model.onnx", head, model)
+        offsets, common = None, None
+        if class_rule:
+            s_val, c_val = graph_scores(dst / "model.onnx", "val")
+            common, per_class = class_thresholds(s_val, c_val, class_rule)
+            offsets = (per_class - common).astype(np.float32)
+            # ood_components = head score - offsets[argmax(logits)]: three nodes on a [batch, 1] tensor.
+            last = next(n for n in g.node if list(n.output) == ["ood_components"])
+            last.output[0], last.name = "head/score", "head/score"
+            g.initializer.append(numpy_helper.from_array(offsets.reshape(10, 1), "head/class_offsets"))
+            g.node.extend([
+                helper.make_node("ArgMax", ["logits"], ["head/class"], name="head/class", axis=1, keepdims=0),
+                helper.make_node("Gather", ["head/class_offsets", "head/class"], ["head/class_offset"],
+                                 name="head/class_offset", axis=0),
+                helper.make_node("Sub", ["head/score", "head/class_offset"], ["ood_components"],
+                                 name="ood_components")])
+            onnx.checker.check_model(m)
+            onnx.save(m, str(dst / "model.onnx"))
+        rec, parity = deployed_measure(dst / "model.onnx", head, model, common, offsets)
         ood = {"method": "garment_head", "threshold": rec["threshold"], "components": ["garment_head"],
                "graph_output": {"name": "ood_components", "components": ["garment_head"]},
                "description": f"garment head: a small network ({method}) on the CNN's block means and maxima"
@@ -773,10 +828,18 @@ def export(method: str, out_root: Path, seed: int) -> None:
                               + (" and product photos of them" if method in OUTLIER_PHOTO_METHODS else "")
                               + (", with product photos of training garments beside the dataset's"
                                  if method in PHOTO_METHODS else "")
+                              + (", with a threshold per predicted class that lets no class lose more than "
+                                 f"{CLASS_CAP:.1%} of its validation garments" if class_rule else "")
                               + " (training/ood_head.py)",
                "protocol": "training/ood_head_protocol.md",
                "test_rejected_per_class": rec["test_rejected_per_class"],
+               **({"class_thresholds": {
+                   "rule": class_rule, "cap": CLASS_CAP, "protocol_amendment": 10,
+                   "meaning": "the score is the head's less the offset of the class the CNN predicts, so that "
+                              "`threshold` acts as each class's own (`threshold` + offset)",
+                   "offsets": dict(zip(CLASS_NAMES, offsets.astype(float).tolist()))}} if class_rule else {}),
                "head": {"protocol": "training/ood_head_protocol.md", "fit": method, "seed": seed,
+                        "class_rule": class_rule,
                         "val_budget": VAL_BUDGET, "val_rejected": rec["val_rejected"],
                         "test_rejected": rec["test_rejected"], "groups_rejected_in_sample": rec["groups"],
                         "graph_vs_cached_features": parity,
@@ -803,31 +866,47 @@ def export(method: str, out_root: Path, seed: int) -> None:
         print(f"{model}: test garments rejected as OOD per class: {per_class}")
 
 
-def deployed_measure(onnx_path: Path, head: Head, model: str) -> tuple[dict, dict]:
-    """The exported graph run on validation, test and every group: the rejected shares at its own validation
-    threshold, and how far they and the scores are from the head on the cached features."""
+def graph_session(onnx_path: Path):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def graph_scores(onnx_path: Path, name: str, sess=None) -> tuple[np.ndarray, np.ndarray]:
+    """The exported graph's `ood_components` and predicted class (argmax of its logits) for set `name`."""
+    sess = sess or graph_session(onnx_path)
+    x = load_images(sources()[name]).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+    runs = [sess.run(["ood_components", "logits"], {"image": x[i : i + 500]}) for i in range(0, len(x), 500)]
+    return (np.concatenate([r[0][:, 0] for r in runs]).astype(np.float64),
+            np.concatenate([r[1].argmax(1) for r in runs]))
+
+
+def deployed_measure(onnx_path: Path, head: Head, model: str, common: float | None = None,
+                     offsets: np.ndarray | None = None) -> tuple[dict, dict]:
+    """The exported graph run on validation, test and every group: the rejected shares at its own validation
+    threshold (or at `common`, for a graph with class `offsets`), and how far they and the scores are from the
+    head on the cached features (the graph's scores with their class's offset added back)."""
+    sess = graph_session(onnx_path)
     feats = load_features(model)
-    src = sources()
     names = ["val", "test"] + GROUPS + list(HELD_OUT)
-    graph, cached = {}, {}
+    graph, cached, unshifted = {}, {}, {}
     for name in names:
-        x = load_images(src[name]).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
-        graph[name] = np.concatenate([sess.run(["ood_components"], {"image": x[i : i + 500]})[0][:, 0]
-                                      for i in range(0, len(x), 500)]).astype(np.float64)
+        graph[name], classes = graph_scores(onnx_path, name, sess)
+        unshifted[name] = graph[name] + (offsets[classes] if offsets is not None else 0.0)
         cached[name] = head.score(feats[name])
-    t, tc = threshold(graph["val"]), threshold(cached["val"])
+    t, tc = (threshold(graph["val"]) if common is None else common), threshold(cached["val"])
     rec = {"threshold": t, "val_rejected": float((graph["val"] > t).mean()),
            "test_rejected": float((graph["test"] > t).mean()),
            "groups": {g: float((graph[g] > t).mean()) for g in GROUPS + list(HELD_OUT)}}
-    rec |= accept_and_per_class(sess, src, graph, t, model)
-    diff = {g: rec["groups"][g] - float((cached[g] > tc).mean()) for g in GROUPS + list(HELD_OUT)}
-    parity = {"score_max_abs_diff": float(max(np.abs(graph[n] - cached[n]).max() for n in names)),
-              "threshold_graph": t, "threshold_cached_features": tc,
+    rec |= accept_and_per_class(sess, sources(), graph, t, model)
+    # Parity with the single threshold on both sides, as before offsets existed: what the graph computes of the
+    # head itself.
+    tu = threshold(unshifted["val"])
+    diff = {g: float((unshifted[g] > tu).mean()) - float((cached[g] > tc).mean()) for g in GROUPS + list(HELD_OUT)}
+    parity = {"score_max_abs_diff": float(max(np.abs(unshifted[n] - cached[n]).max() for n in names)),
+              "threshold_graph": tu, "threshold_cached_features": tc,
               "rejected_max_abs_diff_points": float(max(abs(v) for v in diff.values()) * 100),
               "test_rejected_cached_features": float((cached["test"] > tc).mean())}
     return rec, parity
@@ -987,6 +1066,8 @@ def main() -> None:
     ex = sub.add_parser("export")
     ex.add_argument("--method", choices=list(METHODS), required=True)
     ex.add_argument("--seed", type=int, default=SEEDS[0])
+    ex.add_argument("--class-rule", choices=CLASS_RULES,
+                    help="a threshold per predicted class (amendment 10 of the protocol), in the graph")
     fx = sub.add_parser("fixtures", help="tests/fixtures/ood-scores-cnn.json for the installed head version")
     fx.add_argument("--models-dir", type=Path, default=REPO / "models")
     b = sub.add_parser("bench")
@@ -1004,7 +1085,7 @@ def main() -> None:
     elif a.cmd == "report":
         report()
     elif a.cmd == "export":
-        export(a.method, Path(a.out), a.seed)
+        export(a.method, Path(a.out), a.seed, a.class_rule)
     elif a.cmd == "fixtures":
         fixtures(a.models_dir)
     else:

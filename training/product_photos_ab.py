@@ -10,7 +10,7 @@ amendments' model) on build/product-photos/{val,ood,test} against each, and prin
 - test 4: the photographed validation garments rejected as out of distribution (every row but `28x28/garments`),
   which must not rise;
 - test 5: the non-garment product photos rejected for any reason (every row of the `ood` split), which must not
-  fall;
+  fall (amendments 5-8), or must be at least `--ood-floor` (amendments 9 and 10: 0.95);
 - reported, not tested: the photographed test garments rejected as out of distribution.
 """
 
@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--label", required=True)
     ap.add_argument("--model", default="cnn-int8")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--ood-floor", type=float,
+                    help="test 5 as amendments 9 and 10 word it: at least this share of the non-garment photos "
+                         "rejected (e.g. 0.95), instead of amendment 5's 'does not fall'")
     a = ap.parse_args()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -73,9 +76,13 @@ def main() -> None:
     tests = {
         "4 validation garment photos rejected as OOD do not rise":
             pct(figures[cand]["val_photos_ood"]) <= pct(figures[served]["val_photos_ood"]),
-        "5 non-garment product photos rejected do not fall":
-            pct(figures[cand]["ood_rejected"]) >= pct(figures[served]["ood_rejected"]),
     }
+    if a.ood_floor is None:
+        tests["5 non-garment product photos rejected do not fall"] = (
+            pct(figures[cand]["ood_rejected"]) >= pct(figures[served]["ood_rejected"]))
+    else:
+        tests[f"5 at least {a.ood_floor:.0%} of the non-garment product photos rejected"] = (
+            pct(figures[cand]["ood_rejected"]) >= 100 * a.ood_floor)
     version = runs[f"val: {served}"]["model_version"]
     for name, f in figures.items():
         shown = f"served (version {version} of models/)" if name == served else name

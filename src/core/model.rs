@@ -618,7 +618,7 @@ mod tests {
     fn by_default_only_the_long_fp32_graph_spins_within_a_run() {
         // cnn's runs are long enough that its threads wait for the next operator awake; cnn-int8 (the same
         // multiply-adds in 8 bits) and dense are not, and their spinning would take CPU from the network.
-        for version in [1, 2, 3] {
+        for version in [1, 2, 3, 4] {
             assert_eq!(
                 Spinning::auto(&shipped("cnn", version)),
                 Spinning::WithinRun,

@@ -89,6 +89,9 @@ async fn all_10000_test_images_give_exactly_the_accuracy_in_the_metadata_and_cle
              {want_accuracy:.4} at {want_coverage:.4}"
         );
         served_rule.insert(model, (rule_accuracy, coverage));
+        if model != "dense" {
+            no_class_pays_for_the_detector(model, &results, &images);
+        }
     }
     // Floors that do not move with the metadata: a worse retrain with honest metadata still fails here.
     let (cnn, dense, int8) = (
@@ -441,4 +444,29 @@ async fn with_no_queue_wait_a_full_queue_fails_fast_with_resource_exhausted_and_
         }
     }
     assert!(ok >= 1 && exhausted >= 1, "{ok} succeeded, {exhausted} refused");
+}
+
+/// Issue #36's floors for the garment head, on the 10,000 test garments as served: at most 1.0% of them
+/// rejected as out of distribution, and at most 2% of any one class. Version 3 rejected 3.6% of the bags (cnn):
+/// the threshold per predicted class of version 4 (training/ood_head_protocol.md, amendment 10) is what brings
+/// Bag under 2%.
+fn no_class_pays_for_the_detector(model: &str, results: &[pb::Classification], images: &[([u8; PIXELS], u32)]) {
+    let ood = |r: &&pb::Classification| r.reason == pb::Reason::OutOfDistribution as i32;
+    let overall = results.iter().filter(ood).count() as f64 / results.len() as f64;
+    assert!(
+        overall <= 0.010,
+        "{model}: {:.2}% of the test garments rejected as out of distribution",
+        overall * 100.0
+    );
+    for class in 0..10 {
+        let of_class: Vec<_> = results.iter().zip(images).filter(|(_, (_, l))| *l == class).collect();
+        let rejected = of_class.iter().filter(|(r, _)| ood(r)).count();
+        let share = rejected as f64 / of_class.len() as f64;
+        assert!(
+            share <= 0.02,
+            "{model}: {rejected} of {} test garments of class {class} rejected as out of distribution ({:.1}%)",
+            of_class.len(),
+            share * 100.0
+        );
+    }
 }

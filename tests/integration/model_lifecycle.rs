@@ -500,7 +500,8 @@ async fn labels_route_calls_and_pointing_one_back_rolls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() {
     // Version 1 of the shipped cnn scores with energy; versions 2 and 3 with two fits of the garment head on the
-    // same network (3, the newest, is what ships; 2 is its rollback).
+    // same network, and version 4 with version 3's fit and a threshold per predicted class in its graph (4, the
+    // newest, is what ships; 3 is its rollback).
     let repository = Repository::new("head-swap");
     let config = repository.config();
     let mut server = common::TestServer::start(config).await;
@@ -551,7 +552,7 @@ async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() 
     let pause = || tokio::time::sleep(Duration::from_millis(200));
     for _ in 0..3 {
         // Up from energy to the first head and on to the newest, then rolled back one version at a time.
-        for version in [2, 3] {
+        for version in [2, 3, 4] {
             pause().await;
             repository.add(version, &repo().join(format!("models/cnn/{version}")));
             load(&mut oip).await.unwrap();
@@ -560,7 +561,11 @@ async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() 
                 (version.to_string(), "garment_head".into())
             );
         }
-        for (version, now) in [(3, ("2", "garment_head")), (2, ("1", "energy"))] {
+        for (version, now) in [
+            (4, ("3", "garment_head")),
+            (3, ("2", "garment_head")),
+            (2, ("1", "energy")),
+        ] {
             pause().await;
             repository.remove(version);
             load(&mut oip).await.unwrap();
@@ -572,11 +577,11 @@ async fn a_live_reload_from_energy_to_the_garment_head_and_back_fails_no_call() 
     for caller in callers {
         answered.extend(caller.await.unwrap());
     }
-    for version in ["1", "2", "3"] {
+    for version in ["1", "2", "3", "4"] {
         assert!(
             answered.iter().any(|v| v == version),
             "no call was answered by version {version}"
         );
     }
-    eprintln!("{} calls, none failed, across 12 swaps", answered.len());
+    eprintln!("{} calls, none failed, across 18 swaps", answered.len());
 }

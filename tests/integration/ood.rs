@@ -68,7 +68,8 @@ async fn the_ood_threshold_can_be_overridden_per_request() {
     );
 
     let cnn = server.model_info("cnn").await;
-    // The served version's own ood.json says what its detector is (version 3: the garment head).
+    // The served version's own ood.json says what its detector is (version 4: the garment head, with a
+    // threshold per predicted class).
     assert!(
         cnn.ood_method
             .starts_with("garment_head: garment head: a small network")
