@@ -127,8 +127,9 @@ $(TRAIN_STAMPS)/6-protocol: $(TRAIN_STAMPS)/5-int8
 # The garment head (docs/ood.md "Round 8"): its exposure set, the product photos of training garments and of
 # the trained-on outliers (amendment 8) through the service's conversion, the features of both new CNNs, the
 # shipped method's leave-one-group-out run (its fold "all" is the head that ships) and the export as the next
-# version.
+# version, with a threshold per predicted class in its graph (amendment 10, docs/ood.md "Round 9").
 HEAD_METHOD := multi-mlp-ms-photos-balanced2-outphotos
+HEAD_CLASS_RULE := capped
 $(TRAIN_STAMPS)/7-head: $(TRAIN_STAMPS)/6-protocol
 	bash scripts/setup-system.sh openclipart-png adwaita-icon-theme breeze-icon-theme papirus-icon-theme librsvg2-bin
 	$(TRAIN_PY) training/ood_head_data.py --out build/ood-head 2>&1 | tee -a train.log
@@ -138,7 +139,7 @@ $(TRAIN_STAMPS)/7-head: $(TRAIN_STAMPS)/6-protocol
 	for d in build/product-photos/outliers/*/; do target/release/examples/preprocess $$d $${d%/} || exit 1; done
 	set -o pipefail; for m in cnn cnn-int8; do $(TRAIN_VENV)/bin/python training/ood_head.py extract --model $$m || exit 1; done 2>&1 | tee -a train.log
 	$(TRAIN_PY) training/ood_head.py logo --method $(HEAD_METHOD) 2>&1 | tee -a train.log
-	$(TRAIN_PY) training/ood_head.py export --method $(HEAD_METHOD) --out models 2>&1 | tee -a train.log
+	$(TRAIN_PY) training/ood_head.py export --method $(HEAD_METHOD) --class-rule $(HEAD_CLASS_RULE) --out models 2>&1 | tee -a train.log
 	touch $@
 $(TRAIN_STAMPS)/8-head-fixtures: $(TRAIN_STAMPS)/7-head
 	$(TRAIN_PY) training/ood_head.py fixtures 2>&1 | tee -a train.log

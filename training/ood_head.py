@@ -828,8 +828,9 @@ def export(method: str, out_root: Path, seed: int, class_rule: str | None = None
                               + (" and product photos of them" if method in OUTLIER_PHOTO_METHODS else "")
                               + (", with product photos of training garments beside the dataset's"
                                  if method in PHOTO_METHODS else "")
-                              + (", with a threshold per predicted class that lets no class lose more than "
-                                 f"{CLASS_CAP:.1%} of its validation garments" if class_rule else "")
+                              + (", with a threshold per predicted class that lets no class the CNN predicts lose more "
+                                 f"than {CLASS_CAP:.1%} of the validation garments it is predicted for"
+                                 if class_rule else "")
                               + " (training/ood_head.py)",
                "protocol": "training/ood_head_protocol.md",
                "test_rejected_per_class": rec["test_rejected_per_class"],
