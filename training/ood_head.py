@@ -508,13 +508,16 @@ def class_thresholds(s_val: np.ndarray, c_val: np.ndarray, rule: str, cap: float
     """The common threshold and each predicted class's under `rule`, from the validation garments' scores and
     predicted classes. A class's threshold is never under the common one."""
     single = threshold(s_val)
-    q_cap = np.array([float(np.quantile(s_val[c_val == c], 1 - cap)) for c in range(10)])
+    # A class no validation garment is predicted as has no evidence for a threshold of its own: the common one.
+    q_cap = np.array([float(np.quantile(s_val[c_val == c], 1 - cap)) if (c_val == c).any() else -np.inf
+                      for c in range(10)])
     if rule == "capped":
         return single, np.maximum(single, q_cap)
     if rule != "capped_budget":
         raise ValueError(f"unknown class rule {rule}")
     # The lowest validation score t' at which no more garments are over max(t', q_cap[c]) than over the single
-    # threshold: the share falls as t' rises, so a binary search over the sorted scores.
+    # threshold (its share, 0.76% of the 5,000 where the budget is 0.75%: the quantile falls between two scores):
+    # the share falls as t' rises, so a binary search over the sorted scores.
     budget = float((s_val > single).mean())
     cap_of = q_cap[c_val]
     order = np.sort(s_val)
@@ -818,6 +821,13 @@ def export(method: str, out_root: Path, seed: int, class_rule: str | None = None
                                  name="ood_components")])
             onnx.checker.check_model(m)
             onnx.save(m, str(dst / "model.onnx"))
+            # The offsets must land on the class the same runtime predicts: the final graph against the head-only
+            # graph's scores less the offset of their argmax, on the same images.
+            shifted, _ = graph_scores(dst / "model.onnx", "val")
+            worst = float(np.abs(shifted - (s_val - offsets[c_val])).max())
+            if worst > 1e-4:
+                raise SystemExit(f"{model}: the class offsets in the graph differ from the head less its class's "
+                                 f"offset by up to {worst}")
         rec, parity = deployed_measure(dst / "model.onnx", head, model, common, offsets)
         ood = {"method": "garment_head", "threshold": rec["threshold"], "components": ["garment_head"],
                "graph_output": {"name": "ood_components", "components": ["garment_head"]},
@@ -853,7 +863,9 @@ def export(method: str, out_root: Path, seed: int, class_rule: str | None = None
         meta["version"] = f"{meta['version'].split('.')[0]}.{meta['sha256'][:8]}"  # export.py's build id: date.sha
         meta["outputs"] = [o for o in meta["outputs"] if o["name"] != "ood_components"] + [{
             "name": "ood_components", "shape": ["batch", 1], "dtype": "float32",
-            "meaning": "garment head score (training/ood_head.py), higher = less like a garment"}]
+            "meaning": "garment head score (training/ood_head.py), higher = less like a garment"
+                       + (", less the offset of the class the CNN predicts (ood.json class_thresholds)"
+                          if class_rule else "")}]
         meta["ood"] = {"method": "garment_head", "threshold": rec["threshold"], "file": "ood.json",
                        "sha256": hashlib.sha256((dst / "ood.json").read_bytes()).hexdigest()}
         # The accept rule again, as training/ood_protocol.py makes it, with this head's validation OOD mask: the

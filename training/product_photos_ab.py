@@ -49,6 +49,9 @@ def share(run: dict, key: str, rows=lambda name: True) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--candidate", type=Path, required=True, help="the export's --out folder")
+    ap.add_argument("--served", type=Path, default=REPO / "models",
+                    help="the models the candidate is measured against (default: models/, whose newest version is "
+                         "served); a folder holding only an older version reproduces a past amendment's baseline")
     ap.add_argument("--label", required=True)
     ap.add_argument("--model", default="cnn-int8")
     ap.add_argument("--out", type=Path, required=True)
@@ -59,7 +62,7 @@ def main() -> None:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         servers = {name: stack.enter_context(server(models_dir, MODELS))[0]
-                   for name, models_dir in (("served", REPO / "models"), (a.label, a.candidate))}
+                   for name, models_dir in (("served", a.served), (a.label, a.candidate))}
         for split in ("val", "ood", "test"):
             for name, addr in servers.items():
                 runs[f"{split}: {name}"] = measure(split, addr, a.model, Path(tmp) / f"{split}-{len(runs)}.json")
@@ -85,13 +88,13 @@ def main() -> None:
             pct(figures[cand]["ood_rejected"]) >= 100 * a.ood_floor)
     version = runs[f"val: {served}"]["model_version"]
     for name, f in figures.items():
-        shown = f"served (version {version} of models/)" if name == served else name
+        shown = f"served (version {version} of {a.served})" if name == served else name
         print(f"{shown}: validation garment photos OOD {pct(f['val_photos_ood']):.2f}% of {f['val_photos_ood'][1]}, "
               f"non-garment photos rejected {pct(f['ood_rejected']):.2f}% of {f['ood_rejected'][1]}, "
               f"test garment photos OOD {pct(f['test_photos_ood']):.2f}% (reported)")
     for test, ok in tests.items():
         print(f"test {test}: {'passes' if ok else 'fails'}")
-    what = (f"training/product_photos_ab.py, model {a.model} named, version {version} of models/ (served) and "
+    what = (f"training/product_photos_ab.py, model {a.model} named, version {version} of {a.served} (served) and "
             f"{a.label}'s export ({a.candidate}) side by side, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     a.out.write_text(json.dumps({"what": what, "figures": figures, "tests_4_5": tests, "runs": runs}, indent=1) + "\n")
     print(f"wrote {a.out}")

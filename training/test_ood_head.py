@@ -1,11 +1,13 @@
 """The garment head's choice of source graph (`ood_head.model_path`) and of the version it exports to, on a model
-directory made for the test; amendment 4's class weights."""
+directory made for the test; amendment 4's class weights; amendment 10's thresholds per predicted class."""
 
 import json
 import sys
 import tempfile
 import unittest
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ood_head  # noqa: E402
@@ -71,6 +73,50 @@ class ClassBalance(unittest.TestCase):
         cap = ood_head.BALANCED_METHODS["multi-mlp-ms-photos-balanced2"]
         self.assertEqual(cap, 2.0)
         self.assertTrue(np.all(ood_head.class_balance(scores, labels, cap)[labels == 8] == 2.0))
+
+
+class ClassThresholds(unittest.TestCase):
+    """Amendment 10: a class keeps the common threshold unless more than the cap of its validation garments are
+    over it; `capped_budget` then lowers the common one until the budget is spent again."""
+
+    def setUp(self):
+        rng = np.random.default_rng(0)
+        # Class 8 ("Bag") scores 1.5 higher than the rest: at one threshold it pays for the others.
+        self.c = np.repeat(np.arange(10), 500)
+        self.s = rng.normal(size=5000) + np.where(self.c == 8, 1.5, 0.0)
+
+    def over(self, per_class):
+        return self.s > per_class[self.c]
+
+    def test_only_the_class_over_the_cap_is_raised_to_it(self):
+        common, per_class = ood_head.class_thresholds(self.s, self.c, "capped", cap=0.015)
+        self.assertEqual(common, ood_head.threshold(self.s))
+        single = self.s > common
+        for c in range(10):
+            share = self.over(per_class)[self.c == c].mean()
+            self.assertLessEqual(share, 0.015 + 1 / 500, f"class {c}")
+            if single[self.c == c].mean() <= 0.015:
+                self.assertEqual(per_class[c], common, f"class {c} keeps the common threshold")
+        self.assertGreater(per_class[8], common)
+        self.assertTrue((per_class >= common).all())
+
+    def test_the_budget_variant_spends_the_same_budget_with_the_lowest_common_threshold(self):
+        single = ood_head.threshold(self.s)
+        common, per_class = ood_head.class_thresholds(self.s, self.c, "capped_budget", cap=0.015)
+        budget = (self.s > single).mean()
+        q_cap = np.array([np.quantile(self.s[self.c == k], 1 - 0.015) for k in range(10)])
+        share_at = lambda t: (self.s > np.maximum(t, q_cap)[self.c]).mean()  # noqa: E731
+        np.testing.assert_array_equal(per_class, np.maximum(common, q_cap))
+        self.assertLess(common, single)
+        self.assertLessEqual(share_at(common), budget)
+        # The next validation score down would spend more than the budget.
+        scores = np.sort(self.s)
+        self.assertGreater(share_at(scores[np.searchsorted(scores, common) - 1]), budget)
+
+    def test_a_class_never_predicted_keeps_the_common_threshold(self):
+        c = np.where(self.c == 3, 4, self.c)
+        common, per_class = ood_head.class_thresholds(self.s, c, "capped", cap=0.015)
+        self.assertEqual(per_class[3], common)
 
 
 if __name__ == "__main__":
