@@ -153,7 +153,8 @@ def main() -> None:
         print(f"{rule:13s}: val {g['val'][rule]['overall'] * 100:.2f}% test {g['test'][rule]['overall'] * 100:.2f}%; "
               f"worst val class {worst_val[rule][0]} {worst_val[rule][1] * 100:.2f}%; test per class "
               + ", ".join(f"{c} {v * 100:.1f}" for c, v in g["test"][rule]["per_class"].items())
-              + f"; LOGO worst {s['worst_group']} {s['worst_mean'] * 100:.1f}% (worst seed {s['worst_seed'] * 100:.1f}%)")
+              + f"; LOGO worst {s['worst_group']} {s['worst_mean'] * 100:.1f}% "
+              f"(worst seed {s['worst_seed'] * 100:.1f}%)")
     for rule, d in out["decision"].items():
         verdict = "passes" if d["better"] else "does not pass"
         if a.amendment == 1:
