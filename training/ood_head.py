@@ -806,7 +806,8 @@ def export(method: str, out_root: Path, seed: int, class_rule: str | None = None
         # from the exported graph's own scores: what the server will compute.
         offsets, common = None, None
         if class_rule:
-            s_val, c_val = graph_scores(dst / "model.onnx", "val")
+            val = sources()["val"]
+            s_val, c_val = graph_scores(graph_session(dst / "model.onnx"), val)
             common, per_class = class_thresholds(s_val, c_val, class_rule)
             offsets = (per_class - common).astype(np.float32)
             # ood_components = head score - offsets[argmax(logits)]: three nodes on a [batch, 1] tensor.
@@ -823,7 +824,7 @@ def export(method: str, out_root: Path, seed: int, class_rule: str | None = None
             onnx.save(m, str(dst / "model.onnx"))
             # The offsets must land on the class the same runtime predicts: the final graph against the head-only
             # graph's scores less the offset of their argmax, on the same images.
-            shifted, _ = graph_scores(dst / "model.onnx", "val")
+            shifted, _ = graph_scores(graph_session(dst / "model.onnx"), val)
             worst = float(np.abs(shifted - (s_val - offsets[c_val])).max())
             if worst > 1e-4:
                 raise SystemExit(f"{model}: the class offsets in the graph differ from the head less its class's "
@@ -887,10 +888,9 @@ def graph_session(onnx_path: Path):
     return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
 
-def graph_scores(onnx_path: Path, name: str, sess=None) -> tuple[np.ndarray, np.ndarray]:
-    """The exported graph's `ood_components` and predicted class (argmax of its logits) for set `name`."""
-    sess = sess or graph_session(onnx_path)
-    x = load_images(sources()[name]).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
+def graph_scores(sess, src) -> tuple[np.ndarray, np.ndarray]:
+    """An exported graph's `ood_components` and predicted class (argmax of its logits) for one of `sources()`."""
+    x = load_images(src).reshape(-1, 1, 28, 28).astype(np.float32) / 255.0
     runs = [sess.run(["ood_components", "logits"], {"image": x[i : i + 500]}) for i in range(0, len(x), 500)]
     return (np.concatenate([r[0][:, 0] for r in runs]).astype(np.float64),
             np.concatenate([r[1].argmax(1) for r in runs]))
@@ -902,18 +902,19 @@ def deployed_measure(onnx_path: Path, head: Head, model: str, common: float | No
     threshold (or at `common`, for a graph with class `offsets`), and how far they and the scores are from the
     head on the cached features (the graph's scores with their class's offset added back)."""
     sess = graph_session(onnx_path)
+    src = sources()  # the dataset read once, not once per set
     feats = load_features(model)
     names = ["val", "test"] + GROUPS + list(HELD_OUT)
     graph, cached, unshifted = {}, {}, {}
     for name in names:
-        graph[name], classes = graph_scores(onnx_path, name, sess)
+        graph[name], classes = graph_scores(sess, src[name])
         unshifted[name] = graph[name] + (offsets[classes] if offsets is not None else 0.0)
         cached[name] = head.score(feats[name])
     t, tc = (threshold(graph["val"]) if common is None else common), threshold(cached["val"])
     rec = {"threshold": t, "val_rejected": float((graph["val"] > t).mean()),
            "test_rejected": float((graph["test"] > t).mean()),
            "groups": {g: float((graph[g] > t).mean()) for g in GROUPS + list(HELD_OUT)}}
-    rec |= accept_and_per_class(sess, sources(), graph, t, model)
+    rec |= accept_and_per_class(sess, src, graph, t, model)
     # Parity with the single threshold on both sides, as before offsets existed: what the graph computes of the
     # head itself.
     tu = threshold(unshifted["val"])
